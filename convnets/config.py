@@ -1,0 +1,195 @@
+"""Structured configs: the typed schema behind every YAML file in ``configs/``.
+
+Registered in Hydra's ConfigStore on import, so a misspelt key or a value of the wrong
+type is refused while Hydra composes the config, before anything is built.
+
+Fields that accept "an int or [h, w]" are typed ``Any`` because OmegaConf 2.3 has no
+``Union`` support; :mod:`convnets.architecture` checks them and names the offending key.
+
+A per-layer field left unset is ``???`` (OmegaConf's MISSING) and falls back to
+``model.layer_defaults``; this keeps "not set" apart from an explicit ``null`` (e.g.
+``activation: null`` for a linear layer, ``pool: null`` to turn off a default pool).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+# ---------------------------------------------------------------- model
+
+
+@dataclass
+class LayerDefaults:
+    kernel_size: Any = 3  # int or [kh, kw]
+    stride: Any = 1  # int or [sh, sw]
+    padding: Any = "same"  # same | valid | int (zeros on each side)
+    dilation: Any = 1  # int or [dh, dw]
+    activation: str | None = "relu"  # any Keras activation name; null = linear
+    batch_norm: bool = True  # Conv2D(no bias) -> BatchNormalization -> activation
+    dropout: float = 0.0  # after the activation
+    pool: str | None = None  # null | max | avg, after dropout
+    pool_size: Any = 2  # int or [ph, pw]
+    pool_stride: Any = None  # null = pool_size
+
+
+@dataclass
+class LayerConfig:
+    """One Conv2D layer; every field but ``filters`` falls back to ``layer_defaults``."""
+
+    filters: int = MISSING
+    kernel_size: Any = MISSING
+    stride: Any = MISSING
+    padding: Any = MISSING
+    dilation: Any = MISSING
+    activation: Any = MISSING  # str or null
+    batch_norm: Any = MISSING  # bool
+    dropout: Any = MISSING  # float
+    pool: Any = MISSING  # str or null
+    pool_size: Any = MISSING
+    pool_stride: Any = MISSING
+
+
+@dataclass
+class HeadConfig:
+    global_pool: str = "avg"  # avg | max | flatten
+    dropout: float = 0.0
+    dense: list[int] = field(default_factory=list)  # hidden Dense widths before the classifier
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    width: float = 1.0  # multiplies every layer's filters (rounded, at least 1)
+    layer_defaults: LayerDefaults = field(default_factory=LayerDefaults)
+    layers: list[LayerConfig] = field(default_factory=list)
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class AugmentConfig:
+    random_crop_padding: int = 0  # pad by N then crop back to the input size; 0 = off
+    horizontal_flip: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING  # digits | mnist | fashion_mnist | cifar10 | cifar100 | image_folder
+    source: str = MISSING  # sklearn | tfds | image_folder
+    tfds_name: str | None = None  # the TFDS builder name, for source=tfds
+    input_shape: list[int] | None = None  # [H, W, C]; null = taken from the images
+    num_classes: int | None = None  # null = taken from the data (image_folder)
+    data_dir: str | None = None  # TFDS data directory; null = TFDS_DATA_DIR or TFDS's default
+    path: str | None = None  # image_folder root: <path>/<split>/<label>/<file>
+    image_size: list[int] | None = None  # image_folder: resize to [H, W]
+    val_fraction: float = 0.1  # carved from train; 0 = no validation
+    split_seed: int = 0  # fixes which examples go to val (and digits' train/test split)
+    test_fraction: float = 0.2  # digits only: it has no test split of its own
+    scale: float = 255.0  # raw pixel maximum; pixels are divided by it first
+    mean: list[float] = field(default_factory=lambda: [0.0])  # per channel, after scaling
+    std: list[float] = field(default_factory=lambda: [1.0])
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    shuffle_buffer: int = 10_000
+
+
+# ---------------------------------------------------------------- optimisation
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0  # decoupled for adamw; L2-style via Keras weight_decay otherwise
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    schedule: str = "constant"  # constant | cosine | one_cycle
+    warmup_epochs: float = 0.0  # linear warm-up from 0 before the schedule
+    min_lr_fraction: float = 0.0  # cosine / one_cycle floor, as a fraction of lr
+    clipnorm: float | None = None
+    scale_lr_with_replicas: bool = False  # linear scaling rule: lr * num_replicas
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 20
+    batch_size: int = 64  # global: split over replicas
+    seed: int = 0
+    deterministic: bool = False  # op determinism + seeded everything: bit-identical reruns
+    precision: str = "float32"  # float32 | mixed_float16 | mixed_bfloat16
+    jit_compile: bool = False  # XLA
+    steps_per_execution: int = 1
+    label_smoothing: float = 0.0
+    verbose: int = 1  # 0 quiet, 1 progress bar, 2 one line per epoch
+    checkpoint_every_epoch: bool = True
+    restore_best: bool = True  # evaluate/log the best-by-val_accuracy weights
+
+
+@dataclass
+class DistributeConfig:
+    strategy: str = "auto"  # auto | mirrored | multi_worker | one_device
+    devices: list[str] | None = None  # mirrored / one_device: e.g. ["/gpu:0", "/gpu:1"]
+    cpu_replicas: int = 0  # mirrored on CPU: split the CPU into N logical devices
+    sync_batch_norm: bool = False  # batch statistics over all replicas
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str | None = None  # null = the experiment config's name, else the dataset's
+    run_name: str | None = None  # null = model, dataset and the overrides that differ
+    log_model: bool = True
+    http_timeout_s: float = 10.0  # bound on MLflow's HTTP retries for a remote store
+
+
+# ---------------------------------------------------------------- entry points
+
+
+@dataclass
+class TrainConfig:
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    distribute: DistributeConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    experiment_name: str | None = None  # set by experiment configs; names the MLflow experiment
+    reproduce: str | None = None  # MLflow run id to rerun exactly
+    resume: str | None = None  # MLflow run id to continue from its last completed epoch
+
+
+@dataclass
+class EvaluateConfig:
+    tracking: TrackingConfig = MISSING
+    run_id: str | None = None
+    checkpoint: str | None = None  # a local .keras model instead of a run
+    compare: str | None = None  # experiment name or sweep parent run id
+    output_dir: str | None = None  # compare: where the report goes; null = Hydra's run dir
+    batch_size: int = 256
+
+
+@dataclass
+class InspectConfig:
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    input_shape: list[int] | None = None  # [H, W, C]; null = the dataset's
+    num_classes: int | None = None  # null = the dataset's
+    format: str = "table"  # table | json
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="inspect_schema", node=InspectConfig)
+
+
+register_configs()

@@ -1,0 +1,30 @@
+"""User-facing errors: each carries one line that names the key, layer or path and the fix.
+
+Entry points print ``error: <message>`` and exit non-zero for these, without a traceback
+(set ``HYDRA_FULL_ERROR=1`` to see one). Anything else is a bug and keeps its traceback
+in the log.
+"""
+
+
+class ConvnetsError(Exception):
+    """An error the user can fix; ``str(err)`` is the single line they see."""
+
+    exit_code = 1
+
+
+class ConfigError(ConvnetsError):
+    """A config value is invalid (bad key, bad type, an impossible stack)."""
+
+    exit_code = 2
+
+
+class DataError(ConvnetsError):
+    """A dataset is missing, not prepared, or unreadable."""
+
+
+class TrackingError(ConvnetsError):
+    """The MLflow store is unreachable or invalid, or a run id is unknown."""
+
+
+class TrainingFailed(ConvnetsError):
+    """Training stopped for a recorded reason (e.g. NaN loss)."""
