@@ -86,6 +86,7 @@ class DatasetConfig:
     input_shape: list[int] | None = None  # [H, W, C]; null = taken from the images
     num_classes: int | None = None  # null = taken from the data (image_folder)
     data_dir: str | None = None  # TFDS data directory; null = TFDS_DATA_DIR or TFDS's default
+    download: bool = True  # TFDS: download when not prepared and the host answers; false = never
     path: str | None = None  # image_folder root: <path>/<split>/<label>/<file>
     image_size: list[int] | None = None  # image_folder: resize to [H, W]
     val_fraction: float = 0.1  # carved from train; 0 = no validation
@@ -171,8 +172,10 @@ class EvaluateConfig:
     run_id: str | None = None
     checkpoint: str | None = None  # a local .keras model instead of a run
     compare: str | None = None  # experiment name or sweep parent run id
-    output_dir: str | None = None  # compare: where the report goes; null = Hydra's run dir
-    batch_size: int = 256
+    output_dir: str | None = None  # where figures / the report go; null = Hydra's run dir
+    batch_size: int | None = None  # null = the run's trainer.batch_size (same batches as test_*)
+    # checkpoint=<path.keras> without a config.yaml beside it: dataset=<name> says which data
+    dataset: DatasetConfig | None = None
 
 
 @dataclass
