@@ -1,0 +1,570 @@
+"""Datasets (bundled digits, TFDS, the user's image folder) -> batched ``tf.data`` pipelines.
+
+Every source is read and decoded once into in-memory arrays (uint8 pixels, int labels): the
+datasets this project targets (MNIST-style, CIFAR, a user's folder of small images) fit in
+memory, and arrays make the splits exact and seeded (stratified by label, with
+``dataset.split_seed``) for every source alike. ``from_tensor_slices`` over those arrays *is* the
+cache: a ``.cache()`` after it would only copy them. The pipeline then shuffles (seeded,
+reshuffled each epoch), batches by the global batch size, then augments and normalises whole
+batches (vectorised ops instead of one call per image, on the compact uint8 cache) with
+stateless random ops keyed by a seeded random stream that changes each epoch (so a run is
+reproducible and still sees new crops every epoch), and prefetches.
+
+``check_available`` is the cheap guard to call before anything else: TFDS retries a download
+for minutes when the machine is offline, so preparedness is checked first and the user is told
+how to prepare the data offline.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import tensorflow as tf
+from omegaconf import DictConfig, OmegaConf
+
+from convnets.config import DatasetConfig
+from convnets.errors import ConfigError, DataError
+
+AUTOTUNE = tf.data.AUTOTUNE
+SPLITS = ("train", "test")  # image_folder's required split folders
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")  # what Keras's folder reader accepts
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes kept as one channel
+PROBE_TIMEOUT_S = 3.0  # bound on the "is the TFDS download host reachable" check
+
+
+@dataclass
+class DataBundle:
+    """Batched pipelines plus what a model, a trainer and the figures need to know about them."""
+
+    train: tf.data.Dataset  # one epoch: shuffled (seeded, new order each epoch), augmented
+    val: tf.data.Dataset | None  # None when val_fraction == 0
+    test: tf.data.Dataset  # fixed order
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    class_names: list[str]
+    num_train: int
+    num_val: int
+    num_test: int
+    # Per channel, after dividing by scale: x_norm = (x / scale - mean) / std.
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: float
+
+
+@dataclass
+class _Splits:
+    """Decoded images (NHWC, uint8 or float32 in [0, scale]) and int labels per split."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: list[str]
+
+
+# ---------------------------------------------------------------- public API
+
+
+def dataset_shape(cfg: Any) -> tuple[tuple[int, int, int], int]:
+    """``(input_shape, num_classes)`` without loading the data (image_folder: one image read)."""
+    cfg = _as_config(cfg)
+    if cfg.source == "image_folder":
+        root = _folder_root(cfg)
+        train_dir = _split_dir(root, "train")
+        labels = _label_dirs(train_dir)
+        first = next((f for label in labels for f in _image_files(train_dir / label)), None)
+        if first is None:
+            raise DataError(f"image folder {train_dir} has no images (png/jpg/bmp/gif)")
+        height, width, channels = _image_shape(first)
+        if cfg.image_size is not None:
+            height, width = _image_size(cfg)
+        num_classes = cfg.num_classes if cfg.num_classes is not None else len(labels)
+        return (height, width, channels), int(num_classes)
+    if cfg.input_shape is None or cfg.num_classes is None:
+        raise ConfigError(
+            f"dataset {cfg.name}: set dataset.input_shape=[H,W,C] and dataset.num_classes "
+            "in its config (only source=image_folder reads them from the data)"
+        )
+    height, width, channels = (int(v) for v in cfg.input_shape)
+    return (height, width, channels), int(cfg.num_classes)
+
+
+def check_available(cfg: Any) -> None:
+    """Raise :class:`DataError` within seconds, touching nothing, if the dataset is not usable."""
+    cfg = _as_config(cfg)
+    _check_fractions(cfg)
+    if cfg.source == "sklearn":
+        return  # bundled with scikit-learn
+    if cfg.source == "tfds":
+        _check_tfds(cfg)
+    elif cfg.source == "image_folder":
+        _check_image_folder(cfg)
+    else:
+        raise ConfigError(
+            f"dataset.source={cfg.source!r} is unknown: use sklearn, tfds or image_folder"
+        )
+
+
+def load_data(cfg: Any, *, batch_size: int, seed: int, deterministic: bool = False) -> DataBundle:
+    """Read the dataset, split off validation, and build the three batched pipelines.
+
+    ``batch_size`` is the global batch. ``seed`` drives the shuffle order and the augmentation
+    (``dataset.split_seed`` alone decides which examples go to val/test). Call
+    :func:`check_available` first: an unprepared TFDS dataset would otherwise be downloaded.
+    """
+    cfg = _as_config(cfg)
+    if batch_size < 1:
+        raise ConfigError(f"trainer.batch_size={batch_size} must be at least 1")
+    loaders = {"sklearn": _load_digits, "tfds": _load_tfds, "image_folder": _load_image_folder}
+    if cfg.source not in loaders:
+        raise ConfigError(
+            f"dataset.source={cfg.source!r} is unknown: use sklearn, tfds or image_folder"
+        )
+    _check_fractions(cfg)
+    arrays = loaders[cfg.source](cfg)
+
+    input_shape = tuple(int(v) for v in arrays.x_train.shape[1:])
+    num_classes = len(arrays.class_names)
+    if cfg.num_classes is not None and cfg.num_classes != num_classes:
+        raise DataError(
+            f"dataset {cfg.name}: the data has {num_classes} classes but "
+            f"dataset.num_classes={cfg.num_classes}: fix or null the key"
+        )
+    if cfg.input_shape is not None and list(cfg.input_shape) != list(input_shape):
+        raise DataError(
+            f"dataset {cfg.name}: the images are {list(input_shape)} but "
+            f"dataset.input_shape={list(cfg.input_shape)}: fix or null the key"
+        )
+    mean, std = _channel_stats(cfg, input_shape[-1])
+
+    train_idx, val_idx = split_indices(arrays.y_train, cfg.val_fraction, cfg.split_seed)
+    pipe = _Pipeline(cfg, batch_size, seed, deterministic, mean, std)
+    x_train, y_train = arrays.x_train[train_idx], arrays.y_train[train_idx]
+    val = None
+    if len(val_idx):
+        val = pipe.evaluation(arrays.x_train[val_idx], arrays.y_train[val_idx])
+    return DataBundle(
+        train=pipe.training(x_train, y_train),
+        val=val,
+        test=pipe.evaluation(arrays.x_test, arrays.y_test),
+        input_shape=input_shape,  # type: ignore[arg-type]
+        num_classes=num_classes,
+        class_names=list(arrays.class_names),
+        num_train=len(train_idx),
+        num_val=len(val_idx),
+        num_test=len(arrays.y_test),
+        mean=mean,
+        std=std,
+        scale=float(cfg.scale),
+    )
+
+
+def split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``range(len(labels))`` into (kept, held out), each sorted.
+
+    Stratified by label (sklearn) whenever every class can appear on both sides; a plain seeded
+    split otherwise (tiny data). The held-out part has ``ceil(fraction * n)`` examples.
+    """
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(labels))
+    if fraction == 0.0:
+        return index, index[:0]
+    counts = np.bincount(labels)
+    counts = counts[counts > 0]
+    n_out = int(np.ceil(fraction * len(labels)))
+    can_stratify = counts.min() >= 2 and len(counts) <= n_out <= len(labels) - len(counts)
+    try:
+        kept, held = train_test_split(
+            index,
+            test_size=fraction,
+            random_state=seed,
+            stratify=labels if can_stratify else None,
+        )
+    except ValueError as err:  # too few examples for the fraction
+        raise DataError(
+            f"cannot hold out {fraction:g} of {len(labels)} examples ({err}): "
+            "lower dataset.val_fraction or add images"
+        ) from None
+    return np.sort(kept), np.sort(held)
+
+
+# ---------------------------------------------------------------- config
+
+
+def _as_config(cfg: Any) -> DictConfig:
+    """The ``dataset`` node, typed; a plain dict is merged onto the schema's defaults."""
+    if isinstance(cfg, DictConfig):
+        return cfg
+    if isinstance(cfg, Mapping):
+        return OmegaConf.merge(OmegaConf.structured(DatasetConfig), dict(cfg))  # type: ignore[return-value]
+    raise TypeError(f"expected the dataset config (DictConfig or dict), got {type(cfg).__name__}")
+
+
+def _check_fractions(cfg: DictConfig) -> None:
+    for key in ("val_fraction", "test_fraction"):
+        if not 0.0 <= cfg[key] < 1.0:
+            raise ConfigError(f"dataset.{key}={cfg[key]} must be in [0, 1)")
+    if cfg.source == "sklearn" and cfg.test_fraction == 0.0:
+        raise ConfigError("dataset.test_fraction=0 leaves digits no test split: use e.g. 0.2")
+
+
+def _channel_stats(cfg: DictConfig, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    stats = []
+    for key in ("mean", "std"):
+        values = [float(v) for v in cfg[key]]
+        if len(values) == 1:
+            values *= channels
+        if len(values) != channels:
+            raise ConfigError(
+                f"dataset.{key} has {len(values)} values but the images have {channels} "
+                "channels: give one value or one per channel"
+            )
+        stats.append(tuple(values))
+    if min(stats[1]) <= 0 or cfg.scale <= 0:
+        raise ConfigError("dataset.std and dataset.scale must be positive")
+    return stats[0], stats[1]
+
+
+def _image_size(cfg: DictConfig) -> tuple[int, int]:
+    size = list(cfg.image_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ConfigError(f"dataset.image_size={size} must be [H, W] with positive sides")
+    return int(size[0]), int(size[1])
+
+
+# ---------------------------------------------------------------- pipelines
+
+
+class _Pipeline:
+    """Builds the train and evaluation ``tf.data`` pipelines over in-memory arrays."""
+
+    def __init__(self, cfg, batch_size, seed, deterministic, mean, std):
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle_buffer = max(1, int(cfg.shuffle_buffer))
+        self.pad = int(cfg.augment.random_crop_padding)
+        self.flip = bool(cfg.augment.horizontal_flip)
+        scale, mean, std = float(cfg.scale), np.array(mean), np.array(std)
+        # (x / scale - mean) / std as one multiply-add per pixel.
+        self.multiplier = tf.constant(1.0 / (scale * std), tf.float32)
+        self.offset = tf.constant(-mean / std, tf.float32)
+        self.deterministic = deterministic
+
+    def training(self, x: np.ndarray, y: np.ndarray) -> tf.data.Dataset:
+        ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32)))
+        ds = ds.shuffle(
+            min(self.shuffle_buffer, len(y)), seed=self.seed, reshuffle_each_iteration=True
+        ).batch(self.batch_size)
+        if self.pad or self.flip:
+            # One random int64 per batch, a new stream each epoch, reproducible from the seed.
+            keys = tf.data.Dataset.random(seed=self.seed, rerandomize_each_iteration=True)
+            ds = tf.data.Dataset.zip((ds, keys)).map(
+                lambda batch, key: self._normalise(*self._augment(batch, key)),
+                num_parallel_calls=AUTOTUNE,
+            )
+        else:
+            ds = ds.map(self._normalise, num_parallel_calls=AUTOTUNE)
+        # Batches may leave the parallel map out of order unless deterministic (faster).
+        return self._finish(ds, deterministic=self.deterministic)
+
+    def evaluation(self, x: np.ndarray, y: np.ndarray) -> tf.data.Dataset:
+        """Always in the arrays' order, so predictions line up with the labels of a rerun."""
+        ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32))).batch(self.batch_size)
+        return self._finish(
+            ds.map(self._normalise, num_parallel_calls=AUTOTUNE), deterministic=True
+        )
+
+    def _augment(self, batch, key):
+        """Random crop of the zero-padded image and horizontal flip, per image, for a batch.
+
+        Written with gathers over the whole batch rather than ``tf.image.stateless_random_crop``
+        per image: one op per batch instead of one per image keeps the CPU pipeline well ahead
+        of a GPU step (see benchmarks/pipeline.py).
+        """
+        images, labels = batch
+        crop_seed, flip_seed = tf.unstack(
+            tf.random.experimental.stateless_split(tf.stack([key, tf.constant(0, tf.int64)]), 2)
+        )
+        count = tf.shape(images)[0]
+        height, width = images.shape[1], images.shape[2]
+        # Each output pixel is a gather of the (padded) input: rows and columns per image,
+        # a flip being columns in reverse order.
+        rows = tf.broadcast_to(tf.range(height), [count, height])
+        cols = tf.broadcast_to(tf.range(width), [count, width])
+        if self.pad:
+            pad = self.pad
+            images = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+            offsets = tf.random.stateless_uniform(
+                [count, 2], crop_seed, minval=0, maxval=2 * pad + 1, dtype=tf.int32
+            )
+            rows = rows + offsets[:, :1]
+            cols = cols + offsets[:, 1:]
+            images = tf.gather(images, rows, axis=1, batch_dims=1)
+        if self.flip:
+            flip = tf.random.stateless_uniform([count], flip_seed) < 0.5
+            cols = tf.where(flip[:, None], tf.reverse(cols, axis=[1]), cols)
+        return tf.gather(images, cols, axis=2, batch_dims=1), labels
+
+    def _normalise(self, images, labels):
+        return tf.cast(images, tf.float32) * self.multiplier + self.offset, labels
+
+    @staticmethod
+    def _finish(ds: tf.data.Dataset, *, deterministic: bool) -> tf.data.Dataset:
+        options = tf.data.Options()
+        options.deterministic = deterministic
+        # In-memory data has no files to shard: MultiWorkerMirroredStrategy shards by element
+        # (every worker shuffles with the same seed, so the shards are disjoint).
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
+        return ds.prefetch(AUTOTUNE).with_options(options)
+
+
+# ---------------------------------------------------------------- digits (scikit-learn)
+
+
+def _load_digits(cfg: DictConfig) -> _Splits:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = digits.images.astype(np.uint8)[..., np.newaxis]  # 0..16, exact
+    labels = digits.target.astype(np.int32)
+    train_idx, test_idx = split_indices(labels, cfg.test_fraction, cfg.split_seed)
+    return _Splits(
+        x_train=images[train_idx],
+        y_train=labels[train_idx],
+        x_test=images[test_idx],
+        y_test=labels[test_idx],
+        class_names=[str(name) for name in digits.target_names],
+    )
+
+
+# ---------------------------------------------------------------- TFDS
+
+
+def _tfds_builder(cfg: DictConfig):
+    import tensorflow_datasets as tfds
+
+    name = cfg.tfds_name or cfg.name
+    data_dir = os.path.expanduser(cfg.data_dir) if cfg.data_dir else None
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ConfigError(
+            f"dataset.tfds_name={name!r} is not a TFDS dataset: see `tfds.list_builders()`"
+        ) from None
+
+
+def _manual_dir(builder) -> Path:
+    """Where TFDS's download manager looks for archives before downloading them."""
+    return Path(builder.data_dir_root) / "downloads" / "manual"
+
+
+def _check_tfds(cfg: DictConfig) -> None:
+    builder = _tfds_builder(cfg)
+    if builder.is_prepared():
+        return
+    files = sorted({info.filename or Path(urlparse(url).path).name for url, info in _urls(builder)})
+    manual = _manual_dir(builder)
+    if files and all((manual / f).is_file() for f in files):
+        return  # load_data builds it offline from the archives (TFDS checks their checksums)
+    hosts = sorted({urlparse(url).hostname or "" for url, _ in _urls(builder)})
+    if cfg.download and hosts and all(_reachable(host) for host in hosts):
+        return  # online: load_data lets TFDS download and prepare it
+    if cfg.download:
+        reason = f"{', '.join(hosts) or 'its download host'} cannot be reached to download it"
+    else:
+        reason = "dataset.download=false"
+    archives = f"the original archives ({', '.join(files)})" if files else "the original archives"
+    raise DataError(
+        f"dataset {cfg.name}: TFDS {builder.name} {builder.version} is not prepared in "
+        f"data dir {builder.data_dir_root} and {reason}: copy a prepared TFDS directory to "
+        f"{builder.data_dir}, or put {archives} in {manual}/, "
+        "or use dataset=image_folder dataset.path=<your images>"
+    )
+
+
+def _urls(builder) -> list[tuple[str, Any]]:
+    try:
+        return list((builder.url_infos or {}).items())
+    except Exception:  # builders without a checksums file have no known URLs
+        return []
+
+
+def _reachable(host: str) -> bool:
+    """Can a TCP connection to ``host``:443 open within PROBE_TIMEOUT_S (DNS included)?
+
+    Runs in a daemon thread because name resolution ignores socket timeouts.
+    """
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, 443), timeout=PROBE_TIMEOUT_S):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(PROBE_TIMEOUT_S)
+    return bool(result and result[0])
+
+
+def _load_tfds(cfg: DictConfig) -> _Splits:
+    import tensorflow_datasets as tfds
+
+    builder = _tfds_builder(cfg)
+    if not builder.is_prepared():
+        try:  # from <data_dir>/downloads/manual/ or the network; check_available said which
+            builder.download_and_prepare()
+        except Exception as err:
+            first_line = (str(err).strip().splitlines() or [repr(err)])[0]
+            raise DataError(
+                f"dataset {cfg.name}: TFDS could not prepare {builder.name} in "
+                f"{builder.data_dir_root} ({first_line}): replace the files in "
+                f"{_manual_dir(builder)}/ with the original archives, or copy a prepared "
+                f"TFDS directory to {builder.data_dir}"
+            ) from None
+    image_key, label_key = builder.info.supervised_keys
+    splits = []
+    for split in SPLITS:
+        ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+        batches = list(tfds.as_numpy(ds.batch(8192)))
+        splits.append(
+            (np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
+        )
+    (x_train, y_train), (x_test, y_test) = splits
+    names = builder.info.features[label_key].names
+    return _Splits(x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32), names)
+
+
+# ---------------------------------------------------------------- image folder
+
+
+def _folder_root(cfg: DictConfig) -> Path:
+    if not cfg.path:
+        raise DataError(
+            "dataset.path is not set: point it at <path>/{train,test}/<label>/<image file>"
+        )
+    root = Path(os.path.expanduser(cfg.path))
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist: check dataset.path")
+    if not any(root.iterdir()):
+        raise DataError(
+            f"image folder {root} is empty: lay it out as {root}/{{train,test}}/<label>/<image file>"
+        )
+    return root
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    folder = root / split
+    if not folder.is_dir():
+        raise DataError(
+            f"image folder {root} has no {split}/ folder: lay it out as "
+            f"{root}/{{train,test}}/<label>/<image file>"
+        )
+    return folder
+
+
+def _label_dirs(split_dir: Path) -> list[str]:
+    labels = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if not labels:
+        raise DataError(
+            f"image folder {split_dir} is empty: put one folder per label in it, "
+            f"{split_dir}/<label>/<image file>"
+        )
+    return labels
+
+
+def _image_files(label_dir: Path) -> list[Path]:
+    return sorted(
+        p for p in label_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def _image_shape(path: Path) -> tuple[int, int, int]:
+    """(H, W, C) of one image, C = 1 for grayscale (kept as one channel) and 3 otherwise."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            mode = image.mode
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read image {path}: {err}; remove or replace the file") from None
+    return height, width, 1 if mode in GRAYSCALE_MODES else 3
+
+
+def _check_image_folder(cfg: DictConfig) -> None:
+    from PIL import Image
+
+    root = _folder_root(cfg)
+    train_labels = None
+    for split in SPLITS:
+        folder = _split_dir(root, split)
+        labels = _label_dirs(folder)
+        if train_labels is None:
+            train_labels = labels
+        elif labels != train_labels:
+            raise DataError(
+                f"image folder {folder} has labels {labels} but {root / 'train'} has "
+                f"{train_labels}: both splits need the same label folders (an empty one is fine)"
+            )
+        files = [f for label in labels for f in _image_files(folder / label)]
+        if not files:
+            raise DataError(f"image folder {folder} has no images (png/jpg/bmp/gif)")
+        for path in files:
+            try:
+                with Image.open(path) as image:
+                    image.verify()  # header and integrity, without a full decode
+            except Exception as err:
+                raise DataError(
+                    f"cannot read image {path}: {err}; remove or replace the file"
+                ) from None
+    if cfg.image_size is not None:
+        _image_size(cfg)
+
+
+def _load_image_folder(cfg: DictConfig) -> _Splits:
+    """Decode every image once with Keras's folder reader (labels = sorted folder names)."""
+    import keras
+
+    root = _folder_root(cfg)
+    (height, width, channels), _ = dataset_shape(cfg)
+    class_names = _label_dirs(_split_dir(root, "train"))
+    arrays = []
+    for split in SPLITS:
+        ds = keras.utils.image_dataset_from_directory(
+            _split_dir(root, split),
+            labels="inferred",
+            label_mode="int",
+            class_names=class_names,
+            color_mode="grayscale" if channels == 1 else "rgb",
+            batch_size=256,
+            image_size=(height, width),  # the first image's size unless dataset.image_size
+            shuffle=False,
+            verbose=False,
+        )
+        try:
+            batches = list(ds.as_numpy_iterator())
+        except tf.errors.OpError as err:
+            raise DataError(
+                f"cannot decode an image under {root / split} ({err.message.splitlines()[0]}): "
+                "fix or remove it (check_available names the file)"
+            ) from None
+        images = np.concatenate([b[0] for b in batches])
+        if cfg.image_size is None:  # not resized: the float pixels are exact integers
+            images = images.astype(np.uint8)
+        arrays.append((images, np.concatenate([b[1] for b in batches]).astype(np.int32)))
+    (x_train, y_train), (x_test, y_test) = arrays
+    return _Splits(x_train, y_train, x_test, y_test, class_names)
