@@ -1,0 +1,444 @@
+"""The fit loop: optimiser and schedule, precision, checkpoints and resume, failure handling.
+
+Knows nothing of Hydra or MLflow: it takes the config nodes (``TrainerConfig``,
+``OptimizerConfig``) as plain objects, a strategy from :mod:`convnets.distribute`, and the
+tracker's Keras callbacks, and hands back the model and a :class:`FitResult`.
+
+Checkpoint layout (``checkpoint_dir``), written only at epoch ends:
+
+- ``epoch-NNNN.weights.h5``: model + optimizer state after epoch NNNN (the last one kept)
+- ``best-NNNN.weights.h5``: the weights of the best epoch by ``val_accuracy``
+- ``state.json``: the commit record naming the two files above, the last completed epoch and
+  every completed epoch's logs. It is replaced atomically *after* the files it names are
+  complete, so a process killed at any moment leaves a consistent last completed epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from convnets.errors import ConfigError, TrainingFailed
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "one_cycle")
+STATE_FILE = "state.json"
+# one_cycle: fraction of training spent rising when optimizer.warmup_epochs is 0, and the
+# starting lr as lr / ONE_CYCLE_DIV (PyTorch OneCycleLR's pct_start=0.3, div_factor=25).
+ONE_CYCLE_PCT_START = 0.3
+ONE_CYCLE_DIV = 25.0
+
+
+# ---------------------------------------------------------------- process-wide settings
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy, TensorFlow and Keras; ``deterministic`` turns on op determinism.
+
+    Op determinism cannot be turned off again inside a process (TensorFlow has no public
+    switch), so once a deterministic run has happened, later runs in it stay deterministic.
+    """
+    keras.utils.set_random_seed(int(seed))
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def set_precision(precision: str) -> None:
+    """Set Keras's global dtype policy; the model builder keeps its output in float32."""
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={precision!r} is unknown; choose one of {', '.join(PRECISIONS)}"
+        )
+    keras.mixed_precision.set_global_policy(precision)
+
+
+# ---------------------------------------------------------------- optimiser
+
+
+def build_optimizer(
+    opt_cfg, *, steps_per_epoch: int, epochs: int, num_replicas: int
+) -> keras.optimizers.Optimizer:
+    """The optimiser and learning-rate schedule named by the ``optimizer`` config.
+
+    Schedules are Keras's ``CosineDecay`` (serialisable, so a saved model loads without
+    custom objects), evaluated per optimizer step:
+
+    - ``constant``: ``lr``, after an optional linear warm-up from 0 over ``warmup_epochs``;
+    - ``cosine``: linear warm-up from 0 to ``lr``, then cosine decay to ``lr * min_lr_fraction``
+      at the last step;
+    - ``one_cycle``: linear rise from ``lr / 25`` to the peak ``lr`` over ``warmup_epochs`` (30%
+      of training when 0), then cosine annealing to ``lr * min_lr_fraction`` (the 1cycle
+      policy's learning-rate curve as in PyTorch's OneCycleLR; momentum is not cycled).
+
+    ``scale_lr_with_replicas`` applies the linear scaling rule (Goyal et al. 2017): ``lr`` times
+    the number of replicas, for a global batch that grows with them.
+    """
+    if opt_cfg.name not in OPTIMIZERS:
+        raise ConfigError(
+            f"optimizer.name={opt_cfg.name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}"
+        )
+    if not opt_cfg.lr > 0:
+        raise ConfigError(f"optimizer.lr={opt_cfg.lr} must be > 0")
+    lr = float(opt_cfg.lr) * (num_replicas if opt_cfg.scale_lr_with_replicas else 1)
+    schedule = _schedule(opt_cfg, lr, steps_per_epoch=steps_per_epoch, epochs=epochs)
+    common = {
+        "learning_rate": schedule,
+        "weight_decay": float(opt_cfg.weight_decay) or None,
+        "clipnorm": opt_cfg.clipnorm,
+    }
+    if opt_cfg.name == "sgd":
+        return keras.optimizers.SGD(
+            momentum=float(opt_cfg.momentum), nesterov=bool(opt_cfg.nesterov), **common
+        )
+    # Keras 3 applies weight_decay decoupled (AdamW-style) in every optimiser; AdamW only
+    # differs in its default decay, so both names map to their Keras class.
+    cls = keras.optimizers.AdamW if opt_cfg.name == "adamw" else keras.optimizers.Adam
+    if cls is keras.optimizers.AdamW:
+        common["weight_decay"] = float(opt_cfg.weight_decay)
+    return cls(beta_1=float(opt_cfg.beta_1), beta_2=float(opt_cfg.beta_2), **common)
+
+
+def _schedule(opt_cfg, lr: float, *, steps_per_epoch: int, epochs: int):
+    if opt_cfg.schedule not in SCHEDULES:
+        raise ConfigError(
+            f"optimizer.schedule={opt_cfg.schedule!r} is unknown; "
+            f"choose one of {', '.join(SCHEDULES)}"
+        )
+    total = max(1, int(steps_per_epoch) * int(epochs))
+    warmup = round(float(opt_cfg.warmup_epochs) * steps_per_epoch)
+    if warmup < 0 or warmup >= total:
+        raise ConfigError(
+            f"optimizer.warmup_epochs={opt_cfg.warmup_epochs} must be >= 0 and shorter "
+            f"than trainer.epochs={epochs}"
+        )
+    floor = float(opt_cfg.min_lr_fraction)
+    if opt_cfg.schedule == "constant":
+        if warmup == 0:
+            return lr
+        # alpha=1 makes CosineDecay's decay phase flat: a constant lr after the warm-up.
+        return keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps=total - warmup, alpha=1.0, warmup_target=lr, warmup_steps=warmup
+        )
+    start = 0.0
+    if opt_cfg.schedule == "one_cycle":
+        warmup = warmup or max(1, round(ONE_CYCLE_PCT_START * total))
+        start = lr / ONE_CYCLE_DIV
+    if warmup == 0:
+        return keras.optimizers.schedules.CosineDecay(lr, decay_steps=total, alpha=floor)
+    return keras.optimizers.schedules.CosineDecay(
+        start, decay_steps=total - warmup, alpha=floor, warmup_target=lr, warmup_steps=warmup
+    )
+
+
+# ---------------------------------------------------------------- fit
+
+
+@dataclass
+class FitResult:
+    """What one :func:`fit` call did.
+
+    ``history``: per epoch completed in *this* call: loss, accuracy, val_loss, val_accuracy
+    (when there is validation data), lr. ``initial_epoch``: epochs already done before this
+    call (from a resumed checkpoint); ``epochs_completed``: the total, counting those.
+    ``images_per_sec``: training images / training seconds over this call's epochs, leaving
+    out validation, checkpointing and (when there are two or more) the first epoch, which pays
+    for tracing and XLA compilation. ``train_time_s``: wall time of this call's ``model.fit``.
+    """
+
+    history: dict[str, list[float]] = field(default_factory=dict)
+    initial_epoch: int = 0
+    epochs_completed: int = 0
+    best_epoch: int | None = None
+    best_val_accuracy: float | None = None
+    train_time_s: float = 0.0
+    images_per_sec: float = 0.0
+
+
+def fit(
+    build_model: Callable[[], keras.Model],
+    data,
+    trainer_cfg,
+    opt_cfg,
+    strategy: tf.distribute.Strategy,
+    *,
+    checkpoint_dir: str | Path,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    resume: bool = False,
+) -> tuple[keras.Model, FitResult]:
+    """Build, compile and train the model under ``strategy``; checkpoint every epoch.
+
+    Re-seeds from ``trainer_cfg.seed`` before building the model, so the same config gives
+    the same initial weights. ``resume=True`` restores the last committed epoch from
+    ``checkpoint_dir`` (weights, optimizer state, best so far) and trains the remaining
+    epochs; without a checkpoint it starts from epoch 1. Raises :class:`TrainingFailed` when
+    the loss becomes NaN/inf (the last good epoch's checkpoint stays); ``KeyboardInterrupt``
+    propagates, with the last completed epoch checkpointed.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    state = _read_state(checkpoint_dir) if resume else None
+    if resume and state is None:
+        log.info("no checkpoint in %s: training from epoch 1", checkpoint_dir)
+    if state is None:
+        _clear_checkpoints(checkpoint_dir)
+
+    seed_everything(trainer_cfg.seed, trainer_cfg.deterministic)
+    one_hot = trainer_cfg.label_smoothing > 0
+    train = _prepare(data.train, data.num_classes, one_hot, strategy)
+    val = _prepare(data.val, data.num_classes, one_hot, strategy) if data.val is not None else None
+    steps_per_epoch = _steps_per_epoch(train, data.num_train, trainer_cfg.batch_size)
+
+    with strategy.scope():
+        model = build_model()
+        optimizer = build_optimizer(
+            opt_cfg,
+            steps_per_epoch=steps_per_epoch,
+            epochs=trainer_cfg.epochs,
+            num_replicas=strategy.num_replicas_in_sync,
+        )
+        model.compile(
+            optimizer=optimizer,
+            loss=_loss(trainer_cfg.label_smoothing),
+            metrics=["accuracy"],
+            jit_compile=bool(trainer_cfg.jit_compile),
+            steps_per_execution=int(trainer_cfg.steps_per_execution),
+        )
+        if state is not None and state.get("last"):
+            # Optimizer slots exist only once built; load_weights skips them otherwise.
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(checkpoint_dir / state["last"])
+
+    initial_epoch = state["epoch"] if state and state.get("last") else 0
+    epoch_state = _EpochState(
+        checkpoint_dir,
+        state if initial_epoch else None,
+        save_last=trainer_cfg.checkpoint_every_epoch,
+        writer=bool(strategy.extended.should_checkpoint),
+    )
+    timer = _Throughput(data.num_train)
+    started = time.perf_counter()
+    try:
+        history = model.fit(
+            train,
+            validation_data=val,
+            epochs=trainer_cfg.epochs,
+            initial_epoch=initial_epoch,
+            callbacks=[timer, epoch_state, *callbacks],
+            verbose=trainer_cfg.verbose,
+            shuffle=False,  # the pipeline shuffles (seeded); Keras cannot shuffle a Dataset
+        )
+        train_time = time.perf_counter() - started
+        if epoch_state.failure is not None:
+            epoch, loss = epoch_state.failure
+            hint = (
+                "" if trainer_cfg.precision == "float32" else ", or use trainer.precision=float32"
+            )
+            raise TrainingFailed(
+                f"training loss became {loss} at epoch {epoch}; lower optimizer.lr (now "
+                f"{opt_cfg.lr}) or set optimizer.clipnorm (now {opt_cfg.clipnorm}){hint}"
+            )
+        if trainer_cfg.restore_best and val is not None and epoch_state.best_path is not None:
+            model.load_weights(epoch_state.best_path)
+    finally:
+        epoch_state.cleanup_if_temporary()
+
+    return model, FitResult(
+        history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+        initial_epoch=initial_epoch,
+        epochs_completed=epoch_state.epoch,
+        best_epoch=epoch_state.best_epoch,
+        best_val_accuracy=epoch_state.best_val_accuracy,
+        train_time_s=train_time,
+        images_per_sec=timer.images_per_sec(),
+    )
+
+
+def evaluate(model: keras.Model, dataset) -> dict[str, float]:
+    """``{"loss", "accuracy"}`` of a compiled model on a batched ``(image, label)`` split."""
+    one_hot = isinstance(model.loss, keras.losses.CategoricalCrossentropy)
+    num_classes = model.output_shape[-1]
+    logs = model.evaluate(
+        _prepare(dataset, num_classes, one_hot, None), verbose=0, return_dict=True
+    )
+    return {"loss": float(logs["loss"]), "accuracy": float(logs["accuracy"])}
+
+
+def read_checkpoint_state(checkpoint_dir: str | Path) -> dict | None:
+    """The committed checkpoint record (``epoch``, ``history``, ``best_epoch``, ...) or None."""
+    return _read_state(Path(checkpoint_dir))
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _loss(label_smoothing: float) -> keras.losses.Loss:
+    if not 0 <= label_smoothing < 1:
+        raise ConfigError(f"trainer.label_smoothing={label_smoothing} must be in [0, 1)")
+    if label_smoothing > 0:
+        # Keras's sparse cross-entropy has no label_smoothing: labels go one-hot instead.
+        return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    return keras.losses.SparseCategoricalCrossentropy()
+
+
+def _prepare(dataset, num_classes: int, one_hot: bool, strategy):
+    if one_hot:
+        dataset = dataset.map(
+            lambda x, y: (x, tf.one_hot(tf.cast(y, tf.int32), num_classes)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        # In-memory data has no files to shard by: each worker takes its part of each batch.
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
+        dataset = dataset.with_options(options)
+    return dataset
+
+
+def _steps_per_epoch(dataset, num_examples: int, batch_size: int) -> int:
+    steps = int(dataset.cardinality())
+    return steps if steps > 0 else max(1, math.ceil(num_examples / batch_size))
+
+
+def _read_state(checkpoint_dir: Path) -> dict | None:
+    try:
+        return json.loads((checkpoint_dir / STATE_FILE).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _clear_checkpoints(checkpoint_dir: Path) -> None:
+    """Remove a previous run's checkpoint files (only ours) before a fresh start."""
+    if not checkpoint_dir.is_dir():
+        return
+    for path in checkpoint_dir.iterdir():
+        if path.name == STATE_FILE or path.name.endswith(".weights.h5"):
+            path.unlink()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _Throughput(keras.callbacks.Callback):
+    """Training seconds per epoch from epoch-level hooks only (nothing per batch), with the
+    validation pass that Keras runs inside the epoch subtracted."""
+
+    def __init__(self, num_train: int):
+        super().__init__()
+        self.num_train = num_train
+        self.epoch_seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._val = time.perf_counter(), 0.0
+
+    def on_test_begin(self, logs=None):
+        self._val_start = time.perf_counter()
+
+    def on_test_end(self, logs=None):
+        self._val += time.perf_counter() - self._val_start
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch_seconds.append(time.perf_counter() - self._start - self._val)
+
+    def images_per_sec(self) -> float:
+        steady = self.epoch_seconds[1:] or self.epoch_seconds
+        return self.num_train * len(steady) / sum(steady) if steady else 0.0
+
+
+class _EpochState(keras.callbacks.Callback):
+    """At each epoch end, before the user's callbacks: add ``lr`` to the logs, stop on a
+    non-finite loss, keep the best weights, and commit the epoch's checkpoint.
+
+    Hand-written rather than Keras's ModelCheckpoint/BackupAndRestore: those overwrite files
+    in place (a kill mid-write corrupts them) and keep the epoch number in a separate file.
+    Only epoch-level hooks, so Keras keeps dispatching batches asynchronously.
+
+    Under MultiWorkerMirroredStrategy every worker saves (reading variables may need all of
+    them), but only the chief writes into ``checkpoint_dir``; the others use a temporary one.
+    """
+
+    def __init__(self, checkpoint_dir: Path, state: dict | None, *, save_last: bool, writer: bool):
+        super().__init__()
+        self.write_dir = checkpoint_dir if writer else Path(tempfile.mkdtemp(prefix="ckpt-"))
+        self.temporary = not writer
+        self.write_dir.mkdir(parents=True, exist_ok=True)
+        self.save_last = save_last
+        state = state or {}
+        self.epoch: int = state.get("epoch", 0)
+        self.history: list[dict] = state.get("history", [])
+        self.best_epoch: int | None = state.get("best_epoch")
+        self.best_val_accuracy: float | None = state.get("best_val_accuracy")
+        self.best_file: str | None = state.get("best")
+        self.last_file: str | None = state.get("last")
+        self.failure: tuple[int, float] | None = None
+
+    @property
+    def best_path(self) -> Path | None:
+        return self.write_dir / self.best_file if self.best_file else None
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        logs["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        number = epoch + 1  # Keras counts from 0; people and the MLflow history from 1
+        if not math.isfinite(logs.get("loss", 0.0)):
+            self.failure = (number, logs["loss"])
+            self.model.stop_training = True
+            return  # the last good epoch's checkpoint stays the committed one
+        val_acc = logs.get("val_accuracy")
+        if val_acc is not None and (
+            self.best_val_accuracy is None or val_acc > self.best_val_accuracy
+        ):
+            self.best_epoch, self.best_val_accuracy = number, float(val_acc)
+            self.best_file = self._save(f"best-{number:04d}.weights.h5")
+        if self.save_last:
+            self.last_file = self._save(f"epoch-{number:04d}.weights.h5")
+        self.epoch = number
+        self.history.append({"epoch": number, **{k: float(v) for k, v in logs.items()}})
+        self._commit()
+
+    def _save(self, name: str) -> str:
+        tmp = self.write_dir / f".tmp-{name}"  # Keras wants the .weights.h5 suffix
+        self.model.save_weights(tmp)
+        os.replace(tmp, self.write_dir / name)
+        return name
+
+    def _commit(self) -> None:
+        state = {
+            "epoch": self.epoch,
+            "last": self.last_file,
+            "best": self.best_file,
+            "best_epoch": self.best_epoch,
+            "best_val_accuracy": self.best_val_accuracy,
+            "history": self.history,
+        }
+        _atomic_write_text(self.write_dir / STATE_FILE, json.dumps(state, indent=1))
+        # Files the committed state no longer names are stale: drop them.
+        keep = {self.last_file, self.best_file}
+        for path in self.write_dir.glob("*.weights.h5"):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+
+    def cleanup_if_temporary(self) -> None:
+        if self.temporary:
+            shutil.rmtree(self.write_dir, ignore_errors=True)

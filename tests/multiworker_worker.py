@@ -1,0 +1,135 @@
+"""Subprocess half of the distribution tests, and the tiny digits data and model that the
+trainer and distribute tests share (so every test trains exactly the same thing).
+
+Usage (from the repository root, the package importable):
+
+    TF_CONFIG=... python tests/multiworker_worker.py multi_worker CHECKPOINT_DIR RESULT_JSON
+    python tests/multiworker_worker.py mirrored CHECKPOINT_DIR RESULT_JSON
+
+``multi_worker``: one worker of a MultiWorkerMirroredStrategy cluster; trains 2 epochs through
+``convnets.trainer.fit`` and writes its history, test metrics and a digest of the final weights.
+``mirrored``: splits the CPU into 2 logical devices (only possible in a fresh process) and
+trains the same model on one device and under MirroredStrategy, without and with batch norm
+(synchronized across the replicas), writing every run's history and test metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+
+from convnets import distribute, trainer  # noqa: E402
+from convnets.config import DistributeConfig, OptimizerConfig, TrainerConfig  # noqa: E402
+
+NUM_TRAIN, NUM_VAL = 1200, 297  # of digits' 1797 images; the remaining 300 are the test split
+
+
+def digits_bundle(*, batch_size: int, seed: int, val: bool = True) -> SimpleNamespace:
+    """Digits (8x8x1, 10 classes) shaped like ``convnets.data.DataBundle``: seeded shuffle,
+    reshuffled each epoch, global batches. Built here (not with convnets.data) so these
+    tests exercise only the trainer. Seeds TensorFlow first: a shuffle's seed pair depends on
+    whether a global seed is set, so otherwise the first bundle in a process would differ."""
+    trainer.seed_everything(seed, deterministic=False)
+    digits = load_digits()
+    x = (digits.images[..., None] / 16.0).astype("float32")
+    y = digits.target.astype("int32")
+
+    def split(lo: int, hi: int, shuffle: bool = False) -> tf.data.Dataset:
+        ds = tf.data.Dataset.from_tensor_slices((x[lo:hi], y[lo:hi]))
+        if shuffle:
+            ds = ds.shuffle(hi - lo, seed=seed, reshuffle_each_iteration=True)
+        return ds.batch(batch_size)
+
+    end_val = NUM_TRAIN + NUM_VAL
+    return SimpleNamespace(
+        train=split(0, NUM_TRAIN, shuffle=True),
+        val=split(NUM_TRAIN, end_val) if val else None,
+        test=split(end_val, len(x)),
+        input_shape=(8, 8, 1),
+        num_classes=10,
+        num_train=NUM_TRAIN,
+        num_val=NUM_VAL if val else 0,
+        num_test=len(x) - end_val,
+    )
+
+
+def tiny_cnn(batch_norm: str | None = None) -> keras.Model:
+    """Conv -> [BN] -> relu -> flatten -> softmax (float32, like convnets.model's output).
+
+    ``batch_norm``: None, "plain" (per-replica statistics) or "sync" (over all replicas).
+    """
+    layers = [keras.Input((8, 8, 1)), keras.layers.Conv2D(8, 3, use_bias=batch_norm is None)]
+    if batch_norm:
+        layers.append(keras.layers.BatchNormalization(synchronized=batch_norm == "sync"))
+    layers += [
+        keras.layers.Activation("relu"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(10, activation="softmax", dtype="float32", name="probabilities"),
+    ]
+    return keras.Sequential(layers)
+
+
+def train(strategy, checkpoint_dir: str, batch_norm: str | None = None) -> dict:
+    """2 epochs of Adam on digits, deterministic; the record the tests compare."""
+    trainer_cfg = OmegaConf.structured(
+        TrainerConfig(epochs=2, batch_size=64, seed=1, deterministic=True, verbose=0)
+    )
+    opt_cfg = OmegaConf.structured(OptimizerConfig(name="adam", lr=3e-3))
+    data = digits_bundle(batch_size=trainer_cfg.batch_size, seed=trainer_cfg.seed)
+    model, result = trainer.fit(
+        lambda: tiny_cnn(batch_norm),
+        data,
+        trainer_cfg,
+        opt_cfg,
+        strategy,
+        checkpoint_dir=checkpoint_dir,
+    )
+    digest = hashlib.sha256()
+    for weights in model.get_weights():
+        digest.update(keras.ops.convert_to_numpy(weights).tobytes())
+    return {
+        "num_replicas": strategy.num_replicas_in_sync,
+        "history": result.history,
+        "epochs_completed": result.epochs_completed,
+        "test": trainer.evaluate(model, data.test),
+        "weights_sha256": digest.hexdigest(),
+    }
+
+
+def main(mode: str, checkpoint_dir: str, result_path: str) -> None:
+    if mode == "multi_worker":
+        dist_cfg = OmegaConf.structured(DistributeConfig(strategy="multi_worker"))
+        distribute.configure_devices(dist_cfg)
+        # Before anything else runs: the collective runtime is set up at TensorFlow's start.
+        result = train(distribute.make_strategy(dist_cfg), checkpoint_dir)
+    elif mode == "mirrored":
+        mirrored = OmegaConf.structured(DistributeConfig(strategy="mirrored", cpu_replicas=2))
+        distribute.configure_devices(mirrored)
+        one = distribute.make_strategy(OmegaConf.structured(DistributeConfig("one_device")))
+        two = distribute.make_strategy(mirrored)
+        result = {
+            f"{name}/{bn}": train(strategy, os.path.join(checkpoint_dir, f"{name}-{bn}"), bn)
+            for name, strategy, bns in [
+                ("one_device", one, [None, "plain"]),
+                ("mirrored", two, [None, "sync"]),
+            ]
+            for bn in bns
+        }
+    else:
+        raise SystemExit(f"unknown mode {mode!r}: multi_worker | mirrored")
+    with open(result_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

@@ -1,0 +1,179 @@
+"""convnets.distribute: strategies from config, and real multi-replica training on CPU.
+
+Logical CPU devices can only be set before TensorFlow starts, and a multi-worker cluster needs
+one process per worker, so the training tests run tests/multiworker_worker.py in subprocesses
+(bounded by timeouts so they can never hang).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+from omegaconf import OmegaConf
+
+from convnets.config import DistributeConfig
+from convnets.distribute import configure_devices, make_strategy
+from convnets.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "multiworker_worker.py"
+ENV = {
+    **os.environ,
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+}
+# Replicas reduce the same per-example gradients as one device, only summed in another
+# order: float32 round-off (~1e-7 relative per step) that Adam amplifies over 38 steps to
+# ~1e-6. 1e-4 leaves room for that and still fails on any real difference (a wrong
+# per-replica batch or a loss scaled by the replica count moves losses by >1e-2).
+RTOL = 1e-4
+
+
+def cfg(**kwargs):
+    return OmegaConf.structured(DistributeConfig(**kwargs))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_worker(mode: str, tmp_path: Path, name: str, env=None) -> subprocess.Popen:
+    """Start the helper; its output goes to NAME.log, its result to NAME.json."""
+    with open(tmp_path / f"{name}.log", "w") as log:
+        return subprocess.Popen(
+            [sys.executable, WORKER, mode, tmp_path / "ckpt", tmp_path / f"{name}.json"],
+            cwd=REPO,
+            env={**ENV, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait(procs: list[subprocess.Popen], tmp_path: Path, timeout: float) -> None:
+    """Wait for every process (killing all on timeout); each must exit 0."""
+    try:
+        for proc in procs:
+            proc.wait(timeout=timeout)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    logs = "\n".join(log.read_text()[-3000:] for log in sorted(tmp_path.glob("*.log")))
+    assert all(proc.returncode == 0 for proc in procs), logs
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+    for key in ("loss", "val_loss"):
+        assert a["history"][key] == pytest.approx(b["history"][key], rel=RTOL), key
+    assert a["test"]["loss"] == pytest.approx(b["test"]["loss"], rel=RTOL)
+    # One of 300 test images flipping is 0.0033.
+    assert a["test"]["accuracy"] == pytest.approx(b["test"]["accuracy"], abs=0.01)
+
+
+@pytest.mark.slow
+def test_two_cpu_replicas_match_one_device(tmp_path):
+    """MirroredStrategy over 2 logical CPUs trains like one device (global batch split in two);
+    with batch norm, synchronized statistics make the replicas match one device too."""
+    wait([run_worker("mirrored", tmp_path, "mirrored")], tmp_path, timeout=300)
+    runs = json.loads((tmp_path / "mirrored.json").read_text())
+    assert runs["mirrored/None"]["num_replicas"] == 2
+    assert runs["one_device/None"]["num_replicas"] == 1
+    assert_same_run(runs["mirrored/None"], runs["one_device/None"])
+    assert_same_run(runs["mirrored/sync"], runs["one_device/plain"])
+    assert (
+        runs["mirrored/None"]["history"]["loss"][-1] < runs["mirrored/None"]["history"]["loss"][0]
+    )
+
+
+@pytest.mark.slow
+def test_two_workers_train_to_the_same_model(tmp_path):
+    """A 2-worker MultiWorkerMirroredStrategy cluster on 127.0.0.1 completes, both workers end
+    with bit-identical weights, and only the chief writes the checkpoint."""
+    workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    procs = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        procs.append(
+            run_worker("multi_worker", tmp_path, f"w{index}", {"TF_CONFIG": json.dumps(tf_config)})
+        )
+    wait(procs, tmp_path, timeout=240)
+    w0, w1 = (json.loads((tmp_path / f"w{i}.json").read_text()) for i in range(2))
+    assert w0["num_replicas"] == w1["num_replicas"] == 2
+    assert w0["epochs_completed"] == w1["epochs_completed"] == 2
+    assert w0["weights_sha256"] == w1["weights_sha256"]
+    assert w0["history"] == w1["history"]
+    assert w0["test"] == w1["test"]
+    state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    assert state["epoch"] == 2
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "best-0002.weights.h5",
+        "epoch-0002.weights.h5",
+        "state.json",
+    ]
+
+
+def test_auto_and_one_device_on_cpu():
+    if tf.config.list_logical_devices("GPU"):
+        pytest.skip("CPU-only expectations")
+    for strategy in (
+        make_strategy(cfg(strategy="auto")),
+        make_strategy(cfg(strategy="one_device")),
+    ):
+        assert isinstance(strategy, tf.distribute.OneDeviceStrategy)
+        assert strategy.num_replicas_in_sync == 1
+    strategy = make_strategy(cfg(strategy="one_device", devices=["/cpu:0"]))
+    assert strategy.extended.worker_devices[0].endswith("CPU:0")
+
+
+def test_configure_devices_is_idempotent_and_refuses_a_late_change():
+    have = len(tf.config.list_logical_devices("CPU"))  # starts TensorFlow's runtime
+    configure_devices(cfg(cpu_replicas=0))
+    configure_devices(cfg(cpu_replicas=have))
+    with pytest.raises(ConfigError, match=r"distribute.cpu_replicas=\d+ cannot be applied"):
+        configure_devices(cfg(cpu_replicas=have + 1))
+    with pytest.raises(ConfigError, match="distribute.cpu_replicas=-1"):
+        configure_devices(cfg(cpu_replicas=-1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"strategy": "horovod"}, "distribute.strategy='horovod' is unknown; choose one of auto"),
+        ({"strategy": "mirrored", "devices": ["/gpu:7"]}, r"distribute.devices: '/gpu:7' does"),
+        ({"strategy": "one_device", "devices": ["/cpu:0", "/cpu:0"]}, "exactly one"),
+    ],
+)
+def test_config_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        make_strategy(cfg(**kwargs))
+
+
+@pytest.mark.parametrize(
+    "tf_config, match",
+    [
+        (None, "needs TF_CONFIG"),
+        ("{not json", "TF_CONFIG is invalid"),
+        ('{"cluster": {}}', "TF_CONFIG is invalid"),
+        (
+            '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 3}}',
+            "task worker:3 is not in its cluster",
+        ),
+    ],
+)
+def test_multi_worker_needs_a_valid_tf_config(monkeypatch, tf_config, match):
+    if tf_config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", tf_config)
+    with pytest.raises(ConfigError, match=match):
+        make_strategy(cfg(strategy="multi_worker"))

@@ -1,0 +1,298 @@
+"""convnets.trainer: real (tiny) training on digits on one CPU device.
+
+The data and model come from tests/multiworker_worker.py so that these tests and the
+distribution tests train the same thing: 1200 training images, global batch 64 (19 steps per
+epoch), a 3k-parameter CNN.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from multiworker_worker import digits_bundle, tiny_cnn
+from omegaconf import OmegaConf
+from tensorflow.python.framework import config as tf_config  # test isolation only
+
+from convnets.config import OptimizerConfig, TrainerConfig
+from convnets.errors import ConfigError, TrainingFailed
+from convnets.trainer import (
+    build_optimizer,
+    evaluate,
+    fit,
+    read_checkpoint_state,
+    set_precision,
+)
+
+STEPS = 19  # ceil(1200 / 64)
+
+
+def trainer_cfg(**kwargs):
+    return OmegaConf.structured(TrainerConfig(**{"epochs": 2, "verbose": 0, **kwargs}))
+
+
+def opt_cfg(**kwargs):
+    return OmegaConf.structured(OptimizerConfig(**{"lr": 3e-3, **kwargs}))
+
+
+@pytest.fixture
+def strategy():
+    return tf.distribute.OneDeviceStrategy("/cpu:0")
+
+
+@pytest.fixture
+def no_leftover_determinism():
+    """Op determinism is process-wide and has no public off switch: restore it afterwards so
+    other tests in the session run as they would alone."""
+    before = tf_config.is_op_determinism_enabled()
+    yield
+    if not before:
+        tf_config.disable_op_determinism()
+
+
+def train(strategy, tmp_path, t=None, o=None, *, val=True, **fit_kwargs):
+    t, o = t or trainer_cfg(), o or opt_cfg()
+    data = digits_bundle(batch_size=t.batch_size, seed=t.seed, val=val)
+    model, result = fit(
+        tiny_cnn, data, t, o, strategy, checkpoint_dir=tmp_path / "ckpt", **fit_kwargs
+    )
+    return model, result, data
+
+
+class Recorder(keras.callbacks.Callback):
+    """Stands in for the tracker: what each epoch's logs held when a user callback saw them."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs: list[tuple[int, dict]] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append((epoch + 1, dict(logs)))
+
+
+class InterruptAfter(keras.callbacks.Callback):
+    """Ctrl-C at the end of an epoch (after the trainer committed its checkpoint)."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            raise KeyboardInterrupt
+
+
+class PoisonAfter(keras.callbacks.Callback):
+    """Set the classifier's kernel to NaN after an epoch: the next epoch's loss is NaN."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            kernel = self.model.get_layer("probabilities").kernel
+            kernel.assign(np.full(kernel.shape, np.nan, dtype="float32"))
+
+
+def test_deterministic_runs_are_bit_identical_and_keep_the_best(
+    strategy, tmp_path, no_leftover_determinism
+):
+    t = trainer_cfg(epochs=3, deterministic=True, seed=3)
+    runs = [train(strategy, tmp_path / str(i), t) for i in range(2)]
+    (m1, r1, data), (m2, r2, _) = runs
+    assert r1.history == r2.history
+    assert evaluate(m1, data.test) == evaluate(m2, data.test)
+    assert r1.history["loss"][-1] < r1.history["loss"][0]  # it learns
+    assert set(r1.history) == {"loss", "accuracy", "val_loss", "val_accuracy", "lr"}
+    assert (r1.initial_epoch, r1.epochs_completed) == (0, 3)
+    assert r1.images_per_sec > 0 and r1.train_time_s > 0
+    # restore_best: the returned model holds the best epoch's weights.
+    best = int(np.argmax(r1.history["val_accuracy"])) + 1
+    assert (r1.best_epoch, r1.best_val_accuracy) == (best, max(r1.history["val_accuracy"]))
+    state = read_checkpoint_state(tmp_path / "0" / "ckpt")
+    fresh = tiny_cnn()
+    fresh.load_weights(tmp_path / "0" / "ckpt" / state["best"])
+    for a, b in zip(fresh.get_weights(), m1.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_interrupt_then_resume_covers_every_epoch_once(strategy, tmp_path):
+    t = trainer_cfg(epochs=4)
+    first, second = Recorder(), Recorder()
+    with pytest.raises(KeyboardInterrupt):
+        train(strategy, tmp_path, t, callbacks=[first, InterruptAfter(2)])
+    assert read_checkpoint_state(tmp_path / "ckpt")["epoch"] == 2
+    # A kill during a later write leaves a partial temporary file behind: it must not matter.
+    (tmp_path / "ckpt" / ".tmp-epoch-0003.weights.h5").write_bytes(b"partial")
+
+    model, result, _ = train(strategy, tmp_path, t, callbacks=[second], resume=True)
+
+    assert [e for e, _ in first.epochs] == [1, 2]
+    assert [e for e, _ in second.epochs] == [3, 4]
+    assert (result.initial_epoch, result.epochs_completed) == (2, 4)
+    assert len(result.history["loss"]) == 2
+    assert int(model.optimizer.iterations) == 4 * STEPS  # optimizer state came back too
+    state = read_checkpoint_state(tmp_path / "ckpt")
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4]
+    # User callbacks (the tracker) see lr and the validation metrics in every epoch's logs.
+    for _, logs in first.epochs + second.epochs:
+        assert {"loss", "accuracy", "val_loss", "val_accuracy", "lr"} <= set(logs)
+    # Resuming picked up where the interrupted run was, not from scratch.
+    assert second.epochs[0][1]["loss"] < first.epochs[0][1]["loss"]
+
+
+def test_nan_loss_fails_naming_the_epoch_and_keeps_the_last_good_checkpoint(strategy, tmp_path):
+    t = trainer_cfg(epochs=3)
+    with pytest.raises(TrainingFailed, match=r"training loss became nan at epoch 3; lower optim"):
+        train(strategy, tmp_path, t, callbacks=[PoisonAfter(2)])
+    state = read_checkpoint_state(tmp_path / "ckpt")
+    assert state["epoch"] == 2
+    # The kept checkpoint is the good one: resuming from it finishes cleanly.
+    _, result, _ = train(strategy, tmp_path, t, resume=True)
+    assert result.epochs_completed == 3 and math.isfinite(result.history["loss"][0])
+
+
+def test_absurd_learning_rate_fails_with_the_fix(strategy, tmp_path):
+    # 1e6 only diverges to a huge finite loss on this tiny model; 1e12 reaches NaN in epoch 1.
+    o = opt_cfg(name="sgd", lr=1e12, momentum=0.9)
+    with pytest.raises(TrainingFailed, match=r"at epoch 1; lower optimizer.lr \(now 1000000000000.0\)"):
+        train(strategy, tmp_path, trainer_cfg(epochs=2), o)
+    assert read_checkpoint_state(tmp_path / "ckpt") is None  # no good epoch to keep
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_trains_with_float32_output(strategy, tmp_path, precision):
+    set_precision(precision)
+    try:
+        model, result, data = train(strategy, tmp_path, trainer_cfg(epochs=1, precision=precision))
+    finally:
+        set_precision("float32")
+    assert model.layers[0].compute_dtype == precision.removeprefix("mixed_")
+    assert model.layers[0].kernel.dtype == "float32"  # variables stay float32
+    assert model(next(iter(data.test))[0]).dtype == "float32"
+    assert math.isfinite(result.history["loss"][0])
+    loss_scaled = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert loss_scaled == (precision == "mixed_float16")
+
+
+def test_label_smoothing_without_validation(strategy, tmp_path):
+    t = trainer_cfg(epochs=1, label_smoothing=0.1)
+    model, result, data = train(strategy, tmp_path, t, val=False)
+    assert isinstance(model.loss, keras.losses.CategoricalCrossentropy)
+    assert set(result.history) == {"loss", "accuracy", "lr"}
+    assert result.best_epoch is None and result.best_val_accuracy is None
+    metrics = evaluate(model, data.test)  # sparse labels, one-hot inside
+    assert 0 <= metrics["accuracy"] <= 1 and math.isfinite(metrics["loss"])
+
+
+def lr_curve(opt, steps):
+    values = []
+    for step in steps:
+        opt.iterations.assign(step)
+        values.append(float(opt.learning_rate))
+    return np.array(values)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor():
+    o = opt_cfg(lr=0.1, schedule="cosine", warmup_epochs=1, min_lr_fraction=0.1)
+    opt = build_optimizer(o, steps_per_epoch=10, epochs=5, num_replicas=1)
+    # Linear 0 -> 0.1 over 10 steps, then cosine over 40 steps to 0.01.
+    expected = [0.0, 0.05, 0.1, 0.01 + 0.09 * 0.5, 0.01]
+    np.testing.assert_allclose(lr_curve(opt, [0, 5, 10, 30, 50]), expected, atol=1e-7)
+
+
+def test_one_cycle_rises_to_the_peak_at_30_percent_then_anneals():
+    o = opt_cfg(lr=0.1, schedule="one_cycle", min_lr_fraction=0.0)
+    opt = build_optimizer(o, steps_per_epoch=10, epochs=10, num_replicas=1)
+    curve = lr_curve(opt, range(101))
+    assert curve[0] == pytest.approx(0.1 / 25)
+    assert int(np.argmax(curve)) == 30 and curve.max() == pytest.approx(0.1)
+    assert np.all(np.diff(curve[:31]) > 0) and np.all(np.diff(curve[30:]) <= 0)
+    assert curve[-1] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_constant_schedule_warmup_and_linear_scaling():
+    o = opt_cfg(lr=0.1, warmup_epochs=0.5, scale_lr_with_replicas=True)
+    opt = build_optimizer(o, steps_per_epoch=10, epochs=3, num_replicas=4)
+    np.testing.assert_allclose(lr_curve(opt, [0, 1, 5, 6, 29]), [0, 0.08, 0.4, 0.4, 0.4], atol=1e-7)
+
+
+def test_optimizer_settings_reach_keras():
+    sgd = build_optimizer(
+        opt_cfg(name="sgd", lr=0.05, momentum=0.8, nesterov=True, weight_decay=5e-4, clipnorm=1.0),
+        steps_per_epoch=10,
+        epochs=2,
+        num_replicas=1,
+    )
+    assert isinstance(sgd, keras.optimizers.SGD)
+    assert (sgd.momentum, sgd.nesterov, sgd.weight_decay, sgd.clipnorm) == (0.8, True, 5e-4, 1.0)
+    adamw = build_optimizer(
+        opt_cfg(name="adamw", weight_decay=1e-4, beta_2=0.99),
+        steps_per_epoch=10,
+        epochs=2,
+        num_replicas=2,
+    )
+    assert isinstance(adamw, keras.optimizers.AdamW)
+    assert (adamw.weight_decay, adamw.beta_2) == (1e-4, 0.99)
+    assert float(adamw.learning_rate) == pytest.approx(3e-3)  # no scaling unless asked
+
+
+def test_epoch_lr_log_follows_the_schedule(strategy, tmp_path):
+    o = opt_cfg(lr=0.01, schedule="cosine")
+    _, result, _ = train(strategy, tmp_path, trainer_cfg(epochs=2), o)
+    # lr in effect at each epoch's end: half-way down the cosine, then its floor.
+    np.testing.assert_allclose(result.history["lr"], [0.005, 0.0], atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: set_precision("float16"), "trainer.precision='float16' is unknown"),
+        (
+            lambda: build_optimizer(
+                opt_cfg(name="lamb"), steps_per_epoch=1, epochs=1, num_replicas=1
+            ),
+            "optimizer.name='lamb' is unknown; choose one of adam, adamw, sgd",
+        ),
+        (
+            lambda: build_optimizer(
+                opt_cfg(schedule="step"), steps_per_epoch=1, epochs=1, num_replicas=1
+            ),
+            "optimizer.schedule='step' is unknown",
+        ),
+        (
+            lambda: build_optimizer(
+                opt_cfg(schedule="cosine", warmup_epochs=3),
+                steps_per_epoch=5,
+                epochs=3,
+                num_replicas=1,
+            ),
+            "optimizer.warmup_epochs=3.0 must be >= 0 and shorter than trainer.epochs=3",
+        ),
+        (
+            lambda: build_optimizer(opt_cfg(lr=0.0), steps_per_epoch=1, epochs=1, num_replicas=1),
+            r"optimizer.lr=0.0 must be > 0",
+        ),
+    ],
+)
+def test_config_errors(call, match):
+    with pytest.raises(ConfigError, match=match):
+        call()
+
+
+def test_label_smoothing_out_of_range_is_a_config_error(strategy, tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer.label_smoothing=1.5 must be in \[0, 1\)"):
+        train(strategy, tmp_path, trainer_cfg(label_smoothing=1.5))
+
+
+def test_checkpoint_state_is_json_with_the_files_it_names(strategy, tmp_path):
+    train(strategy, tmp_path, trainer_cfg(epochs=1))
+    state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    assert state["epoch"] == 1 and state["last"] == "epoch-0001.weights.h5"
+    assert (tmp_path / "ckpt" / state["last"]).is_file()
+    assert (tmp_path / "ckpt" / state["best"]).is_file()
