@@ -1,22 +1,70 @@
-"""MLflow: the store, runs (parent/child), the record of every run.
+"""MLflow: the store, experiments, runs and the record every training run leaves.
 
-v0 interface (the lead's sketch; the tracking owner hardens it). ``job.py`` uses only
-:class:`Tracker`; nothing else in the package imports mlflow for logging.
+``job.py`` records through :class:`Tracker`; nothing else in the package logs to MLflow. The
+module stays free of TensorFlow so that a sweep's launcher process can prepare the store cheaply.
+
+Store handling (issue 5):
+
+- A remote store is probed once with MLflow's HTTP retries switched off and a bounded timeout:
+  by default the client retries for minutes, so an unreachable server would look like a hang.
+- A SQLite store is initialised and the experiment created under an exclusive file lock next
+  to the database. MLflow creates the schema on first use and ``set_experiment`` is
+  get-or-create: both race when several processes start together on a fresh store (schema
+  creation fails, or runs land in "Default"). Runs then start with an explicit experiment id.
+- Artifacts of a SQLite store live beside the database (``<db dir>/mlruns/<experiment>``),
+  not in whatever directory the process happens to run in.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-from collections.abc import Iterator, Mapping
+import fcntl
+import importlib.metadata
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Metric, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+from omegaconf import DictConfig, OmegaConf
 
-from convnets.errors import TrackingError
+from convnets.errors import ConvnetsError, TrackingError
 
-log = logging.getLogger(__name__)
+CONFIG_ARTIFACT = "config.yaml"
+MODEL_ARTIFACT = "model"  # runs:/<run_id>/model loads with mlflow.tensorflow.load_model
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr")
+SHORTENED = "...[shortened; full value in config.yaml]"
+VERSIONED_PACKAGES = (
+    "convnets",
+    "tensorflow",
+    "keras",
+    "mlflow",
+    "hydra-core",
+    "omegaconf",
+    "numpy",
+    "tensorflow-datasets",
+    "scikit-learn",
+)
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]+@")
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def redact(text: str) -> str:
+    """Drop ``user:password@`` from every URI in ``text`` (params and tags are world-readable)."""
+    return _CREDENTIALS.sub(r"\g<scheme>", text)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -37,30 +85,189 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - len(SHORTENED)] + SHORTENED
+
+
+def to_params(flat: Mapping[str, Any]) -> dict[str, str]:
+    """MLflow params from a flat config: strings, credentials removed, within MLflow's limits.
+
+    A value longer than MLflow's limit would make ``log_params`` fail; it is shortened here
+    and stays complete in the ``config.yaml`` artifact.
+    """
+    params = {}
+    for key, value in flat.items():
+        text = "None" if value is None else str(value)
+        params[_shorten(key, MAX_ENTITY_KEY_LENGTH)] = _shorten(redact(text), MAX_PARAM_VAL_LENGTH)
+    return params
+
+
+def git_state(path: str | Path) -> tuple[str, bool | None]:
+    """(commit, dirty) of the git checkout holding ``path``; ("unknown", None) outside git."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0]}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative to the working directory), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return Path(path).resolve() if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def _bounded_http(timeout_s: float) -> Iterator[None]:
+    """MLflow's HTTP client without retries and with a timeout, for the duration of the block.
+
+    MLflow reads these variables on every request (see ``mlflow.environment_variables``).
+    """
+    wanted = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout_s))),
+    }
+    saved = {key: os.environ.get(key) for key in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# ---------------------------------------------------------------- the store
+
+
 class Tracker:
     """One MLflow store: checked once, experiments created once, runs started explicitly."""
 
     def __init__(self, uri: str, *, http_timeout_s: float = 10.0):
         self.uri = uri
         self.http_timeout_s = http_timeout_s
+        self.db_path = sqlite_path(uri)
+        try:
+            # The client opens the store right away: a fresh SQLite schema is created here.
+            with self._store_lock():
+                self.client = MlflowClient(tracking_uri=uri)
+        except Exception as err:  # noqa: BLE001 - e.g. an unknown scheme, an unwritable path
+            raise self._unusable(err) from err
         mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient(tracking_uri=uri)
+
+    @property
+    def shown_uri(self) -> str:
+        return redact(self.uri)
+
+    @contextlib.contextmanager
+    def _store_lock(self) -> Iterator[None]:
+        """Exclusive lock beside a SQLite database (POSIX ``flock``; no-op for other stores)."""
+        if self.db_path is None:
+            yield
+            return
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.db_path.with_name(self.db_path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _unusable(self, err: Exception) -> TrackingError:
+        lines = redact(str(err)).strip().splitlines()
+        detail = lines[0][:160] if lines else ""
+        return TrackingError(
+            f"tracking.uri={self.shown_uri}: the MLflow store cannot be used "
+            f"({type(err).__name__}{': ' + detail if detail else ''}); check the URI, "
+            "start the server, or use the local default tracking.uri=sqlite:///mlflow.db"
+        )
 
     def check_store(self) -> None:
-        """Fail fast with one line when the store cannot be reached or opened."""
+        """Open the store (creating a SQLite schema once, under the lock); fail fast otherwise."""
         try:
-            self.client.search_experiments(max_results=1)
-        except Exception as err:  # noqa: BLE001 - any failure here means "unusable store"
-            raise TrackingError(
-                f"tracking.uri={self.uri}: the MLflow store cannot be used "
-                f"({type(err).__name__}); check the URI or start the server"
-            ) from err
+            with self._store_lock(), _bounded_http(self.http_timeout_s):
+                self.client.search_experiments(max_results=1)
+        except Exception as err:  # noqa: BLE001 - whatever it is, the store is unusable
+            raise self._unusable(err) from err
 
     def experiment_id(self, name: str) -> str:
-        found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        return self.client.create_experiment(name)
+        """Get or create experiment ``name`` (under the store lock, so only one process creates it)."""
+        try:
+            with self._store_lock(), _bounded_http(self.http_timeout_s):
+                found = self.client.get_experiment_by_name(name)
+                if found is not None:
+                    if found.lifecycle_stage == "deleted":
+                        raise TrackingError(
+                            f"experiment {name!r} is deleted in {self.shown_uri}; restore it "
+                            f"(mlflow experiments restore --experiment-id {found.experiment_id}) "
+                            "or set tracking.experiment to another name"
+                        )
+                    return found.experiment_id
+                return self.client.create_experiment(name, artifact_location=self._artifacts(name))
+        except TrackingError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise self._unusable(err) from err
+
+    def _artifacts(self, experiment: str) -> str | None:
+        if self.db_path is None:
+            return None  # the server decides (e.g. mlflow server --artifacts-destination)
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+        return (self.db_path.parent / "mlruns" / safe).as_uri()
+
+    # ------------------------------------------------------------ runs
+
+    def get_run(self, run_id: str, *, key: str = "run_id") -> mlflow.entities.Run:
+        """The run, or a TrackingError naming ``key`` (e.g. ``reproduce``) and the store."""
+        try:
+            with _bounded_http(self.http_timeout_s):
+                return self.client.get_run(run_id)
+        except MlflowException as err:
+            if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise TrackingError(
+                    f"{key}={run_id}: no such run in {self.shown_uri}; copy the run id from the "
+                    "MLflow UI or pass the store it lives in with tracking.uri=..."
+                ) from err
+            raise self._unusable(err) from err
+        except Exception as err:  # noqa: BLE001
+            raise self._unusable(err) from err
+
+    def load_config(self, run_id: str, *, key: str = "run_id") -> DictConfig:
+        """The resolved config a run recorded as its ``config.yaml`` artifact."""
+        self.get_run(run_id, key=key)
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = mlflow.artifacts.download_artifacts(
+                    run_id=run_id,
+                    artifact_path=CONFIG_ARTIFACT,
+                    dst_path=tmp,
+                    tracking_uri=self.uri,
+                )
+            except Exception as err:  # noqa: BLE001
+                raise TrackingError(
+                    f"{key}={run_id}: the run has no readable {CONFIG_ARTIFACT} artifact "
+                    f"({type(err).__name__}); only runs recorded by train.py can be rerun"
+                ) from err
+            return OmegaConf.load(local)
 
     @contextlib.contextmanager
     def run(
@@ -72,8 +279,14 @@ class Tracker:
         parent_run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
     ) -> Iterator[mlflow.ActiveRun]:
-        """Start (or, with ``run_id``, reopen) a run; end it FINISHED, FAILED or KILLED."""
-        all_tags = dict(tags or {})
+        """Start (or, with ``run_id``, reopen) a run; end it FINISHED, FAILED or KILLED.
+
+        KeyboardInterrupt ends the run KILLED; any other exception FAILED with the reason in the
+        ``failure_reason`` tag. The exception is re-raised either way.
+        """
+        all_tags = {
+            key: _shorten(redact(str(v)), MAX_TAG_VAL_LENGTH) for key, v in (tags or {}).items()
+        }
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         active = mlflow.start_run(
@@ -85,18 +298,73 @@ class Tracker:
         try:
             yield active
         except KeyboardInterrupt:
-            mlflow.set_tag("failure_reason", "interrupted (Ctrl-C)")
-            mlflow.end_run(status="KILLED")
+            self._end(active.info.run_id, "KILLED", "interrupted (KeyboardInterrupt)")
             raise
         except BaseException as err:
-            mlflow.set_tag("failure_reason", f"{type(err).__name__}: {err}"[:5000])
-            mlflow.end_run(status="FAILED")
+            self._end(active.info.run_id, "FAILED", failure_reason(err))
             raise
         else:
             mlflow.end_run(status="FINISHED")
 
+    def _end(self, run_id: str, status: str, reason: str) -> None:
+        # Best effort: the store may be the thing that failed; the original error matters more.
+        with contextlib.suppress(Exception):
+            self.client.set_tag(run_id, "failure_reason", _shorten(redact(reason), 5000))
+        with contextlib.suppress(Exception):
+            mlflow.end_run(status=status)
+
+    # ------------------------------------------------------------ the record (active run)
+
     def log_params(self, params: Mapping[str, Any]) -> None:
-        mlflow.log_params({k: ("None" if v is None else v) for k, v in params.items()})
+        mlflow.log_params(to_params(params))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        mlflow.set_tags({k: _shorten(redact(str(v)), MAX_TAG_VAL_LENGTH) for k, v in tags.items()})
+
+    def log_epoch(self, run_id: str, step: int, logs: Mapping[str, Any]) -> None:
+        """One epoch's metrics in ONE store call (step = epoch number, starting at 1)."""
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(logs[key]), now, step) for key in EPOCH_METRICS if key in logs]
+        self.client.log_batch(run_id, metrics=metrics)
+
+    def logged_steps(self, run_id: str, key: str = "loss") -> set[int]:
+        return {m.step for m in self.client.get_metric_history(run_id, key)}
+
+    def history(self, run_id: str, keys: Sequence[str] = EPOCH_METRICS) -> dict[str, list[float]]:
+        """Per-epoch metrics of a run ordered by step (covers every resumed part of the run)."""
+        out = {}
+        for key in keys:
+            points = sorted(self.client.get_metric_history(run_id, key), key=lambda m: m.step)
+            if points:
+                out[key] = [m.value for m in points]
+        return out
+
+    def log_model(self, model: Any) -> str:
+        """Log a Keras model (Keras format) under ``model``; returns the model URI.
+
+        ``pip_requirements`` is given explicitly: inferring it loads the model in a subprocess
+        (about 7 s for a tiny model on this machine).
+        """
+        import mlflow.tensorflow  # imports TensorFlow: only when a model is logged
+
+        versions = package_versions()
+        mlflow.tensorflow.log_model(
+            model,
+            name=MODEL_ARTIFACT,
+            pip_requirements=[
+                f"tensorflow=={versions['tensorflow']}",
+                f"keras=={versions['keras']}",
+            ],
+        )
+        return f"runs:/{mlflow.active_run().info.run_id}/{MODEL_ARTIFACT}"
+
+
+def failure_reason(err: BaseException) -> str:
+    return str(err) if isinstance(err, ConvnetsError) else f"{type(err).__name__}: {err}"
+
+
+def run_is_finished(run: mlflow.entities.Run) -> bool:
+    return run.info.status == RunStatus.to_string(RunStatus.FINISHED)

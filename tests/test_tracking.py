@@ -1,0 +1,183 @@
+"""convnets.tracking against real stores: a SQLite file in tmp_path and a real mlflow server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import mlflow
+import pytest
+from conftest import CLI_ENV, REPO, free_port
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+from omegaconf import OmegaConf
+
+import convnets.config  # noqa: F401  (registers the schemas)
+from convnets.errors import TrackingError
+from convnets.tracking import SHORTENED, Tracker, flatten, redact, sqlite_path, to_params
+
+
+@pytest.fixture
+def store(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_flatten_and_params():
+    flat = flatten({"model": {"layers": [{"filters": 8}, {"filters": 16}], "head": {"dense": []}}})
+    assert flat == {
+        "model.layers.0.filters": 8,
+        "model.layers.1.filters": 16,
+        "model.head.dense": [],
+    }
+    params = to_params({"a": None, "b": 1.5, "c": "x" * 10_000})
+    assert params["a"] == "None" and params["b"] == "1.5"
+    assert len(params["c"]) == MAX_PARAM_VAL_LENGTH and params["c"].endswith(SHORTENED)
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("https://alice:s3cret@mlflow.example.org:5000", "https://mlflow.example.org:5000"),
+        ("tracking.uri=http://tok@h/x a=1", "tracking.uri=http://h/x a=1"),
+        ("postgresql://u:p@db/mlflow", "postgresql://db/mlflow"),
+        ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+    ],
+)
+def test_redact_credentials(text, shown):
+    assert redact(text) == shown
+
+
+def test_sqlite_artifacts_live_beside_the_database(tmp_path, store):
+    tracker = Tracker(store)
+    tracker.check_store()
+    experiment = tracker.client.get_experiment(tracker.experiment_id("my study/1"))
+    assert experiment.name == "my study/1"
+    assert experiment.artifact_location == (tmp_path / "mlruns" / "my_study_1").as_uri()
+    assert tracker.experiment_id("my study/1") == experiment.experiment_id  # get, not create
+    assert sqlite_path("sqlite:///rel/m.db") is not None and sqlite_path("http://h") is None
+
+
+def test_run_status_and_failure_reason(store):
+    tracker = Tracker(store)
+    experiment_id = tracker.experiment_id("statuses")
+    with tracker.run(experiment_id=experiment_id, run_name="ok") as ok:
+        tracker.log_epoch(ok.info.run_id, 1, {"loss": 0.5, "lr": 0.1, "ignored": 3.0})
+    with pytest.raises(ValueError), tracker.run(experiment_id=experiment_id) as bad:
+        raise ValueError("boom")
+    with pytest.raises(KeyboardInterrupt), tracker.run(experiment_id=experiment_id) as killed:
+        raise KeyboardInterrupt
+
+    client = MlflowClient(store)
+    ok_run = client.get_run(ok.info.run_id)
+    assert ok_run.info.status == "FINISHED"
+    assert ok_run.data.metrics == {"loss": 0.5, "lr": 0.1}
+    assert [m.step for m in client.get_metric_history(ok.info.run_id, "loss")] == [1]
+    failed = client.get_run(bad.info.run_id)
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["failure_reason"] == "ValueError: boom"
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
+
+
+def test_long_config_values_are_recorded_not_fatal(tmp_path, store):
+    """A 7000-character model name and a 300-layer stack: params shortened, nothing fails."""
+    layers = "[" + ",".join("{filters:8}" for _ in range(300)) + "]"
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model.name={'n' * 7000}", f"model.layers={layers}"])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    tracker = Tracker(store)
+    with tracker.run(experiment_id=tracker.experiment_id("long")) as active:
+        tracker.log_params(flatten(resolved))
+    params = MlflowClient(store).get_run(active.info.run_id).data.params
+    assert params["model.name"].startswith("nnn") and params["model.name"].endswith(SHORTENED)
+    assert params["model.layers.299.filters"] == "8"
+    assert len([k for k in params if k.startswith("model.layers.")]) == 300 * 11
+
+
+def test_unreachable_server_fails_in_seconds():
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match=r"tracking.uri=http://127\.0\.0\.1:\d+: the MLflow"):
+        Tracker(uri, http_timeout_s=5).check_store()
+    assert time.monotonic() - started < 5
+
+
+def test_unknown_run_id_is_one_clear_line(store):
+    tracker = Tracker(store)
+    tracker.check_store()
+    with pytest.raises(TrackingError, match="reproduce=0123abcd: no such run"):
+        tracker.load_config("0123abcd", key="reproduce")
+
+
+RACER = textwrap.dedent(
+    """
+    import sys, time
+    from convnets.tracking import Tracker
+    uri, start, name = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+    while time.time() < start:  # all processes hit the fresh store at the same moment
+        time.sleep(0.001)
+    tracker = Tracker(uri)
+    tracker.check_store()
+    experiment_id = tracker.experiment_id("race")
+    with tracker.run(experiment_id=experiment_id, run_name=name) as run:
+        tracker.log_params({"name": name, "model.layers.0.filters": 8})
+        for epoch in (1, 2, 3):
+            tracker.log_epoch(run.info.run_id, epoch, {"loss": 1.0 / epoch, "val_accuracy": 0.1})
+        tracker.log_metrics({"test_accuracy": 0.5})
+        import mlflow
+        mlflow.log_text(name, "config.yaml")
+    """
+)
+
+
+def test_four_fresh_processes_land_in_the_right_experiment(tmp_path, store):
+    start = time.time() + 4  # after every process has imported mlflow
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, store, str(start), f"job{i}"],
+            cwd=REPO,
+            env=CLI_ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(outputs)
+
+    client = MlflowClient(store)
+    experiments = {e.name: e.experiment_id for e in client.search_experiments()}
+    runs = client.search_runs([experiments["race"]])
+    assert sorted(r.info.run_name for r in runs) == ["job0", "job1", "job2", "job3"]
+    if "Default" in experiments:
+        assert client.search_runs([experiments["Default"]]) == []
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.params == {"name": run.info.run_name, "model.layers.0.filters": "8"}
+        assert run.data.metrics == {"loss": 1 / 3, "val_accuracy": 0.1, "test_accuracy": 0.5}
+        history = client.get_metric_history(run.info.run_id, "loss")
+        assert sorted(m.step for m in history) == [1, 2, 3]
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+
+
+def test_real_server_store(mlflow_server):
+    """The tracker against a real `mlflow server`: experiment, run, params, metrics, artifact."""
+    tracker = Tracker(mlflow_server, http_timeout_s=5)
+    tracker.check_store()
+    experiment_id = tracker.experiment_id("remote")
+    assert tracker.experiment_id("remote") == experiment_id
+    with tracker.run(experiment_id=experiment_id, run_name="remote-run") as active:
+        tracker.log_params({"tracking.uri": "http://bob:pw@example.org", "trainer.epochs": 2})
+        tracker.log_epoch(active.info.run_id, 1, {"loss": 1.0, "accuracy": 0.5})
+        tracker.log_epoch(active.info.run_id, 2, {"loss": 0.5, "accuracy": 0.75})
+        mlflow.log_text("trainer:\n  epochs: 2\n", "config.yaml")
+    assert tracker.history(active.info.run_id) == {"loss": [1.0, 0.5], "accuracy": [0.5, 0.75]}
+    run = tracker.get_run(active.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"tracking.uri": "http://example.org", "trainer.epochs": "2"}
+    assert OmegaConf.to_container(tracker.load_config(active.info.run_id)) == {
+        "trainer": {"epochs": 2}
+    }
