@@ -1,0 +1,465 @@
+"""One training job: config -> checks -> MLflow run -> data, strategy, fit -> the full record.
+
+``train.py`` calls :func:`train` from ``@hydra.main``. Order matters: everything a user can
+get wrong (the stack, the data, the store, a run id) is checked before a run is recorded or
+a model built, so bad input costs seconds and leaves nothing half-written.
+
+Epochs are numbered from 1 in MLflow (metric step = epoch), as in Keras's progress output.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from convnets import architecture, data, distribute, evaluation, plots, sweep, trainer
+from convnets.config import TrainConfig
+from convnets.errors import ConfigError, ConvnetsError, TrackingError
+from convnets.model import build_model
+from convnets.tracking import (
+    CONFIG_ARTIFACT,
+    Tracker,
+    failure_reason,
+    flatten,
+    git_state,
+    package_versions,
+    redact,
+    run_is_finished,
+    to_params,
+)
+
+log = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+RUN_NAME_LIMIT = 250
+# Overrides that say where or how a run is recorded, not what it is, and group choices the
+# name already shows (model, dataset): never part of a run's name.
+_NOT_IN_NAME = ("model", "dataset", "experiment", "hparams_search", "reproduce", "resume")
+_NOT_IN_NAME += ("tracking", "trainer.verbose")
+# The only overrides reproduce=/resume= accept: where the record goes, not what is trained.
+_ALLOWED_WITH_RERUN = ("tracking", "reproduce", "resume")
+
+
+# ---------------------------------------------------------------- entry
+
+
+def train(cfg: DictConfig) -> float:
+    """Train and record one run; return its validation accuracy (the sweep objective).
+
+    The best epoch's ``val_accuracy`` when ``trainer.restore_best`` (those weights are the
+    ones tested and logged), else the last epoch's; ``nan`` without validation data.
+
+    In a Hydra multirun a failing job is recorded FAILED, reported in one line, and returns
+    ``nan`` so the other jobs still run. Ctrl-C ends the run KILLED and exits with 130.
+    """
+    job = _Job(cfg)
+    try:
+        return job.run()
+    except KeyboardInterrupt:
+        where = f"; checkpoint kept in {job.checkpoint_dir}" if job.checkpoint_dir else ""
+        hint = f"; continue with: python train.py resume={job.run_id}" if job.run_id else ""
+        print(f"interrupted: run {job.run_id} recorded KILLED{where}{hint}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as err:
+        if not _multirun():
+            raise
+        job.record_failure(err)
+        log.error(
+            "job failed: %s", failure_reason(err), exc_info=not isinstance(err, ConvnetsError)
+        )
+        print(f"error: {failure_reason(err)}", file=sys.stderr, flush=True)
+        return float("nan")
+
+
+# ---------------------------------------------------------------- the job
+
+
+@dataclass
+class _Source:
+    """The run that ``reproduce=`` or ``resume=`` points at."""
+
+    key: str  # "reproduce" | "resume"
+    run: mlflow.entities.Run
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+
+class _Job:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.overrides = _task_overrides()
+        self.sweep = sweep.sweep_context()  # sweep hook: set in a multirun (convnets.sweep)
+        self.tracker: Tracker | None = None
+        self.source: _Source | None = None
+        self.run_id: str | None = None
+        self.checkpoint_dir: Path | None = None
+
+    # ------------------------------------------------------------ steps
+
+    def run(self) -> float:
+        cfg = self._resolve_source()  # 1. reproduce= / resume=
+        stack, input_shape, num_classes, analysis = _check_architecture_and_data(cfg)  # 2.
+        experiment_id = self._prepare_store(cfg)  # 3.
+
+        distribute.configure_devices(cfg.distribute)  # 4. before TF touches its devices
+        trainer.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
+        trainer.set_precision(cfg.trainer.precision)
+        strategy = distribute.make_strategy(cfg.distribute)
+        bundle = data.load_data(
+            cfg.dataset,
+            batch_size=cfg.trainer.batch_size,
+            seed=cfg.trainer.seed,
+            deterministic=cfg.trainer.deterministic,
+        )
+
+        resuming = self.source is not None and self.source.key == "resume"
+        if resuming:
+            self.checkpoint_dir = Path(self.source.run.data.tags["checkpoint_dir"])
+        else:
+            self.checkpoint_dir = _output_dir() / "checkpoints"
+        with self.tracker.run(
+            experiment_id=experiment_id,
+            run_name=self._run_name(cfg),
+            run_id=self.source.run_id if resuming else None,
+            parent_run_id=self.sweep.parent_run_id if self.sweep else None,
+            tags=self._tags(cfg, resuming),
+        ) as active:  # 5.
+            self.run_id = active.info.run_id
+            if not resuming:
+                self._log_definition(cfg, analysis)
+            model, result = trainer.fit(
+                lambda: build_model(
+                    stack, input_shape, num_classes, sync_batch_norm=cfg.distribute.sync_batch_norm
+                ),
+                bundle,
+                cfg.trainer,
+                cfg.optimizer,
+                strategy,
+                checkpoint_dir=self.checkpoint_dir,
+                callbacks=[self._epoch_logger(resuming)],
+                resume=resuming,
+            )
+            test = self._log_results(cfg, model, bundle, analysis, result)
+            if cfg.tracking.log_model:
+                self.tracker.set_tags({"model_uri": self.tracker.log_model(model)})
+        val_accuracy = _objective(cfg, result)
+        self._print_summary(cfg, test, analysis, result)  # 6.
+        return val_accuracy
+
+    def _resolve_source(self) -> DictConfig:
+        """The config to train: the command line's, or the recorded one of reproduce=/resume=."""
+        cfg = self.cfg
+        keys = [key for key in ("reproduce", "resume") if cfg.get(key)]
+        if not keys:
+            return cfg
+        if len(keys) == 2:
+            raise ConfigError("reproduce= and resume= exclude each other; give one of them")
+        key = keys[0]
+        run_id = str(cfg[key])
+        others = [
+            o for o in self.overrides if _override_key(o).split(".")[0] not in _ALLOWED_WITH_RERUN
+        ]
+        if others:
+            raise ConfigError(
+                f"{key}={run_id} reruns the recorded config exactly; drop the other overrides "
+                f"({' '.join(others)}) -- only tracking.* may be given"
+            )
+        self.tracker = _open_tracker(cfg)
+        run = self.tracker.get_run(run_id, key=key)
+        if key == "resume" and run_is_finished(run):
+            raise TrackingError(
+                f"resume={run_id}: the run already FINISHED; nothing to resume "
+                f"(python train.py reproduce={run_id} trains it again as a new run)"
+            )
+        if key == "resume" and "checkpoint_dir" not in run.data.tags:
+            raise TrackingError(
+                f"resume={run_id}: the run has no checkpoint_dir tag; cannot resume"
+            )
+        recorded = self.tracker.load_config(run_id, key=key)
+        self.source = _Source(key, run)
+        commit, _ = git_state(PACKAGE_DIR)
+        recorded_commit = run.data.tags.get("git_commit", "unknown")
+        if commit != recorded_commit:
+            _warn(f"{key}={run_id} was recorded at git commit {recorded_commit}; this is {commit}")
+        return _rerun_config(recorded, cfg)
+
+    def _prepare_store(self, cfg: DictConfig) -> str:
+        if self.tracker is None:
+            self.tracker = _open_tracker(cfg)
+        if self.source is not None and self.source.key == "resume":
+            return self.source.run.info.experiment_id
+        if self.sweep is not None:
+            return self.sweep.experiment_id  # created once by the sweep before the fan-out
+        return self.tracker.experiment_id(sweep.experiment_name(cfg))
+
+    # ------------------------------------------------------------ the record
+
+    def _run_name(self, cfg: DictConfig) -> str:
+        if self.source is not None:
+            return f"{self.source.run.info.run_name}-reproduce"
+        return run_name(cfg.model.name, cfg.dataset.name, self.overrides)
+
+    def _tags(self, cfg: DictConfig, resuming: bool) -> dict[str, str]:
+        if resuming:
+            return {"resumed": "true"}
+        commit, dirty = git_state(PACKAGE_DIR)
+        tags = {
+            "dataset": cfg.dataset.name,
+            "model": cfg.model.name,
+            "git_commit": commit,
+            "git_dirty": str(dirty).lower() if dirty is not None else "unknown",
+            "hydra_overrides": " ".join(self.overrides),
+            "checkpoint_dir": str(self.checkpoint_dir),
+            **{f"version.{name}": v for name, v in package_versions().items()},
+        }
+        if self.source is not None:
+            tags["reproduces"] = self.source.run_id
+        if self.sweep is not None:
+            tags.update(self.sweep.tags())
+        return tags
+
+    def _log_definition(self, cfg: DictConfig, analysis: architecture.Analysis) -> None:
+        """Params, config.yaml and the per-layer table: what the run is, before it trains."""
+        resolved = _recordable(cfg)
+        self.tracker.log_params(flatten(resolved))
+        mlflow.log_text(OmegaConf.to_yaml(resolved), CONFIG_ARTIFACT)
+        mlflow.log_text(architecture.format_table(analysis) + "\n", "layers.txt")
+        mlflow.log_dict(architecture.analysis_to_dict(analysis), "layers.json")
+
+    def _epoch_logger(self, resuming: bool) -> keras.callbacks.Callback:
+        logged: set[int] = set()
+        if resuming:
+            # Epochs committed to the checkpoint but killed before they reached MLflow.
+            logged = self.tracker.logged_steps(self.run_id)
+            state = trainer.read_checkpoint_state(self.checkpoint_dir) or {}
+            for epoch_logs in state.get("history", []):
+                if epoch_logs["epoch"] not in logged:
+                    self.tracker.log_epoch(self.run_id, epoch_logs["epoch"], epoch_logs)
+                    logged.add(epoch_logs["epoch"])
+        return _EpochLogger(self.tracker, self.run_id, logged)
+
+    def _log_results(self, cfg, model, bundle, analysis, result) -> dict[str, float]:
+        test = trainer.evaluate(model, bundle.test)
+        erf = evaluation.effective_receptive_field(model, bundle.test)
+        metrics = {
+            "test_accuracy": test["accuracy"],
+            "test_loss": test["loss"],
+            "param_count": analysis.param_count,
+            "receptive_field": analysis.receptive_field,
+            "macs": analysis.macs,
+            "effective_receptive_field": erf.side,
+            "train_time_s": result.train_time_s,
+            "images_per_sec": result.images_per_sec,
+            "epochs_completed": result.epochs_completed,
+        }
+        if result.startup_s is not None:
+            metrics["startup_s"] = result.startup_s  # process start -> first train step
+        if result.best_epoch is not None:
+            metrics["best_epoch"] = result.best_epoch
+            metrics["best_val_accuracy"] = result.best_val_accuracy
+        if self.source is not None and self.source.key == "reproduce":
+            metrics.update(self._reproduce_deltas(test, bundle.num_test))
+        self.tracker.log_metrics(metrics)
+        figure = plots.training_curves(self.tracker.history(self.run_id))
+        mlflow.log_figure(figure, "training_curves.png")
+        return test
+
+    def _reproduce_deltas(self, test: Mapping[str, float], num_test: int) -> dict[str, float]:
+        original = self.source.run.data.metrics
+        if "test_accuracy" not in original or "test_loss" not in original:
+            _warn(f"reproduce={self.source.run_id} has no test metrics to compare with")
+            return {}
+        deltas = {
+            "reproduce_delta_test_accuracy": test["accuracy"] - original["test_accuracy"],
+            "reproduce_delta_test_loss": test["loss"] - original["test_loss"],
+        }
+        verdict = reproduce_verdict(
+            deltas["reproduce_delta_test_accuracy"],
+            deltas["reproduce_delta_test_loss"],
+            original["test_accuracy"],
+            num_test,
+        )
+        self.tracker.set_tags({"reproduce_verdict": verdict})
+        print(
+            f"reproduce {self.source.run_id}: {verdict} "
+            f"(delta test_accuracy={deltas['reproduce_delta_test_accuracy']:+.6g}, "
+            f"delta test_loss={deltas['reproduce_delta_test_loss']:+.6g})",
+            flush=True,
+        )
+        return deltas
+
+    def _print_summary(self, cfg, test, analysis, result) -> None:
+        uri = self.tracker.shown_uri
+        where = (
+            f"mlflow ui --backend-store-uri {uri}"
+            if uri.startswith("sqlite:")
+            else f"{uri.rstrip('/')}/#/experiments/{mlflow.get_run(self.run_id).info.experiment_id}"
+            f"/runs/{self.run_id}"
+        )
+        print(
+            f"done: test_accuracy={test['accuracy']:.4f} params={analysis.param_count:,} "
+            f"receptive_field={analysis.receptive_field}px time={result.train_time_s:.1f}s "
+            f"run={self.run_id} ({where})",
+            flush=True,
+        )
+
+    def record_failure(self, err: Exception) -> None:
+        """In a multirun, a job that failed before its run started still leaves a FAILED run."""
+        if self.run_id is not None:
+            return  # the run's context manager recorded it
+        try:
+            tracker = self.tracker or _open_tracker(self.cfg)
+            if self.sweep is not None:
+                experiment_id = self.sweep.experiment_id
+            else:
+                experiment_id = tracker.experiment_id(sweep.experiment_name(self.cfg))
+            tags = {"failure_reason": failure_reason(err)[:5000]}
+            if self.sweep is not None:
+                tags.update(self.sweep.tags())
+                tags["mlflow.parentRunId"] = self.sweep.parent_run_id
+            created = tracker.client.create_run(
+                experiment_id,
+                run_name=run_name(self.cfg.model.name, self.cfg.dataset.name, self.overrides),
+                tags={k: redact(v) for k, v in tags.items()},
+            )
+            self.run_id = created.info.run_id
+            params = to_params(flatten(_recordable(self.cfg)))
+            for key, value in params.items():
+                tracker.client.log_param(self.run_id, key, value)
+            tracker.client.set_terminated(self.run_id, status="FAILED")
+        except Exception:  # noqa: BLE001 - the store may be what failed; the job's error matters
+            log.warning("the failed job could not be recorded in MLflow", exc_info=True)
+
+
+class _EpochLogger(keras.callbacks.Callback):
+    """Per-epoch metrics to MLflow, one store call per epoch (nothing per batch).
+
+    The trainer's own epoch-end callback runs first: it adds ``lr`` and commits the
+    checkpoint, so an epoch logged here is always one a resume will not repeat.
+    """
+
+    def __init__(self, tracker: Tracker, run_id: str, already_logged: set[int]):
+        super().__init__()
+        self.tracker, self.run_id, self.already_logged = tracker, run_id, already_logged
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        step = epoch + 1
+        if step not in self.already_logged:
+            self.tracker.log_epoch(self.run_id, step, logs or {})
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def run_name(model: str, dataset: str, overrides: Sequence[str]) -> str:
+    """``simple_cnn-digits-kernel_size=5,width=2``: model, dataset, the overrides that differ."""
+    parts = []
+    for override in overrides:
+        key = _override_key(override)
+        if key in _NOT_IN_NAME or key.startswith("tracking."):
+            continue
+        short = key.split(".", 1)[-1].removeprefix("layer_defaults.")
+        parts.append(f"{short}={override.split('=', 1)[1]}" if "=" in override else short)
+    name = f"{model}-{dataset}" + (f"-{','.join(parts)}" if parts else "")
+    return redact(name)[:RUN_NAME_LIMIT]
+
+
+def reproduce_verdict(
+    delta_accuracy: float, delta_loss: float, accuracy: float, num_test: int
+) -> str:
+    """identical (bit for bit) / within noise (accuracy within 2 binomial standard errors of
+    the original's on ``num_test`` images) / differs."""
+    if delta_accuracy == 0 and delta_loss == 0:
+        return "identical"
+    noise = 2 * math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / max(num_test, 1))
+    return "within noise" if abs(delta_accuracy) <= noise else "differs"
+
+
+def _check_architecture_and_data(cfg: DictConfig):
+    stack = architecture.resolve_stack(cfg.model)
+    data.check_available(cfg.dataset)
+    input_shape, num_classes = data.dataset_shape(cfg.dataset)
+    analysis = architecture.analyze(stack, input_shape, num_classes)
+    for warning in analysis.warnings:
+        _warn(warning)
+    return stack, input_shape, num_classes, analysis
+
+
+def _open_tracker(cfg: DictConfig) -> Tracker:
+    tracker = Tracker(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
+    tracker.check_store()
+    return tracker
+
+
+def _rerun_config(recorded: DictConfig, current: DictConfig) -> DictConfig:
+    """The recorded config, checked against today's schema, recorded where the user says now."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), recorded)
+    except Exception as err:  # noqa: BLE001 - OmegaConf's validation errors
+        raise ConfigError(
+            f"the recorded {CONFIG_ARTIFACT} no longer fits the config schema ({err}); "
+            "check out the run's git_commit and rerun from there"
+        ) from err
+    cfg.tracking = current.tracking
+    return cfg
+
+
+def _recordable(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as recorded (params, config.yaml): no run ids, no credentials."""
+    resolved = _drop_unset(OmegaConf.to_container(cfg, resolve=True))
+    resolved.pop("reproduce", None)
+    resolved.pop("resume", None)
+    resolved["tracking"]["uri"] = redact(resolved["tracking"]["uri"])
+    return resolved
+
+
+def _drop_unset(tree: Any) -> Any:
+    """Leave out per-layer fields left ``???`` (they fall back to ``model.layer_defaults``)."""
+    if isinstance(tree, dict):
+        return {k: _drop_unset(v) for k, v in tree.items() if v != "???"}
+    if isinstance(tree, list):
+        return [_drop_unset(v) for v in tree]
+    return tree
+
+
+def _objective(cfg: DictConfig, result: trainer.FitResult) -> float:
+    if cfg.trainer.restore_best and result.best_val_accuracy is not None:
+        return float(result.best_val_accuracy)
+    values = result.history.get("val_accuracy") or []
+    return float(values[-1]) if values else float("nan")
+
+
+def _task_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _output_dir() -> Path:
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir).resolve()
+    return Path(tempfile.mkdtemp(prefix="convnets-"))
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,142 @@
+"""Data errors through the real CLI: one `error: ...` line, non-zero exit, no traceback, fast."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from convnets import data
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST_ARCHIVES = (
+    "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz, "
+    "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz"
+)
+
+pytestmark = pytest.mark.skipif(
+    not (REPO / "train.py").exists(), reason="train.py is not in the repository yet"
+)
+
+
+def train(tmp_path, *overrides):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    start = time.monotonic()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            *overrides,
+            f"tracking.uri=sqlite:///{tmp_path}/m.db",
+            f"hydra.run.dir={tmp_path}/hydra",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return result, time.monotonic() - start
+
+
+def assert_one_line_error(result, elapsed, message):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    assert f"error: {message}\n" in result.stderr, result.stderr[-2000:]
+    assert elapsed < 60  # python + TF start-up on a loaded 2-core box; the check itself is < 1 s
+
+
+def test_tfds_not_prepared_offline(tmp_path):
+    if data._reachable("storage.googleapis.com"):
+        pytest.skip("online: TFDS would download MNIST")
+    data_dir = tmp_path / "tfds"
+    data_dir.mkdir()
+    result, elapsed = train(tmp_path, "dataset=mnist", f"dataset.data_dir={data_dir}")
+    assert_one_line_error(
+        result,
+        elapsed,
+        f"dataset mnist: TFDS mnist 3.0.1 is not prepared in data dir {data_dir} and "
+        "storage.googleapis.com cannot be reached to download it: copy a prepared TFDS "
+        f"directory to {data_dir}/mnist/3.0.1, or put the original archives ({MNIST_ARCHIVES}) "
+        f"in {data_dir}/downloads/manual/, or use dataset=image_folder dataset.path=<your images>",
+    )
+    assert list(data_dir.iterdir()) == []
+
+
+def _png(path, value=128):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (6, 6), value).save(path)
+
+
+def _missing(root):
+    return root / "nope", f"image folder {root / 'nope'} does not exist: check dataset.path"
+
+
+def _empty(root):
+    return (
+        root,
+        f"image folder {root} is empty: lay it out as {root}/{{train,test}}/<label>/<image file>",
+    )
+
+
+def _no_test_split(root):
+    _png(root / "train" / "a" / "0.png")
+    return root, (
+        f"image folder {root} has no test/ folder: lay it out as "
+        f"{root}/{{train,test}}/<label>/<image file>"
+    )
+
+
+def _unreadable(root):
+    for split in ("train", "test"):
+        _png(root / split / "a" / "0.png")
+    bad = root / "train" / "a" / "1.png"
+    bad.write_bytes(b"not a png")
+    return root, f"cannot read image {bad}: "
+
+
+@pytest.mark.parametrize("make", [_missing, _empty, _no_test_split, _unreadable])
+def test_image_folder_errors(tmp_path, make):
+    root = tmp_path / "images"
+    root.mkdir()
+    path, message = make(root)
+    result, elapsed = train(tmp_path, "dataset=image_folder", f"dataset.path={path}")
+    if make is _unreadable:  # PIL's reason follows the path
+        line = next(li for li in result.stderr.splitlines() if li.startswith("error: "))
+        assert line.startswith(f"error: {message}") and line.endswith("remove or replace the file")
+        message = line[len("error: ") :]
+    assert_one_line_error(result, elapsed, message)
+
+
+@pytest.mark.slow
+def test_train_on_an_image_folder_reports_test_accuracy(tmp_path):
+    """The digits written as PNGs (0..255, grayscale), trained through `dataset=image_folder`."""
+    import mlflow
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = tmp_path / "images"
+    for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        split = "test" if i % 5 == 0 else "train"
+        path = root / split / f"digit{label}" / f"{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.rint(image * 255 / 16).astype(np.uint8), "L").save(path)
+    result, _ = train(
+        tmp_path,
+        "dataset=image_folder",
+        f"dataset.path={root}",
+        "trainer.epochs=3",
+        "trainer.verbose=0",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    assert run["tags.dataset"] == "image_folder"
+    assert run["metrics.test_accuracy"] > 0.85  # 8x8 digits: ~0.97 after 3 epochs

@@ -1,0 +1,208 @@
+"""Unit tests of convnets.evaluation and convnets.plots on tiny hand-built models."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from convnets import plots
+from convnets.architecture import analyze, resolve_stack
+from convnets.evaluation import (
+    effective_receptive_field,
+    erf_square,
+    pareto_front,
+    summary_figures,
+    theoretical_rf_box,
+)
+from convnets.model import build_model
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path, min_bytes=2000):
+    data = Path(path).read_bytes()
+    return data[:8] == PNG_SIGNATURE and len(data) > min_bytes
+
+
+def conv_model(size=16, kernel=3, dilation=1, layers=1, init="glorot_uniform"):
+    """A linear conv stack with `head_pool` naming like convnets.model's."""
+    inputs = keras.Input((size, size, 1))
+    x = inputs
+    for i in range(layers):
+        x = keras.layers.Conv2D(
+            4,
+            kernel,
+            padding="same",
+            dilation_rate=dilation,
+            kernel_initializer=init,
+            name=f"block{i + 1}_conv",
+        )(x)
+    x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="classifier")(x))
+
+
+IMAGES = np.random.default_rng(0).normal(size=(8, 16, 16, 1)).astype("float32")
+
+
+# ---------------------------------------------------------------- ERF
+
+
+def test_erf_one_3x3_layer_constant_kernel_is_exactly_3():
+    erf = effective_receptive_field(conv_model(init="ones"), IMAGES)
+    assert erf.side == 3
+    assert erf.unit == (8, 8)
+    assert erf.box == (7, 7, 3)  # centred on the centre unit (8, 8)
+    nonzero = np.argwhere(erf.grad_map > 0)
+    assert nonzero.min(0).tolist() == [7, 7] and nonzero.max(0).tolist() == [9, 9]
+
+
+def test_erf_dilation_2_constant_kernel_is_exactly_5():
+    erf = effective_receptive_field(conv_model(dilation=2, init="ones"), IMAGES)
+    assert erf.side == 5
+    assert erf.box == (6, 6, 5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_erf_of_a_one_layer_3x3_stack_is_at_most_3_and_grows_with_dilation(seed):
+    """The real model builder (conv, batch norm, relu) with random weights."""
+    sides = {}
+    for dilation in (1, 2, 4):
+        keras.utils.set_random_seed(seed)
+        cfg = {"name": "one", "layers": [{"filters": 8, "dilation": dilation}]}
+        model = build_model(resolve_stack(cfg), (16, 16, 1), 10)
+        sides[dilation] = effective_receptive_field(model, IMAGES).side
+    assert 1 <= sides[1] <= 3
+    assert sides[1] < sides[2] < sides[4]
+    assert sides[4] <= 9 + 2  # dilation 4: effective kernel 9 (+ centroid rounding)
+
+
+def test_erf_grows_with_depth():
+    one = effective_receptive_field(conv_model(layers=1, init="ones"), IMAGES).side
+    three = effective_receptive_field(conv_model(layers=3, init="ones"), IMAGES).side
+    assert one == 3 and 3 < three <= 7  # theoretical RF of 3 layers: 7
+
+
+def test_erf_accepts_a_dataset_and_caps_the_images():
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((IMAGES, np.zeros(8, "int32"))).batch(3)
+    model = conv_model(init="ones")
+    from_ds = effective_receptive_field(model, ds, max_images=5)
+    direct = effective_receptive_field(model, IMAGES[:5])
+    np.testing.assert_allclose(from_ds.grad_map, direct.grad_map, rtol=1e-6)
+
+
+def test_erf_square_definition():
+    grad = np.zeros((8, 8))
+    grad[4, 4] = 1.0
+    assert erf_square(grad) == (1, (4, 4, 1))
+    grad[3:5, 3:5] = 1.0  # a 2x2 blob: centroid (3.5, 3.5)
+    assert erf_square(grad) == (2, (3, 3, 2))
+    # 94% in one pixel is not 95%: the square must grow to take in its neighbour.
+    grad = np.zeros((8, 8))
+    grad[2, 2], grad[2, 3] = 0.94, 0.06
+    side, _ = erf_square(grad)
+    assert side == 2
+    assert erf_square(np.zeros((4, 4)))[0] == 0
+    # Mass spread over the whole map: the whole map, never more.
+    assert erf_square(np.ones((6, 6)))[0] == 6
+
+
+def test_theoretical_rf_box_matches_the_centre_unit():
+    stack = resolve_stack({"name": "s", "layers": [{"filters": 4}, {"filters": 4, "pool": "max"}]})
+    analysis = analyze(stack, (8, 8, 1), 10)
+    # Last map 4x4, centre unit 2: pool jump 2, start 0.5 -> centre pixel 4.5; RF 5 + 1 = 6.
+    assert theoretical_rf_box(analysis) == (4.5, 4.5, 6, 6)
+
+
+# ---------------------------------------------------------------- Pareto front
+
+
+def test_pareto_front_small_example():
+    xs = [10, 20, 30, 40, 5, 20]
+    ys = [0.5, 0.7, 0.6, 0.9, 0.4, 0.7]
+    assert pareto_front(xs, ys) == [4, 0, 1, 5, 3]  # 30/0.6 is beaten by 20/0.7
+    assert pareto_front([], []) == []
+    assert pareto_front([1.0, float("nan")], [0.5, 0.9]) == [0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 6), st.integers(0, 6)),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_pareto_front_is_exactly_the_non_dominated_points(points):
+    xs, ys = zip(*points, strict=True)
+    front = pareto_front(xs, ys)
+
+    def dominated(i):
+        return any(
+            xs[j] <= xs[i] and ys[j] >= ys[i] and (xs[j], ys[j]) != (xs[i], ys[i])
+            for j in range(len(xs))
+        )
+
+    assert set(front) == {i for i in range(len(xs)) if not dominated(i)}
+    assert [xs[i] for i in front] == sorted(xs[i] for i in front)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def test_figures_are_valid_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    figs = {
+        "curves": plots.training_curves(
+            {
+                "loss": [1.0, 0.5, 0.3],
+                "accuracy": [0.5, 0.8, 0.9],
+                "val_loss": [0.9, 0.6, 0.5],
+                "val_accuracy": [0.6, 0.7, 0.8],
+                "lr": [1e-3] * 3,
+            }
+        ),
+        "confusion": plots.confusion_matrix(rng.integers(0, 20, (10, 10)), list("0123456789")),
+        "misclassified": plots.misclassified_grid(
+            rng.random((7, 8, 8, 1)), [1] * 7, [2] * 7, ["a", "b", "c"], confidence=[0.5] * 7
+        ),
+        "no_misclassified": plots.misclassified_grid(np.zeros((0, 8, 8, 1)), [], [], ["a"]),
+        "filters": plots.filters(rng.normal(size=(3, 3, 1, 12))),
+        "filters_rgb": plots.filters(rng.normal(size=(5, 5, 3, 6))),
+        "feature_maps": plots.feature_maps(
+            rng.random((8, 8, 1)),
+            [("block1_act", rng.random((8, 8, 4))), ("block2_pool", rng.random((4, 4, 16)))],
+        ),
+        "erf": plots.erf_map(rng.random((16, 16)), erf_box=(5, 5, 6), rf_box=(8.0, 8.0, 7, 7)),
+    }
+    for name, fig in figs.items():
+        path = plots.save(fig, tmp_path / f"{name}.png")
+        assert is_png(path), name
+
+
+def test_summary_figures_mark_the_front(tmp_path):
+    runs = pd.DataFrame(
+        {
+            "run_name": ["a", "b", "c", "d"],
+            "status": ["FINISHED", "FINISHED", "FAILED", "FINISHED"],
+            "test_accuracy": [0.9, 0.95, np.nan, 0.8],
+            "param_count": [1e3, 1e5, 1e4, 5e4],
+            "receptive_field": [5, 11, 7, 9],
+            "effective_receptive_field": [3, 6, np.nan, 5],
+        }
+    )
+    paths = summary_figures(runs, tmp_path)
+    assert set(paths) == {
+        "accuracy_vs_params",
+        "accuracy_vs_receptive_field",
+        "accuracy_vs_effective_receptive_field",
+    }
+    assert all(is_png(p, 10_000) for p in paths.values())

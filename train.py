@@ -1,0 +1,20 @@
+"""``python train.py [group=option ...] [key=value ...]``: train one stack, record it in MLflow.
+
+Returns the job's validation accuracy, the objective of ``-m hparams_search=...`` sweeps.
+"""
+
+import hydra
+
+import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
+from convnets import job
+from convnets.cli import report_user_errors
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+@report_user_errors
+def main(cfg) -> float:
+    return job.train(cfg)
+
+
+if __name__ == "__main__":
+    main()
