@@ -160,7 +160,9 @@ def test_nan_loss_fails_naming_the_epoch_and_keeps_the_last_good_checkpoint(stra
 def test_absurd_learning_rate_fails_with_the_fix(strategy, tmp_path):
     # 1e6 only diverges to a huge finite loss on this tiny model; 1e12 reaches NaN in epoch 1.
     o = opt_cfg(name="sgd", lr=1e12, momentum=0.9)
-    with pytest.raises(TrainingFailed, match=r"at epoch 1; lower optimizer.lr \(now 1000000000000.0\)"):
+    with pytest.raises(
+        TrainingFailed, match=r"at epoch 1; lower optimizer.lr \(now 1000000000000.0\)"
+    ):
         train(strategy, tmp_path, trainer_cfg(epochs=2), o)
     assert read_checkpoint_state(tmp_path / "ckpt") is None  # no good epoch to keep
 
