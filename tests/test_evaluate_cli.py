@@ -1,0 +1,214 @@
+"""evaluate.py end to end: a tiny two-job digits sweep, then evaluate / compare / bad input.
+
+One sweep (``train.py -m``, 2 jobs, 2 epochs, a 2-layer stack) is shared by every test of the
+module; the error paths that need no subprocess run in-process.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from convnets import evaluation
+from convnets.config import EvaluateConfig, TrackingConfig
+from convnets.errors import ConfigError, TrackingError
+from convnets.tracking import Tracker
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
+EXPERIMENT = "evaltest"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FIGURES = {
+    "confusion_matrix.png",
+    "misclassified.png",
+    "filters.png",
+    "feature_maps.png",
+    "effective_receptive_field.png",
+}
+
+pytestmark = pytest.mark.slow  # one ~40 s training sweep for the module, then ~10 s per CLI call
+
+
+def cli(script, *args, cwd):
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A sqlite store holding one finished 2-job sweep: (uri, parent run id, child runs, tmp)."""
+    tmp = tmp_path_factory.mktemp("evaluate_cli")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    result = cli(
+        "train.py",
+        "-m",
+        "trainer.epochs=2",
+        "trainer.verbose=0",
+        "optimizer.lr=0.01",
+        "model.layers=[{filters:4},{filters:8,pool:max}]",
+        "model.layer_defaults.kernel_size=3,5",
+        f"tracking.uri={uri}",
+        f"tracking.experiment={EXPERIMENT}",
+        f"hydra.sweep.dir={tmp / 'sweep'}",
+        cwd=tmp,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    mlflow.set_tracking_uri(uri)
+    children = mlflow.search_runs(
+        experiment_names=[EXPERIMENT], filter_string="tags.`mlflow.parentRunId` != ''"
+    )
+    assert len(children) == 2 and set(children["status"]) == {"FINISHED"}
+    parent = children["tags.mlflow.parentRunId"].iloc[0]
+    return uri, parent, children.sort_values("tags.sweep_job").reset_index(drop=True), tmp
+
+
+def eval_cfg(uri, **keys):
+    cfg = OmegaConf.structured(EvaluateConfig(tracking=TrackingConfig(uri=uri)))
+    return OmegaConf.merge(cfg, keys)
+
+
+def is_png(path):
+    data = Path(path).read_bytes()
+    return data[:8] == PNG_SIGNATURE and len(data) > 5000
+
+
+def test_evaluate_run_reproduces_test_accuracy_and_logs_figures(store, tmp_path):
+    uri, _, children, _ = store
+    run_id = children["run_id"][0]
+    result = cli(
+        "evaluate.py",
+        f"run_id={run_id}",
+        f"tracking.uri={uri}",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(uri)
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["eval_accuracy"] == metrics["test_accuracy"]  # same weights, data, order
+    assert metrics["eval_loss"] == pytest.approx(metrics["test_loss"], rel=1e-5)
+    per_class = {k: v for k, v in metrics.items() if k.startswith("eval_accuracy_class_")}
+    assert sorted(per_class) == [f"eval_accuracy_class_{d}" for d in range(10)]
+    assert all(0.0 <= v <= 1.0 for v in per_class.values())
+    logged = {Path(a.path).name for a in client.list_artifacts(run_id, "evaluation")}
+    assert logged == FIGURES
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="evaluation", dst_path=str(tmp_path / "dl"), tracking_uri=uri
+    )
+    assert all(is_png(Path(local) / name) for name in FIGURES)
+
+
+def test_compare_sweep_parent_writes_plots_csv_and_logs_them(store, tmp_path):
+    uri, parent, children, _ = store
+    out = tmp_path / "report"
+    result = cli(
+        "evaluate.py",
+        f"compare={parent}",
+        f"tracking.uri={uri}",
+        f"output_dir={out}",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pd.read_csv(out / "runs.csv")
+    assert set(table["run_id"]) == set(children["run_id"])
+    assert sorted(table["model.layer_defaults.kernel_size"]) == [3, 5]  # the param that differs
+    assert (table["receptive_field"].sort_values().tolist()) == [6, 10]
+    assert table["effective_receptive_field"].between(1, 8).all()
+    for name in ("accuracy_vs_params", "accuracy_vs_receptive_field"):
+        assert is_png(out / f"{name}.png")
+    logged = {Path(a.path).name for a in MlflowClient(uri).list_artifacts(parent, "compare")}
+    assert {"runs.csv", "accuracy_vs_params.png", "accuracy_vs_receptive_field.png"} <= logged
+
+
+def test_compare_experiment_name_leaves_out_the_sweep_parent(store, tmp_path):
+    uri, parent, children, _ = store
+    report = evaluation.compare(Tracker(uri), EXPERIMENT, tmp_path)
+    assert set(report.table["run_id"]) == set(children["run_id"])
+    assert report.parent_run_id is None
+    # Pareto flags agree with the pure function.
+    front = evaluation.pareto_front(report.table["param_count"], report.table["test_accuracy"])
+    assert report.table["pareto_params"].tolist() == [i in front for i in range(len(front))]
+
+
+def test_unknown_run_id_is_one_line_without_traceback(store, tmp_path):
+    uri = store[0]
+    result = cli(
+        "evaluate.py",
+        "run_id=0123456789abcdef0123456789abcdef",
+        f"tracking.uri={uri}",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "run_id=0123456789abcdef0123456789abcdef" in errors[0]
+    assert "no such run" in errors[0]
+
+
+def test_bad_input_in_process(store, tmp_path):
+    uri, _, children, tmp = store
+    client = MlflowClient(uri)
+    experiment_id = children["experiment_id"][0]
+
+    failed = client.create_run(experiment_id, tags={"failure_reason": "loss became nan"})
+    client.set_terminated(failed.info.run_id, status="FAILED")
+    with pytest.raises(TrackingError, match=r"is FAILED \(loss became nan\)"):
+        evaluation.run(eval_cfg(uri, run_id=failed.info.run_id), tmp_path)
+
+    no_model = client.create_run(experiment_id)
+    client.log_text(no_model.info.run_id, "dataset: {name: digits}\n", "config.yaml")
+    client.set_terminated(no_model.info.run_id, status="FINISHED")
+    with pytest.raises(TrackingError, match="no logged model"):
+        evaluation.run(eval_cfg(uri, run_id=no_model.info.run_id), tmp_path)
+
+    with pytest.raises(ConfigError, match=r"exactly one of .* \(given: none\)"):
+        evaluation.run(eval_cfg(uri), tmp_path)
+    with pytest.raises(ConfigError, match=r"\(given: run_id, compare\)"):
+        evaluation.run(eval_cfg(uri, run_id="x", compare="y"), tmp_path)
+
+    client.create_experiment("empty")
+    with pytest.raises(TrackingError, match="experiment 'empty' has no FINISHED runs"):
+        evaluation.run(eval_cfg(uri, compare="empty"), tmp_path)
+    with pytest.raises(TrackingError, match="no experiment of that name"):
+        evaluation.run(eval_cfg(uri, compare="nope"), tmp_path)
+
+    with pytest.raises(ConfigError, match="no such file"):
+        evaluation.run(eval_cfg(uri, checkpoint=str(tmp_path / "missing.keras")), tmp_path)
+
+
+def test_checkpoint_with_config_beside_it_gives_the_runs_accuracy(store, tmp_path):
+    """A run's model and config.yaml downloaded into one folder evaluate like the run."""
+    uri, _, children, _ = store
+    run = children.iloc[1]
+    folder = tmp_path / "ckpt"
+    mlflow.artifacts.download_artifacts(
+        run_id=run["run_id"], artifact_path="config.yaml", dst_path=str(folder), tracking_uri=uri
+    )
+    model = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"runs:/{run['run_id']}/model", dst_path=str(tmp_path / "m"), tracking_uri=uri
+    )
+    keras_file = folder / "model.keras"
+    keras_file.write_bytes(next(Path(model).rglob("*.keras")).read_bytes())
+
+    report = evaluation.run(eval_cfg(uri, checkpoint=str(keras_file)), tmp_path / "out")
+    assert report.metrics["eval_accuracy"] == run["metrics.test_accuracy"]
+    assert {p.name for p in (tmp_path / "out" / "evaluation").iterdir()} == FIGURES
+
+    alone = tmp_path / "alone.keras"
+    alone.write_bytes(keras_file.read_bytes())
+    with pytest.raises(ConfigError, match="add dataset=<name>"):
+        evaluation.run(eval_cfg(uri, checkpoint=str(alone)), tmp_path / "out2")
