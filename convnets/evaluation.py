@@ -323,12 +323,30 @@ def _point_labels(runs: pd.DataFrame) -> list[str] | None:
     :func:`runs_table` found, else a sweep table's ``overrides``, else the run name."""
     params = runs.attrs.get("params")
     if params:
-        short = {c: c.removeprefix("model.").removeprefix("layer_defaults.") for c in params}
-        return [", ".join(f"{short[c]}={row[c]}" for c in params) for _, row in runs.iterrows()]
-    for col in ("overrides", "name", "run_name"):
+        return [
+            ", ".join(f"{_short_key(c)}={row[c]}" for c in params) for _, row in runs.iterrows()
+        ]
+    if "overrides" in runs.columns:
+        # Keep only the overrides that differ between jobs and are design choices: the shared
+        # ones (tracking.uri=..., trainer.verbose=0) would make every label 150 characters.
+        jobs = [str(o).split() for o in runs["overrides"].fillna("")]
+        shared = set.intersection(*(set(job) for job in jobs)) if jobs else set()
+        return [
+            ", ".join(
+                f"{_short_key(key)}={value}"
+                for key, _, value in (o.partition("=") for o in job if o not in shared)
+                if not key.lstrip("+~").startswith(_NOISE_PARAMS)
+            )
+            for job in jobs
+        ]
+    for col in ("name", "run_name"):
         if col in runs.columns:
             return list(runs[col].astype(str))
     return None
+
+
+def _short_key(key: str) -> str:
+    return key.removeprefix("model.").removeprefix("layer_defaults.")
 
 
 @dataclass

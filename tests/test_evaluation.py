@@ -206,3 +206,18 @@ def test_summary_figures_mark_the_front(tmp_path):
         "accuracy_vs_effective_receptive_field",
     }
     assert all(is_png(p, 10_000) for p in paths.values())
+
+
+def test_sweep_labels_keep_only_the_design_choices_that_differ():
+    from convnets.evaluation import _point_labels
+
+    shared = "trainer.verbose=0 tracking.uri=sqlite:///tmp/mlflow.db"
+    jobs = pd.DataFrame(
+        {
+            "overrides": [
+                f"model.layer_defaults.kernel_size=3 model.width=1 {shared} tracking.experiment=a",
+                f"model.layer_defaults.kernel_size=5 model.width=1 {shared} tracking.experiment=b",
+            ]
+        }
+    )
+    assert _point_labels(jobs) == ["kernel_size=3", "kernel_size=5"]
