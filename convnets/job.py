@@ -126,6 +126,14 @@ class _Job:
             deterministic=cfg.trainer.deterministic,
         )
 
+        def build() -> keras.Model:
+            return build_model(
+                stack, input_shape, num_classes, sync_batch_norm=cfg.distribute.sync_batch_norm
+            )
+
+        if not strategy.extended.should_checkpoint:
+            return self._run_unrecorded_worker(cfg, build, bundle, strategy)
+
         resuming = self.source is not None and self.source.key == "resume"
         if resuming:
             self.checkpoint_dir = Path(self.source.run.data.tags["checkpoint_dir"])
@@ -142,9 +150,7 @@ class _Job:
             if not resuming:
                 self._log_definition(cfg, analysis)
             model, result = trainer.fit(
-                lambda: build_model(
-                    stack, input_shape, num_classes, sync_batch_norm=cfg.distribute.sync_batch_norm
-                ),
+                build,
                 bundle,
                 cfg.trainer,
                 cfg.optimizer,
@@ -159,6 +165,36 @@ class _Job:
         val_accuracy = _objective(cfg, result)
         self._print_summary(cfg, test, analysis, result)  # 6.
         return val_accuracy
+
+    def _run_unrecorded_worker(self, cfg, build, bundle, strategy) -> float:
+        """A MultiWorkerMirroredStrategy worker other than the chief: it trains, evaluates and
+        saves in lockstep with the chief (those steps are collective) but records nothing, so
+        one training is one MLflow run, written by the chief. ``resume=`` reads the chief's
+        checkpoint directory, so across machines it must be on a shared filesystem."""
+        resuming = self.source is not None and self.source.key == "resume"
+        with tempfile.TemporaryDirectory(prefix="convnets-worker-") as scratch:
+            model, result = trainer.fit(
+                build,
+                bundle,
+                cfg.trainer,
+                cfg.optimizer,
+                strategy,
+                checkpoint_dir=(
+                    Path(self.source.run.data.tags["checkpoint_dir"])
+                    if resuming
+                    else Path(scratch) / "checkpoints"
+                ),
+                resume=resuming,
+            )
+            test = trainer.evaluate(model, bundle.test)
+            if cfg.tracking.log_model:
+                model.save(Path(scratch) / "model.keras")  # the chief's log_model saves too
+        print(
+            f"done (worker, not recording): test_accuracy={test['accuracy']:.4f}; "
+            "the chief records the run",
+            flush=True,
+        )
+        return _objective(cfg, result)
 
     def _resolve_source(self) -> DictConfig:
         """The config to train: the command line's, or the recorded one of reproduce=/resume=."""

@@ -14,8 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import tensorflow as tf
+from conftest import CLI_ENV
 from omegaconf import OmegaConf
 
 from convnets.config import DistributeConfig
@@ -177,3 +179,37 @@ def test_multi_worker_needs_a_valid_tf_config(monkeypatch, tf_config, match):
         monkeypatch.setenv("TF_CONFIG", tf_config)
     with pytest.raises(ConfigError, match=match):
         make_strategy(cfg(strategy="multi_worker"))
+
+
+@pytest.mark.slow
+def test_two_worker_train_py_is_one_recorded_run(tmp_path):
+    """``python train.py distribute=multi_worker`` on two processes: both train in lockstep,
+    only the chief records, so the store holds exactly one run with each epoch once."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    procs = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(REPO / "train.py"), "distribute=multi_worker",
+                 "model.layers=[{filters:8},{filters:8,pool:max}]", "trainer.epochs=2",
+                 "trainer.verbose=0", f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / str(index)}"],
+                cwd=REPO,
+                env={**CLI_ENV, "TF_CONFIG": json.dumps(tf_config)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )  # fmt: skip
+    outputs = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+        outputs.append(out)
+    assert "done: test_accuracy=" in outputs[0]
+    assert "done (worker, not recording)" in outputs[1]
+    client = mlflow.MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
