@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -349,11 +350,20 @@ class Tracker:
         (about 7 s for a tiny model on this machine).
         """
         import mlflow.tensorflow  # imports TensorFlow: only when a model is logged
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
 
         versions = package_versions()
+        # Images in, class probabilities out: lets pyfunc serving check its inputs (and silences
+        # MLflow's "saving without a signature" warning on every run).
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype("float32"), (-1, *model.input_shape[1:]))]),
+            outputs=Schema([TensorSpec(np.dtype("float32"), (-1, *model.output_shape[1:]))]),
+        )
         mlflow.tensorflow.log_model(
             model,
             name=MODEL_ARTIFACT,
+            signature=signature,
             pip_requirements=[
                 f"tensorflow=={versions['tensorflow']}",
                 f"keras=={versions['keras']}",

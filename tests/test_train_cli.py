@@ -138,6 +138,10 @@ def test_logged_model_loads_with_mlflow_tensorflow(recorded):
     probabilities = np.asarray(model.predict(np.zeros((2, 8, 8, 1), "float32"), verbose=0))
     assert probabilities.shape == (2, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    info = mlflow.models.get_model_info(f"runs:/{recorded['run_id']}/model")
+    assert info.signature.inputs.to_dict() == [
+        {"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 8, 8, 1)}}
+    ]
 
 
 def test_reproduce_is_identical_when_deterministic(recorded):
