@@ -120,7 +120,7 @@ class OptimizerConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 20
+    epochs: int = 10
     batch_size: int = 64  # global: split over replicas
     seed: int = 0
     deterministic: bool = False  # op determinism + seeded everything: bit-identical reruns

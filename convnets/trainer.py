@@ -166,6 +166,7 @@ class FitResult:
     best_val_accuracy: float | None = None
     train_time_s: float = 0.0
     images_per_sec: float = 0.0
+    startup_s: float | None = None  # process start -> first train step (first fit only)
 
 
 def fit(
@@ -263,6 +264,7 @@ def fit(
         best_val_accuracy=epoch_state.best_val_accuracy,
         train_time_s=train_time,
         images_per_sec=timer.images_per_sec(),
+        startup_s=timer.startup_s,
     )
 
 
@@ -340,14 +342,35 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+_FIRST_STEP_SEEN = False  # startup_s: only the process's first fit measures it
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started (psutil, an MLflow dependency), else None."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return time.time() - psutil.Process().create_time()
+
+
 class _Throughput(keras.callbacks.Callback):
     """Training seconds per epoch from epoch-level hooks only (nothing per batch), with the
-    validation pass that Keras runs inside the epoch subtracted."""
+    validation pass that Keras runs inside the epoch subtracted. Also ``startup_s``: process
+    start to the first train step, from a batch-begin hook that does nothing after it."""
 
     def __init__(self, num_train: int):
         super().__init__()
         self.num_train = num_train
         self.epoch_seconds: list[float] = []
+        self.startup_s: float | None = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # Begin hooks keep Keras's async dispatch (only batch-end hooks force a sync).
+        global _FIRST_STEP_SEEN
+        if not _FIRST_STEP_SEEN:
+            _FIRST_STEP_SEEN = True
+            self.startup_s = _process_age()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start, self._val = time.perf_counter(), 0.0

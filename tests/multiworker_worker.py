@@ -115,7 +115,11 @@ def main(mode: str, checkpoint_dir: str, result_path: str) -> None:
     elif mode == "mirrored":
         mirrored = OmegaConf.structured(DistributeConfig(strategy="mirrored", cpu_replicas=2))
         distribute.configure_devices(mirrored)
-        one = distribute.make_strategy(OmegaConf.structured(DistributeConfig("one_device")))
+        # An explicit device gives OneDeviceStrategy: one replica through the same distributed
+        # input path as mirrored, so the two see batches in the same order.
+        one = distribute.make_strategy(
+            OmegaConf.structured(DistributeConfig("one_device", devices=["/cpu:0"]))
+        )
         two = distribute.make_strategy(mirrored)
         result = {
             f"{name}/{bn}": train(strategy, os.path.join(checkpoint_dir, f"{name}-{bn}"), bn)
