@@ -69,22 +69,11 @@ def process_age() -> float:
 # ---------------------------------------------------------------- framework child
 
 
-def framework_child(num_train: int, overrides: list[str], default_strategy: bool) -> None:
-    """``train.py`` with TFDS mocked to serve :func:`synthetic_arrays` (mnist-shaped case).
-
-    ``default_strategy``: what-if experiment, ``distribute.make_strategy`` patched to return
-    TensorFlow's default strategy instead of the OneDeviceStrategy that distribute=auto picks.
-    """
+def framework_child(num_train: int, overrides: list[str]) -> None:
+    """``train.py`` with TFDS mocked to serve :func:`synthetic_arrays` (mnist-shaped case)."""
     import contextlib
     import runpy
     from unittest import mock
-
-    if default_strategy:
-        import tensorflow as tf
-
-        from convnets import distribute
-
-        distribute.make_strategy = lambda cfg: tf.distribute.get_strategy()
 
     sys.argv = [str(ROOT / "train.py"), *overrides]
     with contextlib.ExitStack() as stack:
@@ -205,7 +194,7 @@ def keras_child(case: str, epochs: int, num_train: int) -> None:
 
 
 def run_framework(
-    case: str, epochs: int, num_train: int, tmp: Path, index: int, default_strategy: bool
+    case: str, epochs: int, num_train: int, tmp: Path, index: int, one_device_strategy: bool
 ) -> dict:
     import mlflow
 
@@ -220,11 +209,12 @@ def run_framework(
         f"tracking.experiment={experiment}",
         f"hydra.run.dir={tmp}/run-{index}",
     ]
-    if case == "digits" and not default_strategy:
+    if one_device_strategy:  # an explicit device: tf.distribute.OneDeviceStrategy
+        overrides += ["distribute=one_device", "distribute.devices=[/cpu:0]"]
+    if case == "digits":
         cmd = [sys.executable, str(ROOT / "train.py"), *overrides]
     else:
         cmd = [sys.executable, __file__, "--child", "framework", "--num-train", str(num_train)]
-        cmd += ["--what-if-default-strategy"] if default_strategy else []
         cmd += ["--", *overrides]
     wall, cpu = _timed(cmd)
     mlflow.set_tracking_uri(uri)
@@ -272,10 +262,10 @@ def main() -> None:
     )
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated")
     parser.add_argument(
-        "--what-if-default-strategy",
+        "--one-device-strategy",
         action="store_true",
-        help="framework runs with TF's default strategy instead of distribute=auto's "
-        "OneDeviceStrategy (patched in; shows that strategy's cost)",
+        help="framework runs under distribute=one_device distribute.devices=[/cpu:0] "
+        "(tf.distribute.OneDeviceStrategy) instead of distribute=auto's default strategy",
     )
     parser.add_argument("--child", choices=("framework", "keras"), help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -283,7 +273,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "framework":
-        return framework_child(args.num_train, args.overrides, args.what_if_default_strategy)
+        return framework_child(args.num_train, args.overrides)
     if args.child == "keras":
         return keras_child(args.case, args.epochs, args.num_train)
 
@@ -301,7 +291,7 @@ def main() -> None:
                     index += 1
                     if variant == "framework":
                         r = run_framework(
-                            case, epochs, num_mnist, Path(tmp), index, args.what_if_default_strategy
+                            case, epochs, num_mnist, Path(tmp), index, args.one_device_strategy
                         )
                     else:
                         r = run_keras(case, epochs, num_mnist)
@@ -369,7 +359,7 @@ def main() -> None:
         "epochs": epochs,
         "batch_size": BATCH_SIZE,
         "mnist_examples": num_mnist,
-        "what_if_default_strategy": args.what_if_default_strategy,
+        "one_device_strategy": args.one_device_strategy,
         "cases": results,
         "targets": {"throughput_ratio": TARGET_THROUGHPUT_RATIO, "wall_ratio": TARGET_WALL_RATIO},
         "meets_targets": all(
