@@ -102,6 +102,7 @@ def test_the_full_record(recorded):
     assert 0.3 < metrics["test_accuracy"] <= 1 and metrics["test_loss"] > 0
     assert 1 <= metrics["effective_receptive_field"] <= 8
     assert metrics["train_time_s"] > 0 and metrics["images_per_sec"] > 0
+    assert 0 < metrics["startup_s"] < 300  # process start -> first training step
     assert metrics["epochs_completed"] == EPOCHS
     best = max(m.value for m in client.get_metric_history(run_id, "val_accuracy"))
     assert metrics["best_val_accuracy"] == best
@@ -260,6 +261,46 @@ def test_kill_after_epoch_two_then_resume_finishes_the_same_run(tmp_path):
     assert run.data.metrics["epochs_completed"] == epochs
     assert "test_accuracy" in run.data.metrics
     assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_ctrl_c_ends_the_run_killed_and_keeps_the_checkpoint(tmp_path):
+    uri = store_uri(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", TINY, "trainer.epochs=50", "trainer.verbose=0",
+         f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'out'}"],
+        cwd=REPO,
+        env=CLI_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    client = MlflowClient(uri)
+    deadline, run_id = time.monotonic() + 240, None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            experiment = client.get_experiment_by_name("digits") if run_id is None else None
+            if run_id is None and experiment is not None:
+                runs = client.search_runs([experiment.experiment_id])
+                run_id = runs[0].info.run_id if runs else None
+            if run_id and client.get_metric_history(run_id, "loss"):
+                proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+                break
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    checkpoint = Path(run.data.tags["checkpoint_dir"])
+    assert json.loads((checkpoint / "state.json").read_text())["epoch"] >= 1
+    [line] = [x for x in stderr.splitlines() if x.startswith("interrupted: ")]
+    assert line == (
+        f"interrupted: run {run_id} recorded KILLED; checkpoint kept in {checkpoint}; "
+        f"continue with: python train.py resume={run_id}"
+    )
 
 
 def test_remote_server_run(mlflow_server, tmp_path):
