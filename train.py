@@ -7,7 +7,7 @@ import hydra
 
 import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
 from convnets import job
-from convnets.cli import report_user_errors
+from convnets.cli import one_line_config_errors, report_user_errors
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
@@ -17,4 +17,5 @@ def main(cfg) -> float:
 
 
 if __name__ == "__main__":
+    one_line_config_errors()
     main()
