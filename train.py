@@ -4,15 +4,21 @@ Returns the job's validation accuracy, the objective of ``-m hparams_search=...`
 """
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
-from convnets import job
+from convnets.architecture import check_stack
 from convnets.cli import one_line_config_errors, report_user_errors
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 @report_user_errors
 def main(cfg) -> float:
+    if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep records a bad point as FAILED
+        check_stack(cfg.model, cfg.dataset)  # pure: refused before TensorFlow loads (~5 s)
+    from convnets import job  # imports TensorFlow
+
     return job.train(cfg)
 
 

@@ -402,6 +402,19 @@ def _kernel_text(layer: ConvLayer) -> str:
     return f"{text}, padding {layer.padding}"
 
 
+def check_stack(model_cfg: Any, dataset_cfg: Any) -> None:
+    """Raise the :class:`ConfigError` of an invalid stack; silent when it is valid.
+
+    For the entry points: pure Python, so a bad stack is refused in a second, before
+    TensorFlow loads. The shape is checked only where the dataset config fixes it
+    (``image_folder`` reads it from the images, later).
+    """
+    stack = resolve_stack(model_cfg)
+    input_shape, num_classes = dataset_cfg.get("input_shape"), dataset_cfg.get("num_classes")
+    if input_shape is not None and num_classes is not None:
+        analyze(stack, list(input_shape), num_classes)
+
+
 def parse_input_shape(input_shape: Any) -> tuple[int, int, int]:
     """``input_shape`` as an (H, W, C) tuple of positive ints, else a ConfigError."""
     shape = list(input_shape) if isinstance(input_shape, Sequence | tuple) else None
