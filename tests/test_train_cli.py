@@ -196,6 +196,21 @@ def test_unreachable_server_fails_in_seconds(tmp_path):
     assert not (tmp_path / "checkpoints").exists()  # nothing half-written
 
 
+def test_an_invalid_stack_is_refused_before_anything_is_recorded(tmp_path):
+    result = train_cli(
+        "model.layers.1.stride=2",
+        "model.layers.1.dilation=2",
+        f"tracking.uri={store_uri(tmp_path)}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+    )
+    assert result.returncode == 2
+    assert error_lines(result) == [
+        "error: model.layers[1]: stride 2 with dilation 2 is not supported (Keras refuses "
+        "stride > 1 together with dilation > 1); set stride: 1 or dilation: 1"
+    ]
+    assert not (tmp_path / "mlflow.db").exists()  # nothing half-written
+
+
 def test_nan_loss_ends_the_run_failed(tmp_path):
     result = train_cli(
         TINY,
