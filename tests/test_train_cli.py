@@ -40,6 +40,21 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
 
 
+def wait_for_epochs(proc: subprocess.Popen, client: MlflowClient, epochs: int) -> str:
+    """The id of the digits run ``proc`` trains, once it has logged ``epochs`` epochs."""
+    deadline, run_id = time.monotonic() + 240, None
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        experiment = client.get_experiment_by_name("digits") if run_id is None else None
+        if run_id is None and experiment is not None:
+            runs = client.search_runs([experiment.experiment_id])
+            run_id = runs[0].info.run_id if runs else None
+        steps = [m.step for m in client.get_metric_history(run_id, "loss")] if run_id else []
+        if max(steps, default=0) >= epochs:
+            return run_id
+    raise AssertionError(f"training ended or stalled before epoch {epochs} was recorded")
+
+
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     """One deterministic tiny run shared by the record and reproduce tests."""
@@ -242,20 +257,9 @@ def test_kill_after_epoch_two_then_resume_finishes_the_same_run(tmp_path):
         stderr=subprocess.DEVNULL,
     )
     client = MlflowClient(uri)
-    deadline, run_id = time.monotonic() + 240, None
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-            experiment = client.get_experiment_by_name("digits") if run_id is None else None
-            if run_id is None and experiment is not None:
-                runs = client.search_runs([experiment.experiment_id])
-                run_id = runs[0].info.run_id if runs else None
-            if (
-                run_id
-                and max((m.step for m in client.get_metric_history(run_id, "loss")), default=0) >= 2
-            ):
-                proc.kill()  # SIGKILL: no handler runs, the run stays RUNNING
-                break
+        run_id = wait_for_epochs(proc, client, 2)
+        proc.kill()  # SIGKILL: no handler runs, the run stays RUNNING
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
@@ -290,17 +294,9 @@ def test_ctrl_c_ends_the_run_killed_and_keeps_the_checkpoint(tmp_path):
         text=True,
     )  # fmt: skip
     client = MlflowClient(uri)
-    deadline, run_id = time.monotonic() + 240, None
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-            experiment = client.get_experiment_by_name("digits") if run_id is None else None
-            if run_id is None and experiment is not None:
-                runs = client.search_runs([experiment.experiment_id])
-                run_id = runs[0].info.run_id if runs else None
-            if run_id and client.get_metric_history(run_id, "loss"):
-                proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-                break
+        run_id = wait_for_epochs(proc, client, 1)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
