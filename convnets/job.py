@@ -9,6 +9,7 @@ Epochs are numbered from 1 in MLflow (metric step = epoch), as in Keras's progre
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -131,8 +132,9 @@ class _Job:
                 stack, input_shape, num_classes, sync_batch_norm=cfg.distribute.sync_batch_norm
             )
 
+        fit = functools.partial(trainer.fit, build, bundle, cfg.trainer, cfg.optimizer, strategy)
         if not strategy.extended.should_checkpoint:
-            return self._run_unrecorded_worker(cfg, build, bundle, strategy)
+            return self._run_unrecorded_worker(cfg, fit, bundle)
 
         resuming = self.source is not None and self.source.key == "resume"
         if resuming:
@@ -149,12 +151,7 @@ class _Job:
             self.run_id = active.info.run_id
             if not resuming:
                 self._log_definition(cfg, analysis)
-            model, result = trainer.fit(
-                build,
-                bundle,
-                cfg.trainer,
-                cfg.optimizer,
-                strategy,
+            model, result = fit(
                 checkpoint_dir=self.checkpoint_dir,
                 callbacks=[self._epoch_logger(resuming)],
                 resume=resuming,
@@ -166,19 +163,14 @@ class _Job:
         self._print_summary(cfg, test, analysis, result)  # 6.
         return val_accuracy
 
-    def _run_unrecorded_worker(self, cfg, build, bundle, strategy) -> float:
+    def _run_unrecorded_worker(self, cfg, fit, bundle) -> float:
         """A MultiWorkerMirroredStrategy worker other than the chief: it trains, evaluates and
         saves in lockstep with the chief (those steps are collective) but records nothing, so
         one training is one MLflow run, written by the chief. ``resume=`` reads the chief's
         checkpoint directory, so across machines it must be on a shared filesystem."""
         resuming = self.source is not None and self.source.key == "resume"
         with tempfile.TemporaryDirectory(prefix="convnets-worker-") as scratch:
-            model, result = trainer.fit(
-                build,
-                bundle,
-                cfg.trainer,
-                cfg.optimizer,
-                strategy,
+            model, result = fit(
                 checkpoint_dir=(
                     Path(self.source.run.data.tags["checkpoint_dir"])
                     if resuming
