@@ -260,8 +260,9 @@ def summary_figures(runs: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
 
     ``runs``: :func:`runs_table` output or any frame with columns ``test_accuracy``,
     ``param_count``, ``receptive_field`` (optionally ``effective_receptive_field`` and a
-    ``name``/``run_name`` for labels), e.g. the sweep's ``jobs.csv`` table; rows without a
-    test accuracy (failed jobs) are left out. ``mlflow.search_runs`` output is converted.
+    ``name``/``run_name`` for labels); rows without a test accuracy (failed jobs) are left
+    out. ``mlflow.search_runs`` output is converted, so points are labelled by the params
+    that differ between the runs.
     """
     if "metrics.test_accuracy" in runs.columns:
         runs = runs_table(runs)
@@ -320,33 +321,15 @@ def summary_figures(runs: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
 
 def _point_labels(runs: pd.DataFrame) -> list[str] | None:
     """What tells the runs apart: the differing params (``kernel_size=5``) that
-    :func:`runs_table` found, else a sweep table's ``overrides``, else the run name."""
+    :func:`runs_table` found, else the run name."""
     params = runs.attrs.get("params")
     if params:
-        return [
-            ", ".join(f"{_short_key(c)}={row[c]}" for c in params) for _, row in runs.iterrows()
-        ]
-    if "overrides" in runs.columns:
-        # Keep only the overrides that differ between jobs and are design choices: the shared
-        # ones (tracking.uri=..., trainer.verbose=0) would make every label 150 characters.
-        jobs = [str(o).split() for o in runs["overrides"].fillna("")]
-        shared = set.intersection(*(set(job) for job in jobs)) if jobs else set()
-        return [
-            ", ".join(
-                f"{_short_key(key)}={value}"
-                for key, _, value in (o.partition("=") for o in job if o not in shared)
-                if not key.lstrip("+~").startswith(_NOISE_PARAMS)
-            )
-            for job in jobs
-        ]
+        short = {c: c.removeprefix("model.").removeprefix("layer_defaults.") for c in params}
+        return [", ".join(f"{short[c]}={row[c]}" for c in params) for _, row in runs.iterrows()]
     for col in ("name", "run_name"):
         if col in runs.columns:
             return list(runs[col].astype(str))
     return None
-
-
-def _short_key(key: str) -> str:
-    return key.removeprefix("model.").removeprefix("layer_defaults.")
 
 
 @dataclass

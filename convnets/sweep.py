@@ -288,7 +288,9 @@ def summarize(context: SweepContext, out_dir: Path) -> pd.DataFrame:
     table = table.sort_values("job", kind="stable").reset_index(drop=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "jobs.csv", index=False)
-    summary_figures(table, out_dir)  # accuracy vs params coloured by RF, vs RF; Pareto fronts
+    if "metrics.test_accuracy" in runs.columns:  # some job finished
+        # From the runs themselves, so points are labelled by the params that differ.
+        summary_figures(runs, out_dir)  # accuracy vs params coloured by RF, vs RF; Pareto fronts
     client.log_artifacts(context.parent_run_id, str(out_dir), SUMMARY_DIR)
 
     finished = table[(table["status"] == "FINISHED") & table["val_accuracy"].notna()]

@@ -209,15 +209,17 @@ def test_summary_figures_mark_the_front(tmp_path):
 
 
 def test_sweep_labels_keep_only_the_design_choices_that_differ():
-    from convnets.evaluation import _point_labels
+    from convnets.evaluation import _point_labels, runs_table
 
-    shared = "trainer.verbose=0 tracking.uri=sqlite:///tmp/mlflow.db"
-    jobs = pd.DataFrame(
+    runs = pd.DataFrame(  # mlflow.search_runs output of a sweep's jobs, as summarize reads it
         {
-            "overrides": [
-                f"model.layer_defaults.kernel_size=3 model.width=1 {shared} tracking.experiment=a",
-                f"model.layer_defaults.kernel_size=5 model.width=1 {shared} tracking.experiment=b",
-            ]
+            "run_id": ["a", "b"],
+            "params.model.layer_defaults.kernel_size": ["3", "5"],
+            "params.model.width": ["1", "1"],
+            "params.trainer.verbose": ["0", "0"],
+            "params.tracking.uri": ["sqlite:///tmp/mlflow.db"] * 2,
+            "params.tracking.experiment": ["a", "b"],
+            "metrics.test_accuracy": [0.9, 0.8],
         }
     )
-    assert _point_labels(jobs) == ["kernel_size=3", "kernel_size=5"]
+    assert _point_labels(runs_table(runs)) == ["kernel_size=3", "kernel_size=5"]
