@@ -125,10 +125,6 @@ def _param_key(key: str) -> str:
     return "sweep." + "".join(c if c.isalnum() or c in "_-. /" else "_" for c in key)
 
 
-def _short(value: str, limit: int) -> str:
-    return value if len(value) <= limit else value[: limit - 3] + "..."
-
-
 def _stop_sweep_on_error(method: Callable[..., None]) -> Callable[..., None]:
     """Exit instead of letting Hydra turn the error into a warning and sweep on.
 
@@ -157,7 +153,7 @@ class MlflowSweepCallback(Callback):
 
     @_stop_sweep_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from convnets.tracking import Tracker, redact, to_params
+        from convnets.tracking import Tracker, redact, shorten, to_params
 
         tracker = Tracker(config.tracking.uri, http_timeout_s=config.tracking.http_timeout_s)
         tracker.check_store()  # first contact: sqlite creates its schema here, once
@@ -167,10 +163,10 @@ class MlflowSweepCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         parent = tracker.client.create_run(
             experiment_id,
-            run_name=_short(redact("sweep " + " ".join(config.hydra.overrides.task)), 250),
+            run_name=shorten(redact("sweep " + " ".join(config.hydra.overrides.task)), 250, "..."),
             tags={
                 "sweep_role": "parent",
-                "sweep_overrides": _short(definition, _MAX_TAG),
+                "sweep_overrides": shorten(definition, _MAX_TAG, "..."),
                 "sweeper": config.hydra.sweeper._target_.rsplit(".", 1)[-1],
                 "launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1],
                 "sweep_dir": str(sweep_dir),
@@ -251,13 +247,15 @@ def _log_optuna_results(context: SweepContext, path: Path) -> None:
     """The study's best objective value and parameters, as Optuna reported them."""
     from mlflow.tracking import MlflowClient
 
+    from convnets.tracking import shorten
+
     client = MlflowClient(tracking_uri=context.tracking_uri)
     results = OmegaConf.load(path)
     client.log_artifact(context.parent_run_id, str(path))
     if "best_value" in results:  # single objective
         client.log_metric(context.parent_run_id, "optuna_best_value", float(results.best_value))
         best = " ".join(f"{key}={value}" for key, value in results.best_params.items())
-        client.set_tag(context.parent_run_id, "optuna_best_params", _short(best, _MAX_TAG))
+        client.set_tag(context.parent_run_id, "optuna_best_params", shorten(best, _MAX_TAG, "..."))
 
 
 def summarize(context: SweepContext, out_dir: Path) -> pd.DataFrame:

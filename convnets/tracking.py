@@ -86,8 +86,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _shorten(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - len(SHORTENED)] + SHORTENED
+def shorten(text: str, limit: int, marker: str = SHORTENED) -> str:
+    """``text`` cut to ``limit`` characters, ending in ``marker`` when cut."""
+    return text if len(text) <= limit else text[: limit - len(marker)] + marker
 
 
 def to_params(flat: Mapping[str, Any]) -> dict[str, str]:
@@ -99,7 +100,7 @@ def to_params(flat: Mapping[str, Any]) -> dict[str, str]:
     params = {}
     for key, value in flat.items():
         text = "None" if value is None else str(value)
-        params[_shorten(key, MAX_ENTITY_KEY_LENGTH)] = _shorten(redact(text), MAX_PARAM_VAL_LENGTH)
+        params[shorten(key, MAX_ENTITY_KEY_LENGTH)] = shorten(redact(text), MAX_PARAM_VAL_LENGTH)
     return params
 
 
@@ -286,7 +287,7 @@ class Tracker:
         ``failure_reason`` tag. The exception is re-raised either way.
         """
         all_tags = {
-            key: _shorten(redact(str(v)), MAX_TAG_VAL_LENGTH) for key, v in (tags or {}).items()
+            key: shorten(redact(str(v)), MAX_TAG_VAL_LENGTH) for key, v in (tags or {}).items()
         }
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
@@ -310,7 +311,7 @@ class Tracker:
     def _end(self, run_id: str, status: str, reason: str) -> None:
         # Best effort: the store may be the thing that failed; the original error matters more.
         with contextlib.suppress(Exception):
-            self.client.set_tag(run_id, "failure_reason", _shorten(redact(reason), 5000))
+            self.client.set_tag(run_id, "failure_reason", shorten(redact(reason), 5000))
         with contextlib.suppress(Exception):
             mlflow.end_run(status=status)
 
@@ -323,7 +324,7 @@ class Tracker:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        mlflow.set_tags({k: _shorten(redact(str(v)), MAX_TAG_VAL_LENGTH) for k, v in tags.items()})
+        mlflow.set_tags({k: shorten(redact(str(v)), MAX_TAG_VAL_LENGTH) for k, v in tags.items()})
 
     def log_epoch(self, run_id: str, step: int, logs: Mapping[str, Any]) -> None:
         """One epoch's metrics in ONE store call (step = epoch number, starting at 1)."""
