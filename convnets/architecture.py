@@ -29,6 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from convnets.config import HeadConfig, LayerDefaults
 from convnets.errors import ConfigError
 
 # Keras 3 activation names (keras.activations) that keep the tensor's shape. "glu" is left
@@ -73,20 +74,10 @@ PADDINGS = ("same", "valid")
 POOLS = ("max", "avg")
 GLOBAL_POOLS = ("avg", "max", "flatten")
 
-# The schema's defaults (convnets/config.py), for plain dicts that leave fields out.
-_LAYER_DEFAULTS: dict[str, Any] = {
-    "kernel_size": 3,
-    "stride": 1,
-    "padding": "same",
-    "dilation": 1,
-    "activation": "relu",
-    "batch_norm": True,
-    "dropout": 0.0,
-    "pool": None,
-    "pool_size": 2,
-    "pool_stride": None,
-}
-_HEAD_DEFAULTS: dict[str, Any] = {"global_pool": "avg", "dropout": 0.0, "dense": []}
+# The schema's defaults (convnets/config.py), for plain dicts that leave fields out. Derived
+# from the dataclasses, so the CLI, the notebooks and plain dicts always build the same stack.
+_LAYER_DEFAULTS: dict[str, Any] = dataclasses.asdict(LayerDefaults())
+_HEAD_DEFAULTS: dict[str, Any] = dataclasses.asdict(HeadConfig())
 _MISSING = "???"  # OmegaConf's MISSING, as to_container(throw_on_missing=False) leaves it
 
 Pair = tuple[int, int]

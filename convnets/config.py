@@ -92,8 +92,8 @@ class DatasetConfig:
     val_fraction: float = 0.1  # carved from train; 0 = no validation
     split_seed: int = 0  # fixes which examples go to val (and digits' train/test split)
     test_fraction: float = 0.2  # digits only: it has no test split of its own
-    scale: float = 255.0  # raw pixel maximum; pixels are divided by it first
-    mean: list[float] = field(default_factory=lambda: [0.0])  # per channel, after scaling
+    max_pixel_value: float = 255.0  # the largest raw pixel value; pixels are divided by it first
+    mean: list[float] = field(default_factory=lambda: [0.0])  # per channel, after that division
     std: list[float] = field(default_factory=lambda: [1.0])
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     shuffle_buffer: int = 10_000
@@ -106,7 +106,10 @@ class DatasetConfig:
 class OptimizerConfig:
     name: str = "adam"  # adam | adamw | sgd
     lr: float = 1e-3
-    weight_decay: float = 0.0  # decoupled for adamw; L2-style via Keras weight_decay otherwise
+    # Decoupled weight decay (Loshchilov & Hutter) for every optimizer: Keras 3 applies
+    # ``weight_decay`` to the weights directly, not through the loss, so adam with
+    # weight_decay > 0 is AdamW and sgd's is decoupled too.
+    weight_decay: float = 0.0
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
     beta_1: float = 0.9
@@ -144,7 +147,7 @@ class DistributeConfig:
 @dataclass
 class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"
-    experiment: str | None = None  # null = the experiment config's name, else the dataset's
+    experiment: str | None = None  # the MLflow experiment; null = the dataset's name
     run_name: str | None = None  # null = model, dataset and the overrides that differ
     log_model: bool = True
     http_timeout_s: float = 10.0  # bound on MLflow's HTTP retries for a remote store
@@ -161,7 +164,6 @@ class TrainConfig:
     trainer: TrainerConfig = MISSING
     distribute: DistributeConfig = MISSING
     tracking: TrackingConfig = MISSING
-    experiment_name: str | None = None  # set by experiment configs; names the MLflow experiment
     reproduce: str | None = None  # MLflow run id to rerun exactly
     resume: str | None = None  # MLflow run id to continue from its last completed epoch
 

@@ -53,15 +53,15 @@ class DataBundle:
     num_train: int
     num_val: int
     num_test: int
-    # Per channel, after dividing by scale: x_norm = (x / scale - mean) / std.
+    # Per channel: x_norm = (x / max_pixel_value - mean) / std.
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    scale: float
+    max_pixel_value: float
 
 
 @dataclass
 class _Splits:
-    """Decoded images (NHWC, uint8 or float32 in [0, scale]) and int labels per split."""
+    """Decoded images (NHWC, uint8 or float32 in [0, max_pixel_value]) and int labels per split."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -163,7 +163,7 @@ def load_data(cfg: Any, *, batch_size: int, seed: int, deterministic: bool = Fal
         num_test=len(arrays.y_test),
         mean=mean,
         std=std,
-        scale=float(cfg.scale),
+        max_pixel_value=float(cfg.max_pixel_value),
     )
 
 
@@ -229,8 +229,8 @@ def _channel_stats(cfg: DictConfig, channels: int) -> tuple[tuple[float, ...], t
                 "channels: give one value or one per channel"
             )
         stats.append(tuple(values))
-    if min(stats[1]) <= 0 or cfg.scale <= 0:
-        raise ConfigError("dataset.std and dataset.scale must be positive")
+    if min(stats[1]) <= 0 or cfg.max_pixel_value <= 0:
+        raise ConfigError("dataset.std and dataset.max_pixel_value must be positive")
     return stats[0], stats[1]
 
 
@@ -253,8 +253,8 @@ class _Pipeline:
         self.shuffle_buffer = max(1, int(cfg.shuffle_buffer))
         self.pad = int(cfg.augment.random_crop_padding)
         self.flip = bool(cfg.augment.horizontal_flip)
-        scale, mean, std = float(cfg.scale), np.array(mean), np.array(std)
-        # (x / scale - mean) / std as one multiply-add per pixel.
+        scale, mean, std = float(cfg.max_pixel_value), np.array(mean), np.array(std)
+        # (x / max_pixel_value - mean) / std as one multiply-add per pixel.
         self.multiplier = tf.constant(1.0 / (scale * std), tf.float32)
         self.offset = tf.constant(-mean / std, tf.float32)
         self.deterministic = deterministic

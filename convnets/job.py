@@ -20,17 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import mlflow
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from convnets import architecture, data, distribute, evaluation, plots, sweep, trainer
+from convnets import architecture, data, distribute, erf, plots, sweep, trainer
 from convnets.config import TrainConfig
 from convnets.errors import ConfigError, ConvnetsError, TrackingError
 from convnets.model import build_model
 from convnets.tracking import (
     CONFIG_ARTIFACT,
+    Run,
     Tracker,
     failure_reason,
     flatten,
@@ -38,7 +38,6 @@ from convnets.tracking import (
     package_versions,
     redact,
     run_is_finished,
-    to_params,
 )
 
 log = logging.getLogger(__name__)
@@ -92,7 +91,7 @@ class _Source:
     """The run that ``reproduce=`` or ``resume=`` points at."""
 
     key: str  # "reproduce" | "resume"
-    run: mlflow.entities.Run
+    run: Run
 
     @property
     def run_id(self) -> str:
@@ -107,6 +106,7 @@ class _Job:
         self.tracker: Tracker | None = None
         self.source: _Source | None = None
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self.checkpoint_dir: Path | None = None
 
     # ------------------------------------------------------------ steps
@@ -149,6 +149,7 @@ class _Job:
             tags=self._tags(cfg, resuming),
         ) as active:  # 5.
             self.run_id = active.info.run_id
+            self.experiment_id = active.info.experiment_id
             if not resuming:
                 self._log_definition(cfg, analysis)
             model, result = fit(
@@ -264,9 +265,9 @@ class _Job:
         """Params, config.yaml and the per-layer table: what the run is, before it trains."""
         resolved = _recordable(cfg)
         self.tracker.log_params(flatten(resolved))
-        mlflow.log_text(OmegaConf.to_yaml(resolved), CONFIG_ARTIFACT)
-        mlflow.log_text(architecture.format_table(analysis) + "\n", "layers.txt")
-        mlflow.log_dict(architecture.analysis_to_dict(analysis), "layers.json")
+        self.tracker.log_text(OmegaConf.to_yaml(resolved), CONFIG_ARTIFACT)
+        self.tracker.log_text(architecture.format_table(analysis) + "\n", "layers.txt")
+        self.tracker.log_dict(architecture.analysis_to_dict(analysis), "layers.json")
 
     def _epoch_logger(self, resuming: bool) -> keras.callbacks.Callback:
         logged: set[int] = set()
@@ -282,14 +283,14 @@ class _Job:
 
     def _log_results(self, cfg, model, bundle, analysis, result) -> dict[str, float]:
         test = trainer.evaluate(model, bundle.test)
-        erf = evaluation.effective_receptive_field(model, bundle.test)
+        measured_erf = erf.effective_receptive_field(model, bundle.test)
         metrics = {
             "test_accuracy": test["accuracy"],
             "test_loss": test["loss"],
             "param_count": analysis.param_count,
             "receptive_field": analysis.receptive_field,
             "macs": analysis.macs,
-            "effective_receptive_field": erf.side,
+            "effective_receptive_field": measured_erf.side,
             "train_time_s": result.train_time_s,
             "images_per_sec": result.images_per_sec,
             "epochs_completed": result.epochs_completed,
@@ -303,7 +304,7 @@ class _Job:
             metrics.update(self._reproduce_deltas(test, bundle.num_test))
         self.tracker.log_metrics(metrics)
         figure = plots.training_curves(self.tracker.history(self.run_id))
-        mlflow.log_figure(figure, "training_curves.png")
+        self.tracker.log_figure(figure, "training_curves.png")
         return test
 
     def _reproduce_deltas(self, test: Mapping[str, float], num_test: int) -> dict[str, float]:
@@ -335,8 +336,7 @@ class _Job:
         where = (
             f"mlflow ui --backend-store-uri {uri}"
             if uri.startswith("sqlite:")
-            else f"{uri.rstrip('/')}/#/experiments/{mlflow.get_run(self.run_id).info.experiment_id}"
-            f"/runs/{self.run_id}"
+            else f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
         )
         print(
             f"done: test_accuracy={test['accuracy']:.4f} params={analysis.param_count:,} "
@@ -355,20 +355,14 @@ class _Job:
                 experiment_id = self.sweep.experiment_id
             else:
                 experiment_id = tracker.experiment_id(sweep.experiment_name(self.cfg))
-            tags = {"failure_reason": failure_reason(err)[:5000]}
-            if self.sweep is not None:
-                tags.update(self.sweep.tags())
-                tags["mlflow.parentRunId"] = self.sweep.parent_run_id
-            created = tracker.client.create_run(
+            self.run_id = tracker.create_run(
                 experiment_id,
                 run_name=run_name(self.cfg.model.name, self.cfg.dataset.name, self.overrides),
-                tags={k: redact(v) for k, v in tags.items()},
+                tags=self.sweep.tags() if self.sweep is not None else {},
+                parent_run_id=self.sweep.parent_run_id if self.sweep is not None else None,
             )
-            self.run_id = created.info.run_id
-            params = to_params(flatten(_recordable(self.cfg)))
-            for key, value in params.items():
-                tracker.client.log_param(self.run_id, key, value)
-            tracker.client.set_terminated(self.run_id, status="FAILED")
+            tracker.log_params_to(self.run_id, flatten(_recordable(self.cfg)))
+            tracker.end_run(self.run_id, "FAILED", failure_reason(err))
         except Exception:  # noqa: BLE001 - the store may be what failed; the job's error matters
             log.warning("the failed job could not be recorded in MLflow", exc_info=True)
 

@@ -103,8 +103,8 @@ def sweep_context() -> SweepContext | None:
 
 
 def experiment_name(cfg: DictConfig) -> str:
-    """``tracking.experiment``, else the experiment config's name, else the dataset's."""
-    return cfg.tracking.experiment or cfg.get("experiment_name") or cfg.dataset.name
+    """``tracking.experiment`` (experiment configs set it), else the dataset's name."""
+    return cfg.tracking.experiment or cfg.dataset.name
 
 
 def sweep_overrides(config: DictConfig) -> dict[str, str]:
@@ -153,7 +153,7 @@ class MlflowSweepCallback(Callback):
 
     @_stop_sweep_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from convnets.tracking import Tracker, redact, shorten, to_params
+        from convnets.tracking import Tracker, redact, shorten
 
         tracker = Tracker(config.tracking.uri, http_timeout_s=config.tracking.http_timeout_s)
         tracker.check_store()  # first contact: sqlite creates its schema here, once
@@ -161,9 +161,9 @@ class MlflowSweepCallback(Callback):
         overrides = sweep_overrides(config)
         definition = redact(" ".join(f"{key}={value}" for key, value in overrides.items()))
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
-        parent = tracker.client.create_run(
+        run_id = tracker.create_run(
             experiment_id,
-            run_name=shorten(redact("sweep " + " ".join(config.hydra.overrides.task)), 250, "..."),
+            run_name=shorten("sweep " + " ".join(config.hydra.overrides.task), 250, "..."),
             tags={
                 "sweep_role": "parent",
                 "sweep_overrides": shorten(definition, _MAX_TAG, "..."),
@@ -172,18 +172,15 @@ class MlflowSweepCallback(Callback):
                 "sweep_dir": str(sweep_dir),
             },
         )
-        run_id = parent.info.run_id
         self._open_parent = (config.tracking.uri, run_id)
         # If the sweep dies (Optuna raising, Ctrl-C), on_multirun_end never runs.
         atexit.register(self._end_abandoned_parent)
-        params = to_params({_param_key(key): value for key, value in overrides.items()})
-        for key, value in params.items():
-            tracker.client.log_param(run_id, key, value)
+        tracker.log_params_to(run_id, {_param_key(key): value for key, value in overrides.items()})
         with tempfile.TemporaryDirectory() as tmp:  # the complete definition, as a file
             definition_file = Path(tmp) / "sweep.yaml"
             text = OmegaConf.to_yaml({"overrides": overrides, "sweeper": config.hydra.sweeper})
             definition_file.write_text(redact(text))
-            tracker.client.log_artifact(run_id, str(definition_file))
+            tracker.log_artifact_to(run_id, definition_file)
 
         context = SweepContext(config.tracking.uri, experiment_id, run_id)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -209,18 +206,17 @@ class MlflowSweepCallback(Callback):
         optuna_results = path.parent / "optimization_results.yaml"  # hydra-optuna-sweeper's
         if optuna_results.is_file():
             _log_optuna_results(context, optuna_results)
-        summarize(context, path.parent / SUMMARY_DIR)
+        summarize(context, path.parent / SUMMARY_DIR, config.tracking.http_timeout_s)
         self._open_parent = None
 
     def _end_abandoned_parent(self) -> None:
         if self._open_parent is None:
             return
-        from mlflow.tracking import MlflowClient
+        from convnets.tracking import Tracker
 
         uri, run_id = self._open_parent
-        client = MlflowClient(tracking_uri=uri)
-        client.set_tag(run_id, "failure_reason", "the sweep stopped before its end (see its log)")
-        client.set_terminated(run_id, status="FAILED")
+        reason = "the sweep stopped before its end (see its log)"
+        Tracker(uri).end_run(run_id, "FAILED", reason)
 
 
 def _fail_nan_trial_for_optuna(config: DictConfig, job_return: JobReturn) -> None:
@@ -245,20 +241,20 @@ def _fail_nan_trial_for_optuna(config: DictConfig, job_return: JobReturn) -> Non
 
 def _log_optuna_results(context: SweepContext, path: Path) -> None:
     """The study's best objective value and parameters, as Optuna reported them."""
-    from mlflow.tracking import MlflowClient
+    from convnets.tracking import Tracker, shorten
 
-    from convnets.tracking import shorten
-
-    client = MlflowClient(tracking_uri=context.tracking_uri)
+    tracker = Tracker(context.tracking_uri)
     results = OmegaConf.load(path)
-    client.log_artifact(context.parent_run_id, str(path))
+    tracker.log_artifact_to(context.parent_run_id, path)
     if "best_value" in results:  # single objective
-        client.log_metric(context.parent_run_id, "optuna_best_value", float(results.best_value))
+        tracker.log_metrics_to(context.parent_run_id, {"optuna_best_value": results.best_value})
         best = " ".join(f"{key}={value}" for key, value in results.best_params.items())
-        client.set_tag(context.parent_run_id, "optuna_best_params", shorten(best, _MAX_TAG, "..."))
+        tracker.set_tags_on(
+            context.parent_run_id, {"optuna_best_params": shorten(best, _MAX_TAG, "...")}
+        )
 
 
-def summarize(context: SweepContext, out_dir: Path) -> pd.DataFrame:
+def summarize(context: SweepContext, out_dir: Path, http_timeout_s: float = 10.0) -> pd.DataFrame:
     """Summary of the sweep's jobs on the parent run; ends the parent; returns the table.
 
     Logs ``summary/jobs.csv`` (one row per job), ``summary/*.png`` (test accuracy against
@@ -267,16 +263,14 @@ def summarize(context: SweepContext, out_dir: Path) -> pd.DataFrame:
     ``best_val_accuracy`` / ``best_test_accuracy``, and the job counts. The parent ends FINISHED, or FAILED when no
     job finished.
     """
-    import mlflow
     import pandas as pd
-    from mlflow.tracking import MlflowClient
 
-    from convnets.evaluation import summary_figures  # imports TensorFlow: only when needed
+    from convnets.compare import summary_figures
+    from convnets.tracking import Tracker
 
-    client = MlflowClient(tracking_uri=context.tracking_uri)
-    mlflow.set_tracking_uri(context.tracking_uri)
-    runs = mlflow.search_runs(
-        experiment_ids=[context.experiment_id],
+    tracker = Tracker(context.tracking_uri, http_timeout_s=http_timeout_s)
+    runs = tracker.search_runs(
+        [context.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{context.parent_run_id}'",
     )
     table = runs.reindex(columns=list(SUMMARY_COLUMNS)).rename(columns=SUMMARY_COLUMNS)
@@ -289,24 +283,22 @@ def summarize(context: SweepContext, out_dir: Path) -> pd.DataFrame:
     if "metrics.test_accuracy" in runs.columns:  # some job finished
         # From the runs themselves, so points are labelled by the params that differ.
         summary_figures(runs, out_dir)  # accuracy vs params coloured by RF, vs RF; Pareto fronts
-    client.log_artifacts(context.parent_run_id, str(out_dir), SUMMARY_DIR)
+    tracker.log_artifacts_to(context.parent_run_id, out_dir, SUMMARY_DIR)
 
     finished = table[(table["status"] == "FINISHED") & table["val_accuracy"].notna()]
     metrics = {"jobs": len(table), "jobs_finished": len(finished)}
     metrics["jobs_failed"] = int((table["status"] == "FAILED").sum())
     if len(finished):
         best = finished.loc[finished["val_accuracy"].idxmax()]
-        client.set_tag(context.parent_run_id, "best_run_id", best["run_id"])
-        client.set_tag(context.parent_run_id, "best_overrides", str(best["overrides"]))
+        tags = {"best_run_id": best["run_id"], "best_overrides": str(best["overrides"])}
+        tracker.set_tags_on(context.parent_run_id, tags)
         metrics["best_val_accuracy"] = best["val_accuracy"]
         if not math.isnan(best["test_accuracy"]):
             metrics["best_test_accuracy"] = best["test_accuracy"]
-    for key, value in metrics.items():
-        client.log_metric(context.parent_run_id, key, float(value))
+    tracker.log_metrics_to(context.parent_run_id, metrics)
     if len(finished):
-        client.set_terminated(context.parent_run_id, status="FINISHED")
+        tracker.end_run(context.parent_run_id, "FINISHED")
     else:
-        client.set_tag(context.parent_run_id, "failure_reason", "no job of the sweep finished")
-        client.set_terminated(context.parent_run_id, status="FAILED")
+        tracker.end_run(context.parent_run_id, "FAILED", "no job of the sweep finished")
     log.info("sweep: %d of %d jobs finished; summary in %s", len(finished), len(table), out_dir)
     return table

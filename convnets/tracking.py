@@ -1,7 +1,9 @@
 """MLflow: the store, experiments, runs and the record every training run leaves.
 
-``job.py`` records through :class:`Tracker`; nothing else in the package logs to MLflow. The
-module stays free of TensorFlow so that a sweep's launcher process can prepare the store cheaply.
+The only module that imports ``mlflow``: the job, the sweep, evaluation and comparison read
+and write through :class:`Tracker`, so every call gets the same store handling (the lock, the
+bounded HTTP probe, redaction). It stays free of TensorFlow so that a sweep's launcher process
+can prepare the store cheaply (``log_model`` imports it only when a model is logged).
 
 Store handling (issue 5):
 
@@ -29,15 +31,19 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric, Run, RunStatus
+from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from convnets.errors import ConvnetsError, TrackingError
 
@@ -238,7 +244,7 @@ class Tracker:
 
     # ------------------------------------------------------------ runs
 
-    def get_run(self, run_id: str, *, key: str = "run_id") -> mlflow.entities.Run:
+    def get_run(self, run_id: str, *, key: str = "run_id") -> Run:
         """The run, or a TrackingError naming ``key`` (e.g. ``reproduce``) and the store."""
         try:
             with _bounded_http(self.http_timeout_s):
@@ -258,18 +264,31 @@ class Tracker:
         self.get_run(run_id, key=key)
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                local = mlflow.artifacts.download_artifacts(
-                    run_id=run_id,
-                    artifact_path=CONFIG_ARTIFACT,
-                    dst_path=tmp,
-                    tracking_uri=self.uri,
-                )
+                local = self.download_artifacts(run_id, CONFIG_ARTIFACT, tmp)
             except Exception as err:  # noqa: BLE001
                 raise TrackingError(
                     f"{key}={run_id}: the run has no readable {CONFIG_ARTIFACT} artifact "
                     f"({type(err).__name__}); only runs recorded by train.py can be rerun"
                 ) from err
             return OmegaConf.load(local)
+
+    def download_artifacts(self, run_id: str, artifact_path: str, dst: str | Path) -> Path:
+        """A run's artifact (file or folder) copied under ``dst``; MLflow's errors pass through."""
+        # A progress bar per downloaded file is noise on a one-line command.
+        MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.set(False)
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=self.uri
+            )
+        )
+
+    def get_experiment_by_name(self, name: str) -> Any:
+        with _bounded_http(self.http_timeout_s):
+            return self.client.get_experiment_by_name(name)
+
+    def search_runs(self, experiment_ids: Sequence[str], filter_string: str = "") -> pd.DataFrame:
+        """Runs as MLflow's DataFrame (``params.*``, ``metrics.*``, ``tags.*`` columns)."""
+        return mlflow.search_runs(experiment_ids=list(experiment_ids), filter_string=filter_string)
 
     @contextlib.contextmanager
     def run(
@@ -319,6 +338,15 @@ class Tracker:
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         mlflow.log_params(to_params(params))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        mlflow.log_text(text, artifact_file)
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        mlflow.log_dict(dict(data), artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        mlflow.log_figure(figure, artifact_file)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
@@ -372,10 +400,55 @@ class Tracker:
         )
         return f"runs:/{mlflow.active_run().info.run_id}/{MODEL_ARTIFACT}"
 
+    # ------------------------------------------------------------ any run, by id
+
+    def create_run(
+        self,
+        experiment_id: str,
+        *,
+        run_name: str,
+        tags: Mapping[str, Any] | None = None,
+        parent_run_id: str | None = None,
+    ) -> str:
+        """A run that is not this process's active one (a sweep parent, a failed job's record)."""
+        all_tags = {k: shorten(redact(str(v)), MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(experiment_id, run_name=redact(run_name), tags=all_tags)
+        return run.info.run_id
+
+    def log_params_to(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Params (:func:`to_params`: strings, redacted, within limits) in one store call."""
+        from mlflow.entities import Param
+
+        batch = [Param(k, v) for k, v in to_params(params).items()]
+        self.client.log_batch(run_id, params=batch)
+
+    def log_metrics_to(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(run_id, metrics=batch)
+
+    def set_tags_on(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, shorten(redact(str(value)), MAX_TAG_VAL_LENGTH))
+
+    def log_artifact_to(self, run_id: str, path: str | Path, artifact_path: str | None = None):
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_artifacts_to(self, run_id: str, folder: str | Path, artifact_path: str | None = None):
+        self.client.log_artifacts(run_id, str(folder), artifact_path)
+
+    def end_run(self, run_id: str, status: str, reason: str | None = None) -> None:
+        """End a run by id (not the active one), with ``failure_reason`` when not FINISHED."""
+        if reason:
+            self.client.set_tag(run_id, "failure_reason", shorten(redact(reason), 5000))
+        self.client.set_terminated(run_id, status=status)
+
 
 def failure_reason(err: BaseException) -> str:
     return str(err) if isinstance(err, ConvnetsError) else f"{type(err).__name__}: {err}"
 
 
-def run_is_finished(run: mlflow.entities.Run) -> bool:
+def run_is_finished(run: Run) -> bool:
     return run.info.status == RunStatus.to_string(RunStatus.FINISHED)

@@ -46,7 +46,7 @@ def all_examples(ds):
 
 
 def unnormalise(x, bundle):
-    return (x * np.array(bundle.std) + np.array(bundle.mean)) * bundle.scale
+    return (x * np.array(bundle.std) + np.array(bundle.mean)) * bundle.max_pixel_value
 
 
 # ---------------------------------------------------------------- digits (real data)
@@ -122,7 +122,7 @@ def test_train_reshuffles_each_epoch_and_deterministic_loads_match():
 
 def test_plain_dict_config_is_accepted():
     bundle = data.load_data(
-        {"name": "digits", "source": "sklearn", "scale": 16.0, "val_fraction": 0.0},
+        {"name": "digits", "source": "sklearn", "max_pixel_value": 16.0, "val_fraction": 0.0},
         batch_size=64,
         seed=0,
     )

@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from convnets import evaluation
+from convnets import compare, evaluation
 from convnets.config import EvaluateConfig, TrackingConfig
 from convnets.errors import ConfigError, TrackingError
 from convnets.tracking import Tracker
@@ -135,11 +135,11 @@ def test_compare_sweep_parent_writes_plots_csv_and_logs_them(store, tmp_path):
 
 def test_compare_experiment_name_leaves_out_the_sweep_parent(store, tmp_path):
     uri, parent, children, _ = store
-    report = evaluation.compare(Tracker(uri), EXPERIMENT, tmp_path)
+    report = compare.compare(Tracker(uri), EXPERIMENT, tmp_path)
     assert set(report.table["run_id"]) == set(children["run_id"])
     assert report.parent_run_id is None
     # Pareto flags agree with the pure function.
-    front = evaluation.pareto_front(report.table["param_count"], report.table["test_accuracy"])
+    front = compare.pareto_front(report.table["param_count"], report.table["test_accuracy"])
     assert report.table["pareto_params"].tolist() == [i in front for i in range(len(front))]
 
 

@@ -53,7 +53,7 @@ def test_the_issue_experiments_are_shipped():
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_grid_point_composes_to_a_valid_stack(hydra_compose, name):
     base = hydra_compose([f"experiment={name}"], return_hydra_config=True)
-    assert base.experiment_name == name  # the MLflow experiment is named after the study
+    assert base.tracking.experiment == name  # the MLflow experiment is named after the study
     params = [f"{key}={value}" for key, value in base.hydra.sweeper.params.items()]
     # Hydra's own grid expansion: what `python train.py -m experiment=<name>` launches.
     (grid,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)
@@ -104,7 +104,7 @@ def test_optuna_search_space_corners_compose_to_valid_stacks(hydra_compose, name
     assert "TPESampler" in sweeper.sampler._target_
     assert sweeper.storage is None  # the plugin's RDB storage fails with SQLAlchemy 2
     assert set(sweeper.params) == SEARCH_SPACE
-    assert base.experiment_name == name
+    assert base.tracking.experiment == name
 
     parsed = OverridesParser.create().parse_overrides(
         [f"{key}={value}" for key, value in sweeper.params.items()]

@@ -1,0 +1,239 @@
+"""Comparing runs: accuracy against parameter count and receptive field, with Pareto fronts.
+
+``python evaluate.py compare=<experiment or sweep parent run id>`` and the sweep summary draw
+from here. Pandas, matplotlib and MLflow (through :class:`~convnets.tracking.Tracker`), no
+TensorFlow: a sweep's launcher process summarises without loading it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from convnets import plots
+from convnets.errors import TrackingError
+from convnets.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+COMPARE_DIR = "compare"  # artifact folder of the compare report on a sweep parent run
+
+
+def pareto_front(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats on both: smaller-or-equal x, larger-or-equal y.
+
+    "Cheapest for its accuracy": minimise x (parameters, receptive field), maximise y
+    (accuracy). A point is on the front unless another has x <= its x and y >= its y with
+    one of them strict; identical points are all on it. NaN/inf points are ignored.
+    Returned in increasing x (the order to draw the front as a step line).
+    """
+    x = np.asarray(xs, dtype=float)
+    y = np.asarray(ys, dtype=float)
+    valid = [i for i in range(len(x)) if np.isfinite(x[i]) and np.isfinite(y[i])]
+    front: list[int] = []
+    best = -math.inf
+    for i in sorted(valid, key=lambda i: (x[i], -y[i])):
+        if y[i] > best:
+            front.append(i)
+            best = y[i]
+        elif y[i] == best and x[i] == x[front[-1]]:
+            front.append(i)
+    return front
+
+
+METRIC_COLUMNS = (
+    "test_accuracy",
+    "param_count",
+    "receptive_field",
+    "effective_receptive_field",
+    "macs",
+)
+# Parameters that differ between runs without being a design choice.
+_NOISE_PARAMS = ("tracking.", "hydra.", "reproduce", "resume", "trainer.verbose")
+
+
+def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """``mlflow.search_runs`` output -> one row per run, best test accuracy first.
+
+    Columns: ``run_id``, ``name``, the params whose values differ between the runs (without
+    the ``params.`` prefix; their names also in ``table.attrs["params"]``), then
+    :data:`METRIC_COLUMNS` (NaN where a run lacks one).
+    """
+    params = [
+        c
+        for c in runs.columns
+        if c.startswith("params.")
+        and not c[len("params.") :].startswith(_NOISE_PARAMS)
+        and runs[c].astype(str).nunique() > 1
+    ]
+    table = pd.DataFrame(
+        {
+            "run_id": runs["run_id"],
+            "name": runs.get("tags.mlflow.runName", pd.Series("", index=runs.index)),
+        }
+    )
+    for c in params:
+        table[c[len("params.") :]] = runs[c]
+    table.attrs["params"] = [c[len("params.") :] for c in params]
+    for m in METRIC_COLUMNS:
+        table[m] = runs.get(f"metrics.{m}", pd.Series(np.nan, index=runs.index))
+    return table.sort_values("test_accuracy", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def summary_figures(runs: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
+    """Test accuracy vs parameter count (log x, coloured by receptive field) and vs receptive
+    field (coloured by parameter count), Pareto fronts marked; also vs the effective
+    receptive field when runs have it. Returns ``{figure name: PNG path}``.
+
+    ``runs``: :func:`runs_table` output or any frame with columns ``test_accuracy``,
+    ``param_count``, ``receptive_field`` (optionally ``effective_receptive_field`` and a
+    ``name``/``run_name`` for labels); rows without a test accuracy (failed jobs) are left
+    out. ``mlflow.search_runs`` output is converted, so points are labelled by the params
+    that differ between the runs.
+    """
+    if "metrics.test_accuracy" in runs.columns:
+        runs = runs_table(runs)
+    runs = runs[runs["test_accuracy"].notna()].reset_index(drop=True)
+    out_dir = Path(out_dir)
+    labels = _point_labels(runs)
+    acc = runs["test_accuracy"].to_numpy(float)
+    specs = [
+        (
+            "accuracy_vs_params",
+            "param_count",
+            "parameters (log scale)",
+            True,
+            "receptive_field",
+            "receptive field (pixels)",
+        ),
+        (
+            "accuracy_vs_receptive_field",
+            "receptive_field",
+            "theoretical receptive field (pixels)",
+            False,
+            "param_count",
+            "parameters",
+        ),
+        (
+            "accuracy_vs_effective_receptive_field",
+            "effective_receptive_field",
+            "effective receptive field (pixels, 95% of the gradient)",
+            False,
+            "param_count",
+            "parameters",
+        ),
+    ]
+    paths: dict[str, Path] = {}
+    for name, x_col, x_label, log_x, c_col, c_label in specs:
+        if x_col not in runs.columns or runs[x_col].isna().all():
+            continue
+        x = runs[x_col].to_numpy(float)
+        color = runs[c_col].to_numpy(float) if c_col in runs.columns else None
+        front = pareto_front(x, acc)
+        fig = plots.pareto_scatter(
+            x,
+            acc,
+            front,
+            xlabel=x_label,
+            title=f"Test accuracy vs {x_label.split(' (')[0]} ({len(runs)} runs; "
+            "front: best accuracy for its cost)",
+            color=color,
+            color_label=c_label,
+            log_x=log_x,
+            labels=labels,
+        )
+        paths[name] = plots.save(fig, out_dir / f"{name}.png")
+    return paths
+
+
+def _point_labels(runs: pd.DataFrame) -> list[str] | None:
+    """What tells the runs apart: the differing params (``kernel_size=5``) that
+    :func:`runs_table` found, else the run name."""
+    params = runs.attrs.get("params")
+    if params:
+        short = {c: c.removeprefix("model.").removeprefix("layer_defaults.") for c in params}
+        return [", ".join(f"{short[c]}={row[c]}" for c in params) for _, row in runs.iterrows()]
+    for col in ("name", "run_name"):
+        if col in runs.columns:
+            return list(runs[col].astype(str))
+    return None
+
+
+@dataclass
+class CompareReport:
+    table: pd.DataFrame
+    csv: Path
+    figures: dict[str, Path]
+    parent_run_id: str | None = None  # set when the report was logged to a sweep parent
+
+
+def _finished_runs(tracker: Tracker, target: str) -> tuple[pd.DataFrame, str | None]:
+    """FINISHED runs of experiment ``target``, or the children of run ``target``."""
+    parent = None
+    if re.fullmatch(r"[0-9a-f]{32}", target):
+        with contextlib.suppress(TrackingError):
+            parent = tracker.get_run(target, key="compare")
+    if parent is not None:
+        runs = tracker.search_runs(
+            [parent.info.experiment_id],
+            filter_string=(
+                f"tags.`mlflow.parentRunId` = '{target}' and attributes.status = 'FINISHED'"
+            ),
+        )
+        where = f"compare={target}: the sweep parent run has no FINISHED child runs"
+    else:
+        experiment = tracker.get_experiment_by_name(target)
+        if experiment is None:
+            raise TrackingError(
+                f"compare={target}: no experiment of that name and no run with that id in "
+                f"{tracker.shown_uri}; check tracking.uri, or list experiments with "
+                "`mlflow experiments search`"
+            )
+        runs = tracker.search_runs(
+            [experiment.experiment_id], filter_string="attributes.status = 'FINISHED'"
+        )
+        # Sweep parents sit in the experiment next to their jobs; they are not runs to compare.
+        if len(runs) and "tags.mlflow.parentRunId" in runs.columns:
+            runs = runs[~runs["run_id"].isin(set(runs["tags.mlflow.parentRunId"].dropna()))]
+        where = f"compare={target}: experiment {target!r} has no FINISHED runs"
+    if len(runs) and "metrics.test_accuracy" in runs.columns:
+        runs = runs[runs["metrics.test_accuracy"].notna()]
+    else:
+        runs = runs.iloc[0:0]
+    if len(runs) == 0:
+        raise TrackingError(f"{where} with a test_accuracy; train some first (python train.py)")
+    return runs.reset_index(drop=True), parent.info.run_id if parent is not None else None
+
+
+def compare(tracker: Tracker, target: str, out_dir: str | Path) -> CompareReport:
+    """Comparison report of an experiment's (or a sweep parent's) FINISHED runs.
+
+    Writes ``runs.csv`` (:func:`runs_table`, plus ``pareto_params`` / ``pareto_rf``: whether
+    the run is on the front of accuracy vs parameters / vs receptive field) and the
+    :func:`summary_figures` PNGs to ``out_dir``; when ``target`` is a run id they are also
+    logged to that run under ``compare/``.
+    """
+    runs, parent_id = _finished_runs(tracker, target)
+    table = runs_table(runs)
+    acc = table["test_accuracy"]
+    for flag, col in (("pareto_params", "param_count"), ("pareto_rf", "receptive_field")):
+        on_front = set(pareto_front(table[col], acc))
+        table[flag] = [i in on_front for i in range(len(table))]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv = out_dir / "runs.csv"
+    table.to_csv(csv, index=False)
+    figures = summary_figures(table, out_dir)
+    if parent_id is not None:
+        for path in (csv, *figures.values()):
+            tracker.log_artifact_to(parent_id, path, COMPARE_DIR)
+    log.info("compare: %d runs; report in %s", len(table), out_dir)
+    return CompareReport(table, csv, figures, parent_id)
