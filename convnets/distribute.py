@@ -63,7 +63,7 @@ def _split_cpu(replicas: int) -> None:
 
 
 def make_strategy(dist_cfg) -> tf.distribute.Strategy:
-    """The strategy named by ``distribute.strategy`` (see DESIGN.md, Distribution)."""
+    """The strategy named by ``distribute.strategy`` (docs/reference.md, Distribution)."""
     name = dist_cfg.strategy
     if name not in STRATEGIES:
         raise ConfigError(

@@ -132,3 +132,25 @@ def test_slurm_launcher_preset(hydra_compose):
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert launcher.partition == "gpu" and launcher.gpus_per_node >= 1
     assert launcher.tasks_per_node == 1  # one process per job: MirroredStrategy inside it
+
+
+def test_local_config_is_read_last_and_optional(tmp_path):
+    """``configs/local/default.yaml`` (git-ignored) sets machine-specific keys after any
+    experiment; the command line still wins; without it everything composes as before."""
+    if (CONFIGS / "local" / "default.yaml").exists():
+        pytest.skip("this checkout has its own configs/local/default.yaml")
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "default.yaml").write_text(
+        "# @package _global_\ntracking:\n  uri: sqlite:///elsewhere.db\n"
+        "dataset:\n  data_dir: /data/tfds\n"
+    )
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        plain = compose("train", overrides=["experiment=rf_vs_accuracy"])
+        searched = [f"hydra.searchpath=[file://{tmp_path}]", "experiment=rf_vs_accuracy"]
+        cfg = compose("train", overrides=searched)
+        wins = compose("train", overrides=[*searched, "tracking.uri=sqlite:///cli.db"])
+    assert plain.tracking.uri == "sqlite:///mlflow.db" and plain.dataset.data_dir is None
+    assert cfg.tracking.uri == "sqlite:///elsewhere.db" and cfg.dataset.data_dir == "/data/tfds"
+    assert cfg.tracking.experiment == "rf_vs_accuracy"  # the experiment's keys are kept
+    assert wins.tracking.uri == "sqlite:///cli.db"

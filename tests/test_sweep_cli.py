@@ -89,7 +89,7 @@ def run_sweep(tmp: Path, *overrides: str, timeout: float = 420) -> Sweep:
 
 
 def assert_complete_record(client, run) -> None:
-    """What DESIGN.md says every finished training run records."""
+    """What docs/reference.md says every finished training run records."""
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     assert params["dataset.name"] == "digits" and params["trainer.epochs"] == "1"
     assert params["model.layers.0.filters"] == "4"
