@@ -9,17 +9,25 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 
 import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
-from convnets import evaluation
-from convnets.cli import one_line_config_errors, report_user_errors
+from convnets.cli import (
+    import_tensorflow_quietly,
+    one_line_config_errors,
+    quiet_library_logs,
+    report_user_errors,
+)
 
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
 @report_user_errors
 def main(cfg) -> float | None:
+    import_tensorflow_quietly()
+    from convnets import evaluation
+
     result = evaluation.run(cfg, HydraConfig.get().runtime.output_dir)
     return result.metrics["eval_accuracy"] if isinstance(result, evaluation.EvalReport) else None
 
 
 if __name__ == "__main__":
+    quiet_library_logs()
     one_line_config_errors()
     main()

@@ -9,7 +9,12 @@ from hydra.types import RunMode
 
 import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
 from convnets.architecture import check_stack
-from convnets.cli import one_line_config_errors, report_user_errors
+from convnets.cli import (
+    import_tensorflow_quietly,
+    one_line_config_errors,
+    quiet_library_logs,
+    report_user_errors,
+)
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
@@ -17,11 +22,13 @@ from convnets.cli import one_line_config_errors, report_user_errors
 def main(cfg) -> float:
     if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep records a bad point as FAILED
         check_stack(cfg.model, cfg.dataset)  # pure: refused before TensorFlow loads (~5 s)
-    from convnets import job  # imports TensorFlow
+    import_tensorflow_quietly()
+    from convnets import job
 
     return job.train(cfg)
 
 
 if __name__ == "__main__":
+    quiet_library_logs()
     one_line_config_errors()
     main()

@@ -1,7 +1,8 @@
-"""What every entry point shares: user errors as one line, no traceback."""
+"""What every entry point shares: user errors as one line, no traceback; a quiet start."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -13,6 +14,50 @@ from typing import Any
 from convnets.errors import ConfigError, ConvnetsError
 
 log = logging.getLogger("convnets")
+# Read when an entry point imports this module, before anything here sets it.
+_TF_LOG_LEVEL_FROM_USER = "TF_CPP_MIN_LOG_LEVEL" in os.environ
+
+
+def quiet_library_logs() -> None:
+    """Keep library start-up chatter off the console, unless the user asked for it.
+
+    MLflow logs at INFO by default (e.g. "Creating initial MLflow database tables") and reads
+    ``MLFLOW_LOGGING_LEVEL`` when it is imported; TensorFlow's C++ logging reads
+    ``TF_CPP_MIN_LOG_LEVEL`` when it loads (2: errors only). A value the user set wins.
+    """
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow and enumerate its devices with the process's stderr (fd 2) silenced.
+
+    TensorFlow's native code logs through absl before absl's logging is initialised, so
+    ``TF_CPP_MIN_LOG_LEVEL`` cannot hold back lines such as "Could not find cuda drivers" and
+    "failed call to cuInit" on a machine without a GPU; only the file descriptor can. Python
+    exceptions are unaffected (they are printed after fd 2 is restored). A user who sets
+    ``TF_CPP_MIN_LOG_LEVEL`` themselves sees TensorFlow's own output, unchanged.
+    """
+    quiet_library_logs()
+    with contextlib.nullcontext() if _TF_LOG_LEVEL_FROM_USER else _silenced_fd(2):
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # CUDA initialisation logs here, once per process
+
+
+@contextlib.contextmanager
+def _silenced_fd(fd: int):
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
 
 
 def report_user_errors(task: Callable[..., Any]) -> Callable[..., Any]:
