@@ -12,6 +12,7 @@ from convnets.architecture import check_stack
 from convnets.cli import (
     import_tensorflow_quietly,
     one_line_config_errors,
+    open_store_in_background,
     quiet_library_logs,
     report_user_errors,
 )
@@ -22,10 +23,11 @@ from convnets.cli import (
 def main(cfg) -> float:
     if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep records a bad point as FAILED
         check_stack(cfg.model, cfg.dataset)  # pure: refused before TensorFlow loads (~5 s)
+    store = open_store_in_background(cfg.tracking.uri, cfg.tracking.http_timeout_s)
     import_tensorflow_quietly()
     from convnets import job
 
-    return job.train(cfg)
+    return job.train(cfg, store)
 
 
 if __name__ == "__main__":

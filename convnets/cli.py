@@ -9,6 +9,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from convnets.errors import ConfigError, ConvnetsError
@@ -27,6 +28,25 @@ def quiet_library_logs() -> None:
     """
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def open_store_in_background(uri: str, http_timeout_s: float) -> Future:
+    """Import MLflow and open the store on a thread, so that both (and, on a fresh SQLite file,
+    MLflow's schema migrations) overlap TensorFlow's import instead of following it.
+
+    The future's ``result()`` is a :class:`convnets.tracking.Tracker`, or re-raises the store's
+    error (a one-line :class:`~convnets.errors.TrackingError`) where the store is first needed.
+    """
+
+    def open_store():
+        from convnets.tracking import open_store
+
+        return open_store(uri, http_timeout_s=http_timeout_s)
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="open-store")
+    future = pool.submit(open_store)
+    pool.shutdown(wait=False)  # the thread ends with its one task
+    return future
 
 
 def import_tensorflow_quietly() -> None:

@@ -15,6 +15,7 @@ import math
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from convnets.tracking import (
     failure_reason,
     flatten,
     git_state,
+    open_store,
     package_versions,
     redact,
     run_is_finished,
@@ -55,7 +57,7 @@ _ALLOWED_WITH_RERUN = ("tracking", "reproduce", "resume")
 # ---------------------------------------------------------------- entry
 
 
-def train(cfg: DictConfig) -> float:
+def train(cfg: DictConfig, store: Future[Tracker] | None = None) -> float:
     """Train and record one run; return its validation accuracy (the sweep objective).
 
     The best epoch's ``val_accuracy`` when ``trainer.restore_best`` (those weights are the
@@ -64,7 +66,7 @@ def train(cfg: DictConfig) -> float:
     In a Hydra multirun a failing job is recorded FAILED, reported in one line, and returns
     ``nan`` so the other jobs still run. Ctrl-C ends the run KILLED and exits with 130.
     """
-    job = _Job(cfg)
+    job = _Job(cfg, store)
     try:
         return job.run()
     except KeyboardInterrupt:
@@ -99,8 +101,9 @@ class _Source:
 
 
 class _Job:
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, store: Future[Tracker] | None = None):
         self.cfg = cfg
+        self.store = store  # the store train.py started opening while TensorFlow loaded
         self.overrides = _task_overrides()
         self.sweep = sweep.sweep_context()  # sweep hook: set in a multirun (convnets.sweep)
         self.tracker: Tracker | None = None
@@ -207,7 +210,7 @@ class _Job:
                 f"{key}={run_id} reruns the recorded config exactly; drop the other overrides "
                 f"({' '.join(others)}) -- only tracking.* may be given"
             )
-        self.tracker = _open_tracker(cfg)
+        self.tracker = self._open_tracker(cfg)
         run = self.tracker.get_run(run_id, key=key)
         if key == "resume" and run_is_finished(run):
             raise TrackingError(
@@ -228,12 +231,17 @@ class _Job:
 
     def _prepare_store(self, cfg: DictConfig) -> str:
         if self.tracker is None:
-            self.tracker = _open_tracker(cfg)
+            self.tracker = self._open_tracker(cfg)
         if self.source is not None and self.source.key == "resume":
             return self.source.run.info.experiment_id
         if self.sweep is not None:
             return self.sweep.experiment_id  # created once by the sweep before the fan-out
         return self.tracker.experiment_id(sweep.experiment_name(cfg))
+
+    def _open_tracker(self, cfg: DictConfig) -> Tracker:
+        if self.store is not None and cfg.tracking.uri == self.cfg.tracking.uri:
+            return self.store.result()
+        return open_store(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
 
     # ------------------------------------------------------------ the record
 
@@ -350,7 +358,7 @@ class _Job:
         if self.run_id is not None:
             return  # the run's context manager recorded it
         try:
-            tracker = self.tracker or _open_tracker(self.cfg)
+            tracker = self.tracker or self._open_tracker(self.cfg)
             if self.sweep is not None:
                 experiment_id = self.sweep.experiment_id
             else:
@@ -419,12 +427,6 @@ def _check_architecture_and_data(cfg: DictConfig):
     for warning in analysis.warnings:
         _warn(warning)
     return stack, input_shape, num_classes, analysis
-
-
-def _open_tracker(cfg: DictConfig) -> Tracker:
-    tracker = Tracker(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
-    tracker.check_store()
-    return tracker
 
 
 def _rerun_config(recorded: DictConfig, current: DictConfig) -> DictConfig:

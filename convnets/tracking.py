@@ -446,6 +446,13 @@ class Tracker:
         self.client.set_terminated(run_id, status=status)
 
 
+def open_store(uri: str, *, http_timeout_s: float = 10.0) -> Tracker:
+    """A :class:`Tracker` whose store answered (a fresh SQLite schema is created here, once)."""
+    tracker = Tracker(uri, http_timeout_s=http_timeout_s)
+    tracker.check_store()
+    return tracker
+
+
 def failure_reason(err: BaseException) -> str:
     return str(err) if isinstance(err, ConvnetsError) else f"{type(err).__name__}: {err}"
 
