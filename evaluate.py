@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 
 import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
 from convnets import evaluation
-from convnets.cli import one_line_config_errors, report_user_errors
+from convnets.cli import report_user_errors, run_main
 
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
@@ -21,5 +21,4 @@ def main(cfg) -> float | None:
 
 
 if __name__ == "__main__":
-    one_line_config_errors()
-    main()
+    run_main(main)

@@ -9,7 +9,7 @@ from hydra.types import RunMode
 
 import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
 from convnets.architecture import check_stack
-from convnets.cli import one_line_config_errors, report_user_errors
+from convnets.cli import report_user_errors, run_main
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
@@ -23,5 +23,4 @@ def main(cfg) -> float:
 
 
 if __name__ == "__main__":
-    one_line_config_errors()
-    main()
+    run_main(main)

@@ -211,6 +211,15 @@ def test_unreachable_server_fails_in_seconds(tmp_path):
     assert not (tmp_path / "checkpoints").exists()  # nothing half-written
 
 
+def test_an_override_without_a_key_is_one_line():
+    """Hydra fails on it deep in its defaults list with a ValueError and a traceback."""
+    result = train_cli("=3")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: =3: an override needs a key before '=' (key=value, group=option, ~key)"
+    ]
+
+
 def test_an_invalid_stack_is_refused_before_anything_is_recorded(tmp_path):
     result = train_cli(
         "model.layers.1.stride=2",
