@@ -9,12 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 
 import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
-from convnets.cli import (
-    import_tensorflow_quietly,
-    one_line_config_errors,
-    quiet_library_logs,
-    report_user_errors,
-)
+from convnets.cli import import_tensorflow_quietly, report_user_errors, run_main
 
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
@@ -28,6 +23,4 @@ def main(cfg) -> float | None:
 
 
 if __name__ == "__main__":
-    quiet_library_logs()
-    one_line_config_errors()
-    main()
+    run_main(main)

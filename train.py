@@ -11,10 +11,9 @@ import convnets.config  # noqa: F401  (registers the schemas Hydra composes agai
 from convnets.architecture import check_stack
 from convnets.cli import (
     import_tensorflow_quietly,
-    one_line_config_errors,
     open_store_in_background,
-    quiet_library_logs,
     report_user_errors,
+    run_main,
 )
 
 
@@ -31,6 +30,4 @@ def main(cfg) -> float:
 
 
 if __name__ == "__main__":
-    quiet_library_logs()
-    one_line_config_errors()
-    main()
+    run_main(main)

@@ -1,4 +1,33 @@
-"""What every entry point shares: user errors as one line, no traceback; a quiet start."""
+"""What every entry point shares: user errors as one line, no traceback; a quiet start.
+
+Entry points end with ``run_main(main)`` (``main`` being their ``@hydra.main`` function): a
+:class:`ConvnetsError` raised by the task, and every error Hydra raises while composing the
+config (misspelt key, wrong type, unknown group option, bad override), is one
+``error: ...`` line on stderr and a non-zero exit. ``HYDRA_FULL_ERROR=1`` shows the traceback.
+
+What this relies on in Hydra, and why (hydra-core 1.3.x; ``tests/test_cli.py`` pins each point
+and fails loudly when one changes):
+
+- Hydra has no public hook for composition errors. ``@hydra.main`` composes inside
+  ``hydra._internal.utils._run_hydra``, which hands every step to the module-level
+  ``run_and_report(func)`` of the same module; that prints the error over five to ten lines and
+  exits 1 *before* anything propagates, so neither our task nor a ``try`` around ``main()`` sees
+  it. Composing ourselves (``hydra.compose``) would lose ``@hydra.main``'s command line
+  (``-m``, ``--cfg``, launchers, sweepers), and forcing ``HYDRA_FULL_ERROR=1`` to make the errors
+  propagate would leak into the task, every launched job and subprocess, and drop Hydra's
+  trimmed traceback for real bugs. So :func:`one_line_config_errors` replaces that one private
+  function, the same in hydra-core 1.3.2 and 1.3.8, with a wrapper that defers to the original
+  for everything it does not turn into one line.
+- Which error is a composition error is decided without reading Hydra's stack frames: the task
+  is wrapped by :func:`report_user_errors`, which marks every exception leaving the task;
+  unmarked Hydra/OmegaConf errors were raised while composing. Public attributes give the rest
+  (``OverrideParseException.override``, ``MissingConfigException.missing_cfg_file`` and
+  ``.options``, OmegaConf's ``full_key``); one message text is still read: Hydra names the
+  override it could not apply only in its message (``Could not override 'model.layers'``).
+- An override without a key (``python train.py =3``) fails deep in Hydra's defaults-list code
+  with a ``ValueError`` that names nothing; :func:`run_main` refuses it first, parsing the command
+  line with Hydra's public override parser.
+"""
 
 from __future__ import annotations
 
@@ -80,11 +109,33 @@ def _silenced_fd(fd: int):
         os.close(devnull)
 
 
+_FROM_TASK = "_convnets_raised_by_task"  # set on every exception that leaves a wrapped task
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run a ``@hydra.main`` entry point with every user error as one ``error:`` line, and
+    without library start-up chatter on the console (:func:`quiet_library_logs`)."""
+    quiet_library_logs()
+    one_line_config_errors()
+    message = _keyless_override(sys.argv[1:])
+    if message is not None and not _full_error():
+        _exit(message, ConfigError.exit_code)
+    try:
+        main()
+    except Exception as err:  # what Hydra raises outside run_and_report (e.g. --info, --help)
+        message = _config_error_line(err)
+        if message is None or _full_error():
+            raise
+        _exit(message, ConfigError.exit_code)
+
+
 def report_user_errors(task: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a :class:`ConvnetsError` into ``error: <message>`` on stderr and a non-zero exit.
 
     Hydra would print the exception with part of its traceback; the user needs only the
     line that names the key and the fix. ``HYDRA_FULL_ERROR=1`` re-raises for debugging.
+    Any other exception is marked as raised by the task (so :func:`one_line_config_errors`
+    leaves it to Hydra) and re-raised.
     """
 
     @functools.wraps(task)
@@ -92,10 +143,13 @@ def report_user_errors(task: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return task(*args, **kwargs)
         except ConvnetsError as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            if _full_error():
+                _mark_from_task(err)
                 raise
-            print(f"error: {err}", file=sys.stderr, flush=True)
-            sys.exit(err.exit_code)
+            _exit(str(err), err.exit_code)
+        except BaseException as err:
+            _mark_from_task(err)
+            raise
 
     return wrapper
 
@@ -105,10 +159,10 @@ def one_line_config_errors() -> None:
     ``error: <key>: ...`` line with exit code 2, like every other user error.
 
     Hydra prints them over five to ten lines and only after composing, before our task runs,
-    so :func:`report_user_errors` never sees them. Hydra has no hook for this; its
-    ``run_and_report`` (stable across the pinned hydra-core 1.3.x) is wrapped instead. Errors
-    raised inside the task (bugs) keep Hydra's handling and traceback, as does
-    ``HYDRA_FULL_ERROR=1``.
+    so :func:`report_user_errors` never sees them. Hydra has no hook for this; its private
+    ``hydra._internal.utils.run_and_report`` (identical across hydra-core 1.3.2-1.3.8, pinned
+    by tests/test_cli.py) is wrapped instead. Errors raised inside the task (bugs) keep Hydra's
+    handling and traceback, as does ``HYDRA_FULL_ERROR=1``. Idempotent.
     """
     from hydra._internal import utils as hydra_utils
 
@@ -122,44 +176,71 @@ def one_line_config_errors() -> None:
             return func()
         except Exception as err:
             message = _config_error_line(err)
-            if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            if message is None or _full_error():
                 return original(functools.partial(_reraise, err))
-            print(f"error: {message}", file=sys.stderr, flush=True)
-            sys.exit(ConfigError.exit_code)
+            _exit(message, ConfigError.exit_code)
 
     hydra_utils.run_and_report = run_and_report
+
+
+def _full_error() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def _exit(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _mark_from_task(err: BaseException) -> None:
+    with contextlib.suppress(AttributeError):  # a type without __dict__: treated as Hydra's
+        setattr(err, _FROM_TASK, True)
 
 
 def _reraise(err: Exception) -> None:
     raise err
 
 
-def _config_error_line(err: Exception) -> str | None:
+def _keyless_override(args: list[str]) -> str | None:
+    """The error line for a command-line override with nothing before ``=`` (``=3``), if any.
+
+    Flags (``-m``, ``--cfg job``...) and their values are skipped: a flag value never starts
+    with ``=``, and anything that does not parse as an override is left to Hydra.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    candidates = [a for a in args if not a.startswith("-") and "=" in a]
+    if not candidates:
+        return None
+    parser = OverridesParser.create()
+    for arg in candidates:
+        try:
+            [override] = parser.parse_overrides([arg])
+        except Exception:
+            continue  # Hydra reports it (OverrideParseException) with its own message
+        if override.key_or_group == "":
+            return f"{arg}: an override needs a key before '=' (key=value, group=option, ~key)"
+    return None
+
+
+def _config_error_line(err: BaseException) -> str | None:
     """One line for a composition error; None for anything else (e.g. raised by the task)."""
     from hydra.errors import HydraException, MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
     if not isinstance(err, HydraException | OmegaConfBaseException):
         return None
-    frames = []
-    tb = err.__traceback__
-    while tb is not None:
-        frames.append(tb.tb_frame.f_code.co_name)
-        tb = tb.tb_next
-    if "run_job" in frames:
+    if getattr(err, _FROM_TASK, False):
         return None  # raised while the task ran: not a composition error
     cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
     first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(err).__name__
     if isinstance(err, MissingConfigException):
-        text = str(err)
-        first = text.splitlines()[0].split(": ", 1)[-1]  # drop Hydra's "In 'train': "
-        if "Available options in" in text:
-            options = [line.strip() for line in text.splitlines() if line.startswith("\t")]
-            options = [o for o in options if "provider=" not in o]
-            return f"{first}; available: {', '.join(options)}"
-        return first
+        if not err.missing_cfg_file:
+            return str(err).strip().splitlines()[0] if str(err).strip() else first
+        line = f"Could not find '{err.missing_cfg_file}'"
+        return f"{line}; available: {', '.join(err.options)}" if err.options else line
     if isinstance(err, OverrideParseException):
-        return f"{err.override}: {first}"
+        return f"{err.override}: {err.message.strip().splitlines()[0]}"
     key = getattr(cause, "full_key", None)
     override = re.search(r"override '?([^=' ]+)", str(err).splitlines()[0])
     if override and key and not _dotted(key).startswith(_dotted(override.group(1))):

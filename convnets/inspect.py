@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
 from convnets.architecture import analysis_to_dict, analyze, format_table, resolve_stack
-from convnets.cli import one_line_config_errors, report_user_errors
+from convnets.cli import report_user_errors, run_main
 from convnets.errors import ConfigError
 
 FORMATS = ("table", "json")
@@ -61,5 +61,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    one_line_config_errors()
-    main()
+    run_main(main)

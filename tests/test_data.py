@@ -1,7 +1,6 @@
 """convnets.data: real digits, the TFDS code paths on mocked data, image folders, errors."""
 
 import os
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -267,14 +266,24 @@ def test_image_folder_rgb_and_resize(tmp_path):
 # ---------------------------------------------------------------- check_available errors
 
 
-def test_tfds_not_prepared_fails_fast_with_the_fix(tmp_path):
-    if data._reachable("storage.googleapis.com"):
-        pytest.skip("online: TFDS would download MNIST")
+@pytest.fixture
+def offline(monkeypatch):
+    """The TFDS download hosts unreachable, whatever this machine's network: the hosts asked."""
+    asked = []
+
+    def unreachable(host):
+        asked.append(host)
+        return False
+
+    monkeypatch.setattr(data, "_reachable", unreachable)
+    return asked
+
+
+def test_tfds_not_prepared_offline_fails_with_the_fix(tmp_path, offline):
     cfg = dataset_cfg("mnist", data_dir=str(tmp_path))
-    start = time.monotonic()
     with pytest.raises(DataError) as err:
         data.check_available(cfg)
-    assert time.monotonic() - start < 10
+    assert offline == ["storage.googleapis.com"]
     manual = tmp_path / "downloads" / "manual"
     assert str(err.value) == (
         f"dataset mnist: TFDS mnist 3.0.1 is not prepared in data dir {tmp_path} and "
@@ -286,12 +295,24 @@ def test_tfds_not_prepared_fails_fast_with_the_fix(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 
-def test_tfds_download_false_skips_the_network(tmp_path):
+def test_tfds_not_prepared_online_is_left_to_tfds(tmp_path, monkeypatch):
+    """Reachable hosts: check_available passes (load_data would download), nothing written."""
+    monkeypatch.setattr(data, "_reachable", lambda host: True)
+    data.check_available(dataset_cfg("mnist", data_dir=str(tmp_path)))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reachable_is_false_for_a_host_that_does_not_resolve():
+    assert data._reachable("no-such-host.invalid") is False  # RFC 2606: never resolves
+
+
+def test_tfds_download_false_skips_the_network(tmp_path, offline):
     cfg = dataset_cfg("cifar10", data_dir=str(tmp_path), download=False)
     with pytest.raises(
         DataError, match=r"cifar10 .* and dataset.download=false: .*cifar-10-binary"
     ):
         data.check_available(cfg)
+    assert offline == []  # not even probed
 
 
 def test_tfds_manual_archives_are_accepted_and_their_checksums_checked(tmp_path):

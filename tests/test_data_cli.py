@@ -1,15 +1,15 @@
-"""Data errors through the real CLI: one `error: ...` line, non-zero exit, no traceback, fast."""
+"""Data errors through the real CLI: one `error: ...` line, non-zero exit, no traceback.
+
+How fast they fail is measured by benchmarks/failfast.py, not asserted here.
+"""
 
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
-
-from convnets import data
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_ARCHIVES = (
@@ -22,13 +22,24 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def train(tmp_path, *overrides):
+# train.py with the TFDS download hosts unreachable, whatever this machine's network: the
+# reachability probe of convnets.data answers False (and says which host it was asked about),
+# then train.py runs as `python train.py`.
+OFFLINE_TRAIN = (
+    "import runpy, sys; import convnets.data; "
+    "convnets.data._reachable = lambda host: print('offline:', host, file=sys.stderr) or False; "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def train(tmp_path, *overrides, offline=False):
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    start = time.monotonic()
-    result = subprocess.run(
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.run(
         [
             sys.executable,
+            *(["-c", OFFLINE_TRAIN] if offline else []),
             "train.py",
             *overrides,
             f"tracking.uri=sqlite:///{tmp_path}/m.db",
@@ -38,33 +49,32 @@ def train(tmp_path, *overrides):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
-    return result, time.monotonic() - start
 
 
-def assert_one_line_error(result, elapsed, message):
+def assert_one_line_error(result, message):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout
-    assert f"error: {message}\n" in result.stderr, result.stderr[-2000:]
-    assert elapsed < 60  # python + TF start-up on a loaded 2-core box; the check itself is < 1 s
+    assert [li for li in result.stderr.splitlines() if li.startswith("error: ")] == [
+        f"error: {message}"
+    ], result.stderr[-2000:]
 
 
 def test_tfds_not_prepared_offline(tmp_path):
-    if data._reachable("storage.googleapis.com"):
-        pytest.skip("online: TFDS would download MNIST")
     data_dir = tmp_path / "tfds"
     data_dir.mkdir()
-    result, elapsed = train(tmp_path, "dataset=mnist", f"dataset.data_dir={data_dir}")
+    result = train(tmp_path, "dataset=mnist", f"dataset.data_dir={data_dir}", offline=True)
     assert_one_line_error(
         result,
-        elapsed,
         f"dataset mnist: TFDS mnist 3.0.1 is not prepared in data dir {data_dir} and "
         "storage.googleapis.com cannot be reached to download it: copy a prepared TFDS "
         f"directory to {data_dir}/mnist/3.0.1, or put the original archives ({MNIST_ARCHIVES}) "
         f"in {data_dir}/downloads/manual/, or use dataset=image_folder dataset.path=<your images>",
     )
+    assert "offline: storage.googleapis.com" in result.stderr.splitlines()  # simulated
     assert list(data_dir.iterdir()) == []
+    assert not (tmp_path / "m.db").exists()  # refused before the MLflow store is opened
 
 
 def _png(path, value=128):
@@ -104,12 +114,12 @@ def test_image_folder_errors(tmp_path, make):
     root = tmp_path / "images"
     root.mkdir()
     path, message = make(root)
-    result, elapsed = train(tmp_path, "dataset=image_folder", f"dataset.path={path}")
+    result = train(tmp_path, "dataset=image_folder", f"dataset.path={path}")
     if make is _unreadable:  # PIL's reason follows the path
         line = next(li for li in result.stderr.splitlines() if li.startswith("error: "))
         assert line.startswith(f"error: {message}") and line.endswith("remove or replace the file")
         message = line[len("error: ") :]
-    assert_one_line_error(result, elapsed, message)
+    assert_one_line_error(result, message)
 
 
 @pytest.mark.slow
@@ -126,7 +136,7 @@ def test_train_on_an_image_folder_reports_test_accuracy(tmp_path):
         path = root / split / f"digit{label}" / f"{i:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.rint(image * 255 / 16).astype(np.uint8), "L").save(path)
-    result, _ = train(
+    result = train(
         tmp_path,
         "dataset=image_folder",
         f"dataset.path={root}",

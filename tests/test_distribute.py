@@ -214,3 +214,58 @@ def test_two_worker_train_py_is_one_recorded_run(tmp_path):
     [run] = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+
+
+# ---------------------------------------------------------------- the Keras workaround's pin
+
+WORKAROUND = """
+import tensorflow as tf
+from convnets.distribute import _MultiWorkerMirroredStrategy
+strategy = _MultiWorkerMirroredStrategy()  # one worker: no TF_CONFIG, no ports
+scalar = strategy.run(lambda: tf.constant(2.0))
+try:
+    tf.distribute.MultiWorkerMirroredStrategy.reduce(strategy, "MEAN", scalar, axis=0)
+except ValueError:
+    print("plain: rejected")
+else:
+    print("plain: accepted")
+print("ours:", float(strategy.reduce("MEAN", scalar, axis=0)))
+"""
+
+
+def test_keras_still_reduces_multi_worker_metrics_with_axis_0(monkeypatch):
+    """What _MultiWorkerMirroredStrategy.reduce works around: Keras's TensorFlow trainer reduces
+    each metric of a multi-worker step with strategy.reduce("MEAN", v, axis=0), scalars
+    included. If this fails, Keras changed that call: re-check whether the workaround in
+    convnets/distribute.py is still needed, then update it and the keras pin."""
+    from keras.src.backend.tensorflow import trainer as keras_trainer
+
+    calls = []
+
+    class Spy(tf.distribute.MultiWorkerMirroredStrategy):
+        def __init__(self):  # no cluster: only records what Keras asks of it
+            pass
+
+        def reduce(self, reduce_op, value, axis=None):
+            calls.append((reduce_op, axis))
+            return value
+
+    monkeypatch.setattr(keras_trainer, "_collective_all_reduce_multi_worker", lambda s: True)
+    keras_trainer.reduce_per_replica({"loss": tf.constant(1.0)}, Spy(), reduction="auto")
+    assert calls == [("MEAN", 0)]
+
+
+def test_multi_worker_reduce_workaround_is_still_needed():
+    """TF's MultiWorkerMirroredStrategy still rejects that call on a scalar, and ours accepts
+    it. If TF starts accepting it ("plain: accepted"), the workaround has gone stale: remove
+    _MultiWorkerMirroredStrategy.reduce (the two-worker test shows whether training works)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", WORKAROUND],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["plain: rejected", "ours: 2.0"], proc.stdout

@@ -4,6 +4,7 @@ One sweep (``train.py -m``, 2 jobs, 2 epochs, a 2-layer stack) is shared by ever
 module; the error paths that need no subprocess run in-process.
 """
 
+import csv
 import os
 import subprocess
 import sys
@@ -138,9 +139,19 @@ def test_compare_experiment_name_leaves_out_the_sweep_parent(store, tmp_path):
     report = compare.compare(Tracker(uri), EXPERIMENT, tmp_path)
     assert set(report.table["run_id"]) == set(children["run_id"])
     assert report.parent_run_id is None
-    # Pareto flags agree with the pure function.
-    front = compare.pareto_front(report.table["param_count"], report.table["test_accuracy"])
-    assert report.table["pareto_params"].tolist() == [i in front for i in range(len(front))]
+    # The Pareto flags in runs.csv, against a brute force over its rows: a run is on the front
+    # unless another has >= accuracy and <= cost, one of them strictly.
+    with open(tmp_path / "runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(children)
+    for flag, cost in (("pareto_params", "param_count"), ("pareto_rf", "receptive_field")):
+        points = [(float(r["test_accuracy"]), float(r[cost])) for r in rows]
+        expected = [
+            not any(a >= acc and c <= cst and (a > acc or c < cst) for a, c in points)
+            for acc, cst in points
+        ]
+        assert [r[flag] for r in rows] == [str(e) for e in expected], (flag, points)
+    assert any(r["pareto_params"] == "True" for r in rows)  # a non-empty set has a front
 
 
 def test_unknown_run_id_is_one_line_without_traceback(store, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -29,10 +30,49 @@ def test_notebook_is_stored_without_outputs(path):
             assert cell.execution_count is None, f"{path.name} cell {index} has a count"
 
 
+def cell_text(cell) -> str:
+    """Everything a code cell printed or returned, as text."""
+    parts = []
+    for out in cell.get("outputs", []):
+        if out.get("output_type") == "stream":
+            parts.append(out.get("text", ""))
+        elif "data" in out:
+            parts.append(out["data"].get("text/plain", ""))
+    return "".join(parts)
+
+
+def check_anatomy(texts: list[str]) -> None:
+    text = "".join(texts)
+    [(analysis, keras)] = re.findall(r"conv params: analysis (\d+), Keras (\d+)", text)
+    assert analysis == keras == str(8 * 9 + 8)  # 8 3x3 filters on 1 channel, plus biases
+    assert "output shape (H, W, filters): (6, 6, 8)" in text  # 8x8, kernel 3, valid
+
+
+def check_compare(texts: list[str]) -> None:
+    text = "".join(texts)
+    assert "On the accuracy-vs-parameters front:" in text
+    assert re.search(r"best run: [0-9a-f]{32} ", text)
+    assert "verdict" in texts[-1]  # the reproduce table, the notebook's last output
+
+
+def check_feature_maps(texts: list[str]) -> None:
+    text = "".join(texts)
+    assert re.search(r"run [0-9a-f]{32} .*: test_accuracy=0\.\d{4}", text)
+    assert re.search(r"theoretical RF \d+x\d+ centred at .* ERF \d+x\d+ px", text)
+
+
+CHECKS = {
+    "01_conv2d_anatomy": check_anatomy,
+    "02_compare_runs": check_compare,
+    "03_feature_maps": check_feature_maps,
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
-    """Executed in a fresh directory so the notebooks' own MLflow store and runs land there."""
+    """Executed in a fresh directory so the notebooks' own MLflow store and runs land there;
+    every cell runs, in order, and prints what the prose around it describes."""
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(
@@ -42,10 +82,10 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
         resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute()  # raises CellExecutionError, naming the cell, on any error
-    errors = [
-        out
-        for cell in notebook.cells
-        for out in cell.get("outputs", [])
-        if out.get("output_type") == "error"
-    ]
-    assert not errors
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))
+    figures = [out for cell in code for out in cell.outputs if "image/png" in out.get("data", {})]
+    assert figures, f"{path.name} drew no figure"
+    texts = [cell_text(cell) for cell in code]
+    assert not [t for t in texts if "Traceback" in t], "a cell printed a traceback"
+    CHECKS[path.stem](texts)

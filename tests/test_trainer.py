@@ -298,3 +298,58 @@ def test_checkpoint_state_is_json_with_the_files_it_names(strategy, tmp_path):
     assert state["epoch"] == 1 and state["last"] == "epoch-0001.weights.h5"
     assert (tmp_path / "ckpt" / state["last"]).is_file()
     assert (tmp_path / "ckpt" / state["best"]).is_file()
+
+
+class CheckpointFiles(keras.callbacks.Callback):
+    """The weight files in the checkpoint directory after each epoch (runs after the trainer's
+    own epoch hook, which writes them)."""
+
+    def __init__(self, checkpoint_dir):
+        super().__init__()
+        self.checkpoint_dir = checkpoint_dir
+        self.after_epoch: list[list[str]] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.after_epoch.append(sorted(p.name for p in self.checkpoint_dir.glob("*.weights.h5")))
+
+
+@pytest.mark.parametrize("every_epoch", [True, False])
+def test_checkpoint_every_epoch(strategy, tmp_path, every_epoch):
+    """true: each epoch's model + optimizer state is written (the last one kept); false: no
+    per-epoch file, only the best weights (by val_accuracy), and state.json names no 'last'."""
+    files = CheckpointFiles(tmp_path / "ckpt")
+    _, result, _ = train(
+        strategy, tmp_path, trainer_cfg(checkpoint_every_epoch=every_epoch), callbacks=[files]
+    )
+    assert result.epochs_completed == 2
+    per_epoch = [[f for f in names if f.startswith("epoch-")] for names in files.after_epoch]
+    state = read_checkpoint_state(tmp_path / "ckpt")
+    if every_epoch:
+        assert per_epoch == [["epoch-0001.weights.h5"], ["epoch-0002.weights.h5"]]
+        assert state["last"] == "epoch-0002.weights.h5"
+    else:
+        assert per_epoch == [[], []]
+        assert state["last"] is None
+    assert state["epoch"] == 2
+    assert state["best"] == f"best-{result.best_epoch:04d}.weights.h5"
+    assert all(any(f.startswith("best-") for f in names) for names in files.after_epoch)
+
+
+def test_steps_per_execution_takes_effect_and_trains_the_same(strategy, tmp_path):
+    """4 steps per call (19 steps per epoch: 4 full calls and a remainder of 3) give the same
+    epochs and, up to float round-off, the same history as one step per call."""
+    model, result, _ = train(strategy, tmp_path / "4", trainer_cfg(steps_per_execution=4))
+    _, baseline, _ = train(strategy, tmp_path / "1", trainer_cfg(steps_per_execution=1))
+    assert model.steps_per_execution == 4
+    assert result.epochs_completed == baseline.epochs_completed == 2
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert result.history[key] == pytest.approx(baseline.history[key], rel=1e-4), key
+
+
+def test_jit_compile_takes_effect_and_trains(strategy, tmp_path):
+    model, result, _ = train(strategy, tmp_path, trainer_cfg(jit_compile=True))
+    assert model.jit_compile is True  # Keras turns it off silently where XLA cannot compile
+    assert result.epochs_completed == 2 and len(result.history["loss"]) == 2
+    assert all(math.isfinite(x) for x in result.history["loss"])
+    assert result.history["loss"][-1] < result.history["loss"][0]  # it learns
+    assert result.history["val_accuracy"][-1] > 0.3  # 10 classes: chance is 0.1

@@ -1,0 +1,196 @@
+"""convnets.cli in-process: Hydra's composition errors as one line, and the Hydra and Keras
+internals the project relies on, pinned so that an upgrade that changes them fails here, loudly,
+instead of silently bringing back multi-line errors or a stale workaround."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from importlib.metadata import version
+
+import hydra
+import pytest
+from conftest import REPO
+from hydra import compose, initialize_config_dir
+from hydra._internal import utils as hydra_utils
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+from packaging.requirements import Requirement
+
+import convnets.config  # noqa: F401  (registers the schemas)
+from convnets import cli
+from convnets.errors import ConfigError
+
+CONFIGS = str(REPO / "configs")
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+
+def composition_error(*overrides: str, config_name: str = "inspect") -> Exception:
+    with initialize_config_dir(CONFIGS, version_base="1.3"):
+        try:
+            compose(config_name, overrides=list(overrides))
+        except Exception as err:
+            return err
+    raise AssertionError(f"{overrides} composed without an error")
+
+
+@pytest.mark.parametrize(
+    "overrides, line",
+    [
+        (["model.layers.0.filtres=3"],
+         "model.layers[0].filtres: unknown key (Key 'filtres' not in 'LayerConfig'); check the spelling (--cfg job prints every key)"),
+        (["model.layers=[{filtres:8}]"],  # the list given whole: its override names the key
+         "model.layers: filtres: unknown key (Key 'filtres' not in 'LayerConfig'); check the spelling (--cfg job prints every key)"),
+        (["model.width=wide"], "model.width: Value 'wide' of type 'str' could not be converted to Float"),
+        (["dataset=nope"],
+         "Could not find 'dataset/nope'; available: cifar10, cifar100, digits, fashion_mnist, image_folder, mnist"),
+        (["input_shape=[8,8"], "input_shape=[8,8: no viable alternative at input '[8,8'"),
+    ],
+)  # fmt: skip
+def test_composition_errors_are_one_line(overrides, line):
+    assert cli._config_error_line(composition_error(*overrides)) == line
+
+
+def test_a_missing_primary_config_is_one_line():
+    err = composition_error(config_name="nope")
+    assert cli._config_error_line(err) == "Could not find 'nope'"
+
+
+def test_errors_that_are_not_hydras_are_left_alone():
+    assert cli._config_error_line(ValueError("a bug")) is None
+    err = composition_error("model.width=wide")
+    cli._mark_from_task(err)  # the same error raised by the task is the task's (a bug)
+    assert cli._config_error_line(err) is None
+
+
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (["=3"], "=3"),
+        (["model=lenet5", "~=3"], "~=3"),
+        (["-m", "trainer.seed=1,2", "+=x"], "+=x"),
+        (["--cfg", "job", "model=lenet5", "a.b=1"], None),
+        (["-cn", "train", "x"], None),  # not an override at all: Hydra's own message
+    ],
+)
+def test_an_override_without_a_key_is_refused(args, culprit):
+    message = cli._keyless_override(args)
+    if culprit is None:
+        assert message is None
+    else:
+        assert message.startswith(f"{culprit}: an override needs a key before '='")
+
+
+# ---------------------------------------------------------------- through @hydra.main
+
+
+@pytest.fixture
+def hydra_app(monkeypatch):
+    """A ``@hydra.main`` app on the inspect config (writes nothing) with ``task`` as its task,
+    run the way the entry points run it (``cli.run_main``) with ``argv`` as its command line.
+    Returns the exit code; Hydra's hook is restored afterwards."""
+    monkeypatch.setattr(hydra_utils, "run_and_report", hydra_utils.run_and_report)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    if sys.gettrace() is not None:
+        pytest.skip("under a tracer/debugger Hydra re-raises instead of reporting")
+
+    def launch(task, *argv: str) -> int:
+        @hydra.main(config_path=CONFIGS, config_name="inspect", version_base="1.3")
+        @cli.report_user_errors
+        def main(cfg):
+            return task(cfg)
+
+        monkeypatch.setattr(sys, "argv", ["app", *argv])
+        with pytest.raises(SystemExit) as exited:
+            cli.run_main(main)
+        return exited.value.code
+
+    return launch
+
+
+def test_a_composition_error_through_hydra_main_is_one_line(hydra_app, capsys):
+    code = hydra_app(lambda cfg: None, "model.width=wide")
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: model.width: Value 'wide' of type 'str' could not be converted to Float"
+    ]
+
+
+def test_a_keyless_override_through_run_main_is_one_line(hydra_app, capsys):
+    assert hydra_app(lambda cfg: None, "=3") == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: =3: an override needs a key")
+
+
+def test_a_user_error_in_the_task_is_one_line(hydra_app, capsys):
+    def task(cfg):
+        raise ConfigError("model.width: too wide")
+
+    assert hydra_app(task) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: model.width: too wide"]
+
+
+@pytest.mark.parametrize("kind", ["bug", "omegaconf"])
+def test_a_bug_in_the_task_keeps_hydras_traceback(hydra_app, capsys, kind):
+    """Even an OmegaConf error, when the task raises it, is a bug: Hydra reports it."""
+
+    def task(cfg):
+        if kind == "bug":
+            raise RuntimeError("a bug")
+        return cfg.no_such_key  # struct mode: ConfigAttributeError
+
+    assert hydra_app(task) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "HYDRA_FULL_ERROR=1" in err
+    assert not err.startswith("error: ")
+    assert ("RuntimeError: a bug" if kind == "bug" else "ConfigAttributeError") in err
+
+
+def test_hydra_full_error_shows_the_real_exception(monkeypatch):
+    monkeypatch.setattr(hydra_utils, "run_and_report", hydra_utils.run_and_report)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+
+    @hydra.main(config_path=CONFIGS, config_name="inspect", version_base="1.3")
+    @cli.report_user_errors
+    def main(cfg):
+        return None
+
+    monkeypatch.setattr(sys, "argv", ["app", "model.width=wide"])
+    with pytest.raises((HydraException, OmegaConfBaseException)):
+        cli.run_main(main)
+
+
+# ---------------------------------------------------------------- pins
+
+
+def pinned(name: str) -> Requirement:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    [spec] = [d for d in pyproject["project"]["dependencies"] if Requirement(d).name == name]
+    return Requirement(spec)
+
+
+def test_hydras_private_hook_is_still_what_hydra_main_calls():
+    """cli.one_line_config_errors replaces hydra._internal.utils.run_and_report(func). If a
+    Hydra release renames it, changes its signature, or stops looking it up as a module global
+    from _run_hydra/_run_app, composition errors silently go back to 5-10 lines: revisit
+    convnets/cli.py and the hydra-core pin in pyproject.toml."""
+    hook = hydra_utils.run_and_report
+    assert list(inspect.signature(hook).parameters) == ["func"]
+    assert "run_and_report" in hydra_utils._run_hydra.__code__.co_names
+    assert "run_and_report" in hydra_utils._run_app.__code__.co_names
+    assert "_run_hydra" in hydra.main.__globals__  # what @hydra.main's wrapper runs
+
+
+def test_hydra_and_keras_are_inside_the_ranges_their_workarounds_were_written_for():
+    """convnets/cli.py is verified on hydra-core 1.3.2-1.3.8, and the Keras workaround in
+    convnets/distribute.py (_MultiWorkerMirroredStrategy) on Keras 3.15: the pins must keep
+    the next minor release out until someone re-verifies them."""
+    hydra_pin, keras_pin = pinned("hydra-core"), pinned("keras")
+    assert hydra_pin.specifier.contains(version("hydra-core")), hydra_pin
+    assert keras_pin.specifier.contains(version("keras")), keras_pin
+    assert not hydra_pin.specifier.contains("1.4.0")
+    assert not keras_pin.specifier.contains("3.16.0")

@@ -1,0 +1,41 @@
+"""convnets.job's pure helpers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from convnets.job import reproduce_verdict
+
+# At accuracy 0.9 on 100 test images two binomial standard errors are
+# 2 * sqrt(0.9 * 0.1 / 100) = 0.06: the band a rerun's accuracy may move within by chance.
+NOISE = 2 * math.sqrt(0.9 * 0.1 / 100)
+
+
+@pytest.mark.parametrize(
+    "delta_accuracy, delta_loss, verdict",
+    [
+        (0.0, 0.0, "identical"),  # bit for bit
+        (0.0, 1e-7, "within noise"),  # same accuracy, the loss moved: not identical
+        (0.05, 0.01, "within noise"),
+        (-0.05, -0.01, "within noise"),  # worse by as much: the same verdict
+        (NOISE - 1e-4, 0.01, "within noise"),  # just inside the band
+        (NOISE + 1e-4, 0.01, "differs"),  # just outside
+        (0.07, 0.0, "differs"),
+        (-0.07, 0.0, "differs"),
+    ],
+)
+def test_reproduce_verdict(delta_accuracy, delta_loss, verdict):
+    assert reproduce_verdict(delta_accuracy, delta_loss, accuracy=0.9, num_test=100) == verdict
+
+
+def test_the_noise_band_narrows_with_more_test_images():
+    assert reproduce_verdict(0.01, 0.0, accuracy=0.9, num_test=100) == "within noise"
+    assert reproduce_verdict(0.01, 0.0, accuracy=0.9, num_test=100_000) == "differs"
+
+
+def test_a_perfect_original_still_has_a_verdict():
+    """accuracy 1.0 has no binomial spread: any change in accuracy differs, none is noise."""
+    assert reproduce_verdict(0.0, 1e-6, accuracy=1.0, num_test=360) == "within noise"
+    assert reproduce_verdict(-1 / 360, 0.01, accuracy=1.0, num_test=360) == "differs"
