@@ -134,7 +134,7 @@ def test_slurm_launcher_preset(hydra_compose):
     assert launcher.tasks_per_node == 1  # one process per job: MirroredStrategy inside it
 
 
-def test_local_config_is_read_last_and_optional(tmp_path):
+def test_local_config_is_read_last_and_optional(hydra_compose, tmp_path):
     """``configs/local/default.yaml`` (git-ignored) sets machine-specific keys after any
     experiment; the command line still wins; without it everything composes as before."""
     if (CONFIGS / "local" / "default.yaml").exists():
@@ -145,11 +145,10 @@ def test_local_config_is_read_last_and_optional(tmp_path):
         "# @package _global_\ntracking:\n  uri: sqlite:///elsewhere.db\n"
         "dataset:\n  data_dir: /data/tfds\n"
     )
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        plain = compose("train", overrides=["experiment=rf_vs_accuracy"])
-        searched = [f"hydra.searchpath=[file://{tmp_path}]", "experiment=rf_vs_accuracy"]
-        cfg = compose("train", overrides=searched)
-        wins = compose("train", overrides=[*searched, "tracking.uri=sqlite:///cli.db"])
+    plain = hydra_compose(["experiment=rf_vs_accuracy"])
+    searched = [f"hydra.searchpath=[file://{tmp_path}]", "experiment=rf_vs_accuracy"]
+    cfg = hydra_compose(searched)
+    wins = hydra_compose([*searched, "tracking.uri=sqlite:///cli.db"])
     assert plain.tracking.uri == "sqlite:///mlflow.db" and plain.dataset.data_dir is None
     assert cfg.tracking.uri == "sqlite:///elsewhere.db" and cfg.dataset.data_dir == "/data/tfds"
     assert cfg.tracking.experiment == "rf_vs_accuracy"  # the experiment's keys are kept
