@@ -5,12 +5,14 @@ local ``.keras`` model, or writes the comparison report of an experiment / sweep
 evaluation accuracy (``None`` for ``compare``).
 """
 
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
 import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
 from convnets import evaluation
-from convnets.cli import one_line_config_errors, report_user_errors
+from convnets.cli import one_line_config_errors, refuse_credentials, report_user_errors
 
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
@@ -21,5 +23,6 @@ def main(cfg) -> float | None:
 
 
 if __name__ == "__main__":
+    refuse_credentials(sys.argv[1:])  # before Hydra writes the overrides anywhere
     one_line_config_errors()
     main()

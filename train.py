@@ -3,25 +3,28 @@
 Returns the job's validation accuracy, the objective of ``-m hparams_search=...`` sweeps.
 """
 
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
-from convnets.architecture import check_stack
-from convnets.cli import one_line_config_errors, report_user_errors
+from convnets.checks import check_config
+from convnets.cli import one_line_config_errors, refuse_credentials, report_user_errors
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 @report_user_errors
 def main(cfg) -> float:
     if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep records a bad point as FAILED
-        check_stack(cfg.model, cfg.dataset)  # pure: refused before TensorFlow loads (~5 s)
+        check_config(cfg)  # pure: refused before TensorFlow loads or a run is recorded (~1 s)
     from convnets import job  # imports TensorFlow
 
     return job.train(cfg)
 
 
 if __name__ == "__main__":
+    refuse_credentials(sys.argv[1:])  # before Hydra writes the overrides anywhere
     one_line_config_errors()
     main()

@@ -7,12 +7,35 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from convnets.errors import ConfigError, ConvnetsError
 
 log = logging.getLogger("convnets")
+
+_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/@\s]+@")  # scheme://user:password@
+
+
+def refuse_credentials(argv: Sequence[str]) -> None:
+    """Exit with one ``error:`` line (exit 2) when an argument puts ``user:password@`` in a URI.
+
+    Runs before Hydra: Hydra writes every override into the run dir (``.hydra/overrides.yaml``,
+    ``config.yaml``, ``hydra.yaml``) before the task starts, even one that is then refused, and
+    MLflow prints the tracking URI; a password given there would reach disk and the console.
+    MLflow takes credentials from the environment instead. The line never repeats the value.
+    """
+    for arg in argv:
+        if _USERINFO.search(arg):
+            key = arg.split("=", 1)[0] if "=" in arg else "an argument"
+            print(
+                f"error: {key}: a URI with user:password@ would be written to the run's files "
+                "and printed; drop the credentials from the URI and set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(ConfigError.exit_code)
 
 
 def report_user_errors(task: Callable[..., Any]) -> Callable[..., Any]:
