@@ -240,7 +240,7 @@ def test_reproduce_on_another_machine_takes_runtime_overrides(tmp_path):
     run, source = client.get_run(new), client.get_run(original)
     assert run.data.tags["reproduces"] == original
     assert run.data.tags["runtime_overrides"] == (
-        f"dataset.data_dir={elsewhere} distribute=one_device"
+        f"dataset.data_dir={elsewhere} distribute=one_device tracking.uri={uri}"
     )
     assert run.data.params["dataset.data_dir"] == str(elsewhere)
     assert run.data.params["distribute.strategy"] == "one_device"
