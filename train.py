@@ -8,7 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
-from convnets.architecture import check_stack
+from convnets.checks import check_config
 from convnets.cli import (
     import_tensorflow_quietly,
     open_store_in_background,
@@ -21,7 +21,7 @@ from convnets.cli import (
 @report_user_errors
 def main(cfg) -> float:
     if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep records a bad point as FAILED
-        check_stack(cfg.model, cfg.dataset)  # pure: refused before TensorFlow loads (~5 s)
+        check_config(cfg)  # pure: refused before TensorFlow loads or a run is recorded (~1 s)
     store = open_store_in_background(cfg.tracking.uri, cfg.tracking.http_timeout_s)
     import_tensorflow_quietly()
     from convnets import job

@@ -37,7 +37,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -115,6 +115,7 @@ _FROM_TASK = "_convnets_raised_by_task"  # set on every exception that leaves a 
 def run_main(main: Callable[[], Any]) -> None:
     """Run a ``@hydra.main`` entry point with every user error as one ``error:`` line, and
     without library start-up chatter on the console (:func:`quiet_library_logs`)."""
+    refuse_credentials(sys.argv[1:])  # before Hydra writes the overrides anywhere
     quiet_library_logs()
     one_line_config_errors()
     message = _keyless_override(sys.argv[1:])
@@ -127,6 +128,30 @@ def run_main(main: Callable[[], Any]) -> None:
         if message is None or _full_error():
             raise
         _exit(message, ConfigError.exit_code)
+
+
+_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/@\s]+@")  # scheme://user:password@
+
+
+def refuse_credentials(argv: Sequence[str]) -> None:
+    """Exit with one ``error:`` line (exit 2) when an argument puts ``user:password@`` in a URI.
+
+    Runs before Hydra: Hydra writes every override into the run dir (``.hydra/overrides.yaml``,
+    ``config.yaml``, ``hydra.yaml``) before the task starts, even one that is then refused, and
+    MLflow prints the tracking URI; a password given there would reach disk and the console.
+    MLflow takes credentials from the environment instead. The line never repeats the value.
+    """
+    for arg in argv:
+        if _USERINFO.search(arg):
+            key = arg.split("=", 1)[0] if "=" in arg else "an argument"
+            print(
+                f"error: {key}: a URI with user:password@ would be written to the run's files "
+                "and printed; drop the credentials from the URI and set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(ConfigError.exit_code)
 
 
 def report_user_errors(task: Callable[..., Any]) -> Callable[..., Any]:

@@ -14,10 +14,69 @@ A per-layer field left unset is ``???`` (OmegaConf's MISSING) and falls back to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+# ---------------------------------------------------------------- fixed sets of choices
+# ``StrEnum``: Hydra refuses any other value while composing and lists the valid ones; the
+# members compare equal to their YAML spelling (``Optimizer.adam == "adam"``) and ``str()`` is
+# that spelling, so the code downstream and the params logged to MLflow see plain strings.
+
+
+class Optimizer(StrEnum):
+    adam = "adam"
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class Schedule(StrEnum):
+    constant = "constant"
+    cosine = "cosine"
+    one_cycle = "one_cycle"
+
+
+class Precision(StrEnum):
+    float32 = "float32"
+    mixed_float16 = "mixed_float16"
+    mixed_bfloat16 = "mixed_bfloat16"
+
+
+class Strategy(StrEnum):
+    auto = "auto"
+    mirrored = "mirrored"
+    multi_worker = "multi_worker"
+    one_device = "one_device"
+
+
+class Source(StrEnum):
+    sklearn = "sklearn"
+    tfds = "tfds"
+    image_folder = "image_folder"
+
+
+# ---------------------------------------------------------------- what is trained, where it runs
+
+# The runtime: keys that say where the data lives, which devices train and where the record
+# goes, not what is trained (the TensorFlow Model Garden's ``runtime`` section, kept as key
+# paths so the user-facing keys stay where they are). ``reproduce=``/``resume=`` accept
+# overrides of these only (applied over the recorded config and tagged ``runtime_overrides``),
+# and the config digest that ties a checkpoint to its run leaves them out.
+RUNTIME_KEYS = (
+    "dataset.data_dir",
+    "dataset.path",
+    "distribute",
+    "trainer.verbose",
+    "tracking",
+)
+
+
+def is_runtime_key(key: str) -> bool:
+    """``distribute.devices`` -> True (under ``distribute``); ``trainer.epochs`` -> False."""
+    return any(key == k or key.startswith(k + ".") for k in RUNTIME_KEYS)
+
 
 # ---------------------------------------------------------------- model
 
@@ -81,7 +140,7 @@ class AugmentConfig:
 @dataclass
 class DatasetConfig:
     name: str = MISSING  # digits | mnist | fashion_mnist | cifar10 | cifar100 | image_folder
-    source: str = MISSING  # sklearn | tfds | image_folder
+    source: Source = MISSING
     tfds_name: str | None = None  # the TFDS builder name, for source=tfds
     input_shape: list[int] | None = None  # [H, W, C]; null = taken from the images
     num_classes: int | None = None  # null = taken from the data (image_folder)
@@ -104,7 +163,7 @@ class DatasetConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adam"  # adam | adamw | sgd
+    name: Optimizer = Optimizer.adam
     lr: float = 1e-3
     # Decoupled weight decay (Loshchilov & Hutter) for every optimizer: Keras 3 applies
     # ``weight_decay`` to the weights directly, not through the loss, so adam with
@@ -114,7 +173,7 @@ class OptimizerConfig:
     nesterov: bool = False  # sgd
     beta_1: float = 0.9
     beta_2: float = 0.999
-    schedule: str = "constant"  # constant | cosine | one_cycle
+    schedule: Schedule = Schedule.constant
     warmup_epochs: float = 0.0  # linear warm-up from 0 before the schedule
     min_lr_fraction: float = 0.0  # cosine / one_cycle floor, as a fraction of lr
     clipnorm: float | None = None
@@ -127,7 +186,7 @@ class TrainerConfig:
     batch_size: int = 64  # global: split over replicas
     seed: int = 0
     deterministic: bool = False  # op determinism + seeded everything: bit-identical reruns
-    precision: str = "float32"  # float32 | mixed_float16 | mixed_bfloat16
+    precision: Precision = Precision.float32
     jit_compile: bool = False  # XLA
     steps_per_execution: int = 1
     label_smoothing: float = 0.0
@@ -138,7 +197,7 @@ class TrainerConfig:
 
 @dataclass
 class DistributeConfig:
-    strategy: str = "auto"  # auto | mirrored | multi_worker | one_device
+    strategy: Strategy = Strategy.auto
     devices: list[str] | None = None  # mirrored / one_device: e.g. ["/gpu:0", "/gpu:1"]
     cpu_replicas: int = 0  # mirrored on CPU: split the CPU into N logical devices
     sync_batch_norm: bool = False  # batch statistics over all replicas

@@ -17,11 +17,12 @@ how to prepare the data offline.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -57,6 +58,9 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     max_pixel_value: float
+    # sha256 of each split's images as stored (before normalisation) and labels: "train",
+    # "validation", "test". A reproduce on another machine compares them with the original's.
+    digests: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,11 +102,17 @@ def dataset_shape(cfg: Any) -> tuple[tuple[int, int, int], int]:
 
 
 def check_available(cfg: Any) -> None:
-    """Raise :class:`DataError` within seconds, touching nothing, if the dataset is not usable."""
+    """Raise :class:`DataError` within seconds, touching nothing, if the dataset is not usable.
+
+    Where the labels are known without decoding (digits, an image folder's layout), this also
+    refuses data that cannot train a classifier (see :func:`check_splits`).
+    """
     cfg = _as_config(cfg)
     _check_fractions(cfg)
     if cfg.source == "sklearn":
-        return  # bundled with scikit-learn
+        arrays = _load_digits(cfg)  # bundled with scikit-learn; a tenth of a second
+        check_splits(cfg, arrays.y_train, arrays.y_test, arrays.class_names)
+        return
     if cfg.source == "tfds":
         _check_tfds(cfg)
     elif cfg.source == "image_folder":
@@ -145,12 +155,11 @@ def load_data(cfg: Any, *, batch_size: int, seed: int, deterministic: bool = Fal
         )
     mean, std = _channel_stats(cfg, input_shape[-1])
 
-    train_idx, val_idx = split_indices(arrays.y_train, cfg.val_fraction, cfg.split_seed)
+    train_idx, val_idx = check_splits(cfg, arrays.y_train, arrays.y_test, arrays.class_names)
     pipe = _Pipeline(cfg, batch_size, seed, deterministic, mean, std)
     x_train, y_train = arrays.x_train[train_idx], arrays.y_train[train_idx]
-    val = None
-    if len(val_idx):
-        val = pipe.evaluation(arrays.x_train[val_idx], arrays.y_train[val_idx])
+    x_val, y_val = arrays.x_train[val_idx], arrays.y_train[val_idx]
+    val = pipe.evaluation(x_val, y_val) if len(val_idx) else None
     return DataBundle(
         train=pipe.training(x_train, y_train),
         val=val,
@@ -164,7 +173,58 @@ def load_data(cfg: Any, *, batch_size: int, seed: int, deterministic: bool = Fal
         mean=mean,
         std=std,
         max_pixel_value=float(cfg.max_pixel_value),
+        digests={
+            "train": content_digest(x_train, y_train),
+            "validation": content_digest(x_val, y_val),
+            "test": content_digest(arrays.x_test, arrays.y_test),
+        },
     )
+
+
+def check_splits(
+    cfg: Any, y_train: np.ndarray, y_test: np.ndarray, class_names: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (train, validation) indices of ``y_train``, or a :class:`DataError` when the data
+    cannot train a classifier: fewer than 2 classes, an empty test split, or a class left
+    without a training example once validation is held out."""
+    cfg = _as_config(cfg)
+    if len(class_names) < 2:
+        raise DataError(
+            f"dataset {cfg.name} has {len(class_names)} class ({', '.join(class_names)}): a "
+            "classifier needs at least 2; add a folder per label"
+        )
+    if len(y_test) == 0:
+        raise DataError(f"dataset {cfg.name}: the test split is empty; add test images")
+    train_idx, val_idx = split_indices(y_train, cfg.val_fraction, cfg.split_seed)
+    missing = sorted(set(range(len(class_names))) - set(y_train[train_idx].tolist()))
+    if missing:
+        names = ", ".join(class_names[i] for i in missing[:5]) + (
+            ", ..." if len(missing) > 5 else ""
+        )
+        raise DataError(
+            f"dataset {cfg.name}: {len(missing)} class(es) ({names}) have no training example "
+            f"once dataset.val_fraction={cfg.val_fraction} is held out; lower "
+            "dataset.val_fraction or add training images"
+        )
+    return train_idx, val_idx
+
+
+def content_digest(images: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 of one split as stored: pixel dtype, shape and bytes, then the int32 labels."""
+    digest = hashlib.sha256(f"{images.dtype.str}{images.shape}".encode())
+    digest.update(np.ascontiguousarray(images).tobytes())
+    digest.update(np.ascontiguousarray(labels, dtype="<i4").tobytes())
+    return digest.hexdigest()
+
+
+def data_source(cfg: Any) -> str:
+    """Where the data is read from, as a URI (recorded with the run's dataset inputs)."""
+    cfg = _as_config(cfg)
+    if cfg.source == "image_folder":
+        return Path(os.path.expanduser(cfg.path)).resolve().as_uri()
+    if cfg.source == "tfds":
+        return f"tfds:{cfg.tfds_name or cfg.name}"
+    return "sklearn:load_digits"
 
 
 def split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -510,6 +570,8 @@ def _check_image_folder(cfg: DictConfig) -> None:
 
     root = _folder_root(cfg)
     train_labels = None
+    first: tuple[Path, tuple[int, int]] | None = None  # without image_size, all share its size
+    labels_of: dict[str, np.ndarray] = {}
     for split in SPLITS:
         folder = _split_dir(root, split)
         labels = _label_dirs(folder)
@@ -520,17 +582,28 @@ def _check_image_folder(cfg: DictConfig) -> None:
                 f"image folder {folder} has labels {labels} but {root / 'train'} has "
                 f"{train_labels}: both splits need the same label folders (an empty one is fine)"
             )
-        files = [f for label in labels for f in _image_files(folder / label)]
+        per_label = [_image_files(folder / label) for label in labels]
+        files = [f for label_files in per_label for f in label_files]
         if not files:
             raise DataError(f"image folder {folder} has no images (png/jpg/bmp/gif)")
+        labels_of[split] = np.repeat(np.arange(len(labels)), [len(f) for f in per_label])
         for path in files:
             try:
                 with Image.open(path) as image:
+                    size = image.size
                     image.verify()  # header and integrity, without a full decode
             except Exception as err:
                 raise DataError(
                     f"cannot read image {path}: {err}; remove or replace the file"
                 ) from None
+            first = first or (path, size)
+            if cfg.image_size is None and size != first[1]:
+                raise DataError(
+                    f"image {path} is {size[0]}x{size[1]} (WxH) but {first[0]} is "
+                    f"{first[1][0]}x{first[1][1]}: set dataset.image_size=[H,W] to resize "
+                    "every image, or replace the file"
+                )
+    check_splits(cfg, labels_of["train"], labels_of["test"], train_labels)
     if cfg.image_size is not None:
         _image_size(cfg)
 

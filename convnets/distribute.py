@@ -14,11 +14,12 @@ import os
 
 import tensorflow as tf
 
+from convnets.config import Strategy
 from convnets.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
+STRATEGIES = tuple(s.value for s in Strategy)
 
 
 def configure_devices(dist_cfg) -> None:

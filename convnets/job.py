@@ -10,6 +10,8 @@ Epochs are numbered from 1 in MLflow (metric step = epoch), as in Keras's progre
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import math
 import sys
@@ -25,8 +27,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from convnets import architecture, data, distribute, erf, plots, sweep, trainer
-from convnets.config import TrainConfig
+from convnets import architecture, checks, data, distribute, erf, plots, sweep, trainer
+from convnets.config import RUNTIME_KEYS, TrackingConfig, TrainConfig, is_runtime_key
 from convnets.errors import ConfigError, ConvnetsError, TrackingError
 from convnets.model import build_model
 from convnets.tracking import (
@@ -50,8 +52,6 @@ RUN_NAME_LIMIT = 250
 # name already shows (model, dataset): never part of a run's name.
 _NOT_IN_NAME = ("model", "dataset", "experiment", "hparams_search", "reproduce", "resume")
 _NOT_IN_NAME += ("tracking", "trainer.verbose")
-# The only overrides reproduce=/resume= accept: where the record goes, not what is trained.
-_ALLOWED_WITH_RERUN = ("tracking", "reproduce", "resume")
 
 
 # ---------------------------------------------------------------- entry
@@ -71,7 +71,7 @@ def train(cfg: DictConfig, store: Future[Tracker] | None = None) -> float:
         return job.run()
     except KeyboardInterrupt:
         where = f"; checkpoint kept in {job.checkpoint_dir}" if job.checkpoint_dir else ""
-        hint = f"; continue with: python train.py resume={job.run_id}" if job.run_id else ""
+        hint = f"; continue with: {job.resume_command()}" if job.run_id else ""
         print(f"interrupted: run {job.run_id} recorded KILLED{where}{hint}", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as err:
@@ -111,6 +111,7 @@ class _Job:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.checkpoint_dir: Path | None = None
+        self.runtime_overrides: list[str] = []  # reproduce=/resume=: applied over the record
 
     # ------------------------------------------------------------ steps
 
@@ -142,8 +143,6 @@ class _Job:
         resuming = self.source is not None and self.source.key == "resume"
         if resuming:
             self.checkpoint_dir = Path(self.source.run.data.tags["checkpoint_dir"])
-        else:
-            self.checkpoint_dir = _output_dir() / "checkpoints"
         with self.tracker.run(
             experiment_id=experiment_id,
             run_name=self._run_name(cfg),
@@ -154,11 +153,15 @@ class _Job:
             self.run_id = active.info.run_id
             self.experiment_id = active.info.experiment_id
             if not resuming:
-                self._log_definition(cfg, analysis)
+                # Keyed by the run id: runs sharing a Hydra run dir never touch each other's.
+                self.checkpoint_dir = _output_dir() / "checkpoints" / self.run_id
+                self.tracker.set_tags({"checkpoint_dir": str(self.checkpoint_dir)})
+                self._log_definition(cfg, analysis, bundle)
             model, result = fit(
                 checkpoint_dir=self.checkpoint_dir,
                 callbacks=[self._epoch_logger(resuming)],
                 resume=resuming,
+                identity={"run_id": self.run_id, "config_digest": config_digest(cfg)},
             )
             test = self._log_results(cfg, model, bundle, analysis, result)
             if cfg.tracking.log_model:
@@ -170,8 +173,11 @@ class _Job:
     def _run_unrecorded_worker(self, cfg, fit, bundle) -> float:
         """A MultiWorkerMirroredStrategy worker other than the chief: it trains, evaluates and
         saves in lockstep with the chief (those steps are collective) but records nothing, so
-        one training is one MLflow run, written by the chief. ``resume=`` reads the chief's
-        checkpoint directory, so across machines it must be on a shared filesystem."""
+        one training is one MLflow run, written by the chief. Only the chief knows the run id,
+        so only the chief writes the run's checkpoint (``<run dir>/checkpoints/<run id>``);
+        the others write to a scratch directory deleted at the end. ``resume=`` reads the
+        chief's checkpoint directory (its ``checkpoint_dir`` tag, checked to be the run's own
+        in every process), so across machines it must be on a shared filesystem."""
         resuming = self.source is not None and self.source.key == "resume"
         with tempfile.TemporaryDirectory(prefix="convnets-worker-") as scratch:
             model, result = fit(
@@ -202,14 +208,19 @@ class _Job:
             raise ConfigError("reproduce= and resume= exclude each other; give one of them")
         key = keys[0]
         run_id = str(cfg[key])
-        others = [
-            o for o in self.overrides if _override_key(o).split(".")[0] not in _ALLOWED_WITH_RERUN
-        ]
+        others, runtime = [], []
+        for override in self.overrides:
+            name = _override_key(override)
+            if name not in ("reproduce", "resume"):
+                (runtime if is_runtime_key(name) else others).append(override)
         if others:
+            shown = ", ".join(k if "." in k else f"{k}.*" for k in RUNTIME_KEYS)
             raise ConfigError(
                 f"{key}={run_id} reruns the recorded config exactly; drop the other overrides "
-                f"({' '.join(others)}) -- only tracking.* may be given"
+                f"({' '.join(others)}) -- only the runtime keys (where and how it runs) may "
+                f"be given: {shown}"
             )
+        self.runtime_overrides = runtime
         self.tracker = self._open_tracker(cfg)
         run = self.tracker.get_run(run_id, key=key)
         if key == "resume" and run_is_finished(run):
@@ -227,7 +238,10 @@ class _Job:
         recorded_commit = run.data.tags.get("git_commit", "unknown")
         if commit != recorded_commit:
             _warn(f"{key}={run_id} was recorded at git commit {recorded_commit}; this is {commit}")
-        return _rerun_config(recorded, cfg)
+        rerun = _rerun_config(recorded, cfg, [_override_key(o) for o in runtime])
+        if key == "resume":
+            _check_resumable(run, rerun)
+        return rerun
 
     def _prepare_store(self, cfg: DictConfig) -> str:
         if self.tracker is None:
@@ -251,8 +265,9 @@ class _Job:
         return run_name(cfg.model.name, cfg.dataset.name, self.overrides)
 
     def _tags(self, cfg: DictConfig, resuming: bool) -> dict[str, str]:
+        runtime = {"runtime_overrides": " ".join(self.runtime_overrides)}
         if resuming:
-            return {"resumed": "true"}
+            return {"resumed": "true", **(runtime if self.runtime_overrides else {})}
         commit, dirty = git_state(PACKAGE_DIR)
         tags = {
             "dataset": cfg.dataset.name,
@@ -260,22 +275,32 @@ class _Job:
             "git_commit": commit,
             "git_dirty": str(dirty).lower() if dirty is not None else "unknown",
             "hydra_overrides": " ".join(self.overrides),
-            "checkpoint_dir": str(self.checkpoint_dir),
+            "config_digest": config_digest(cfg),
             **{f"version.{name}": v for name, v in package_versions().items()},
         }
         if self.source is not None:
             tags["reproduces"] = self.source.run_id
+            tags.update(runtime)
         if self.sweep is not None:
             tags.update(self.sweep.tags())
         return tags
 
-    def _log_definition(self, cfg: DictConfig, analysis: architecture.Analysis) -> None:
-        """Params, config.yaml and the per-layer table: what the run is, before it trains."""
+    def _log_definition(self, cfg: DictConfig, analysis: architecture.Analysis, bundle) -> None:
+        """Params, config.yaml, the per-layer table and the data it reads (a digest per split,
+        as tags and as MLflow dataset inputs): what the run is, before it trains."""
         resolved = _recordable(cfg)
         self.tracker.log_params(flatten(resolved))
         self.tracker.log_text(OmegaConf.to_yaml(resolved), CONFIG_ARTIFACT)
         self.tracker.log_text(architecture.format_table(analysis) + "\n", "layers.txt")
         self.tracker.log_dict(architecture.analysis_to_dict(analysis), "layers.json")
+        self.tracker.set_tags({f"data_digest.{split}": d for split, d in bundle.digests.items()})
+        sizes = {"train": bundle.num_train, "validation": bundle.num_val, "test": bundle.num_test}
+        self.tracker.log_data_inputs(
+            self.run_id,
+            name=cfg.dataset.name,
+            source=data.data_source(cfg.dataset),
+            splits={split: (d, sizes[split]) for split, d in bundle.digests.items()},
+        )
 
     def _epoch_logger(self, resuming: bool) -> keras.callbacks.Callback:
         logged: set[int] = set()
@@ -309,13 +334,16 @@ class _Job:
             metrics["best_epoch"] = result.best_epoch
             metrics["best_val_accuracy"] = result.best_val_accuracy
         if self.source is not None and self.source.key == "reproduce":
-            metrics.update(self._reproduce_deltas(test, bundle.num_test))
+            metrics.update(self._reproduce_deltas(cfg, test, bundle))
         self.tracker.log_metrics(metrics)
         figure = plots.training_curves(self.tracker.history(self.run_id))
         self.tracker.log_figure(figure, "training_curves.png")
         return test
 
-    def _reproduce_deltas(self, test: Mapping[str, float], num_test: int) -> dict[str, float]:
+    def _reproduce_deltas(
+        self, cfg: DictConfig, test: Mapping[str, float], bundle: data.DataBundle
+    ) -> dict[str, float]:
+        num_test, digests = bundle.num_test, bundle.digests
         original = self.source.run.data.metrics
         if "test_accuracy" not in original or "test_loss" not in original:
             _warn(f"reproduce={self.source.run_id} has no test metrics to compare with")
@@ -324,11 +352,22 @@ class _Job:
             "reproduce_delta_test_accuracy": test["accuracy"] - original["test_accuracy"],
             "reproduce_delta_test_loss": test["loss"] - original["test_loss"],
         }
+        recorded_digests = {
+            split: self.source.run.data.tags.get(f"data_digest.{split}") for split in digests
+        }
+        changed = [s for s, d in digests.items() if recorded_digests[s] not in (None, d)]
+        if changed:
+            _warn(
+                f"reproduce={self.source.run_id}: the data differs from the original's "
+                f"({', '.join(changed)} digest changed): a different result is expected"
+            )
         verdict = reproduce_verdict(
             deltas["reproduce_delta_test_accuracy"],
             deltas["reproduce_delta_test_loss"],
             original["test_accuracy"],
             num_test,
+            deterministic=bool(cfg.trainer.deterministic),
+            data_changed=changed,
         )
         self.tracker.set_tags({"reproduce_verdict": verdict})
         print(
@@ -352,6 +391,15 @@ class _Job:
             f"run={self.run_id} ({where})",
             flush=True,
         )
+
+    def resume_command(self) -> str:
+        """The command that continues this run, with the store when it is not the default
+        (else following it would open an empty ``mlflow.db``); the URI shown redacted."""
+        command = f"python train.py resume={self.run_id}"
+        uri = self.cfg.tracking.uri
+        if uri != TrackingConfig.uri:
+            command += f" tracking.uri={redact(uri)}"
+        return command
 
     def record_failure(self, err: Exception) -> None:
         """In a multirun, a job that failed before its run started still leaves a FAILED run."""
@@ -409,17 +457,32 @@ def run_name(model: str, dataset: str, overrides: Sequence[str]) -> str:
 
 
 def reproduce_verdict(
-    delta_accuracy: float, delta_loss: float, accuracy: float, num_test: int
+    delta_accuracy: float,
+    delta_loss: float,
+    accuracy: float,
+    num_test: int,
+    *,
+    deterministic: bool = True,
+    data_changed: Sequence[str] = (),
 ) -> str:
     """identical (bit for bit) / within noise (accuracy within 2 binomial standard errors of
-    the original's on ``num_test`` images) / differs."""
+    the original's on ``num_test`` images) / differs; qualified when the original was not
+    deterministic (bit-identity was not expected) and when the data's digest changed."""
     if delta_accuracy == 0 and delta_loss == 0:
-        return "identical"
-    noise = 2 * math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / max(num_test, 1))
-    return "within noise" if abs(delta_accuracy) <= noise else "differs"
+        verdict = "identical"
+    else:
+        noise = 2 * math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / max(num_test, 1))
+        verdict = "within noise" if abs(delta_accuracy) <= noise else "differs"
+    notes = []
+    if not deterministic:
+        notes.append("bit-identity not expected: the original ran with trainer.deterministic=false")
+    if data_changed:
+        notes.append(f"the data differs: {', '.join(data_changed)} digest changed")
+    return f"{verdict} ({'; '.join(notes)})" if notes else verdict
 
 
 def _check_architecture_and_data(cfg: DictConfig):
+    checks.check_config(cfg)
     stack = architecture.resolve_stack(cfg.model)
     data.check_available(cfg.dataset)
     input_shape, num_classes = data.dataset_shape(cfg.dataset)
@@ -429,8 +492,9 @@ def _check_architecture_and_data(cfg: DictConfig):
     return stack, input_shape, num_classes, analysis
 
 
-def _rerun_config(recorded: DictConfig, current: DictConfig) -> DictConfig:
-    """The recorded config, checked against today's schema, recorded where the user says now."""
+def _rerun_config(recorded: DictConfig, current: DictConfig, runtime: Sequence[str]) -> DictConfig:
+    """The recorded config, checked against today's schema, recorded where the user says now,
+    with the runtime keys given on this command line (``runtime``) taken from it."""
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), recorded)
     except Exception as err:  # noqa: BLE001 - OmegaConf's validation errors
@@ -439,12 +503,46 @@ def _rerun_config(recorded: DictConfig, current: DictConfig) -> DictConfig:
             "check out the run's git_commit and rerun from there"
         ) from err
     cfg.tracking = current.tracking
+    for key in runtime:
+        OmegaConf.update(cfg, key, OmegaConf.select(current, key), merge=False)
     return cfg
+
+
+def config_digest(cfg: DictConfig) -> str:
+    """sha256 of what is trained: the recorded config without the runtime keys
+    (:data:`convnets.config.RUNTIME_KEYS`), so it holds on another machine."""
+    trained = {
+        key: value for key, value in flatten(_recordable(cfg)).items() if not is_runtime_key(key)
+    }
+    return hashlib.sha256(json.dumps(trained, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _check_resumable(run: Run, cfg: DictConfig) -> None:
+    """Refuse to resume a run from a checkpoint that cannot continue it, in one line."""
+    run_id = run.info.run_id
+    if not cfg.trainer.checkpoint_every_epoch:
+        raise TrackingError(
+            f"resume={run_id}: the run was trained with trainer.checkpoint_every_epoch=false, "
+            f"so no epoch can be continued; python train.py reproduce={run_id} trains it "
+            "again as a new run"
+        )
+    checkpoint_dir = Path(run.data.tags["checkpoint_dir"])
+    state = trainer.read_checkpoint_state(checkpoint_dir)
+    if state is None:
+        return  # killed before its first epoch ended: it starts from epoch 1, nothing to splice
+    owner = state.get("run_id")
+    if owner != run_id or state.get("config_digest") != config_digest(cfg):
+        whose = f"run {owner}" if owner and owner != run_id else "another training"
+        raise TrackingError(
+            f"resume={run_id}: the checkpoint in {checkpoint_dir} belongs to {whose}, not to "
+            f"this run (its {trainer.STATE_FILE} says so); refusing to continue from it "
+            f"(python train.py reproduce={run_id} trains the run again as a new run)"
+        )
 
 
 def _recordable(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as recorded (params, config.yaml): no run ids, no credentials."""
-    resolved = _drop_unset(OmegaConf.to_container(cfg, resolve=True))
+    resolved = _drop_unset(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     resolved.pop("reproduce", None)
     resolved.pop("resume", None)
     resolved["tracking"]["uri"] = redact(resolved["tracking"]["uri"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.metadata
+import json
 import math
 import os
 import re
@@ -202,7 +203,7 @@ class Tracker:
 
     def _unusable(self, err: Exception) -> TrackingError:
         lines = redact(str(err)).strip().splitlines()
-        detail = lines[0][:160] if lines else ""
+        detail = _cut_at_word(lines[0], 160) if lines else ""
         return TrackingError(
             f"tracking.uri={self.shown_uri}: the MLflow store cannot be used "
             f"({type(err).__name__}{': ' + detail if detail else ''}); check the URI, "
@@ -210,7 +211,25 @@ class Tracker:
         )
 
     def check_store(self) -> None:
-        """Open the store (creating a SQLite schema once, under the lock); fail fast otherwise."""
+        """Open the store (creating a SQLite schema once, under the lock); fail fast otherwise.
+
+        A SQLite file without write permission (or in a folder SQLite cannot write its journal
+        to) is refused here: reading it works, and the first write would fail with a
+        SQLAlchemy traceback. Checked on the mode bits too, as root ignores them in
+        ``os.access`` while the user plainly meant the file to be read-only.
+        """
+        if self.db_path is not None and self.db_path.exists():
+            folder = self.db_path.parent
+            if (
+                not os.access(self.db_path, os.W_OK)
+                or not self.db_path.stat().st_mode & 0o222
+                or not os.access(folder, os.W_OK)
+            ):
+                raise TrackingError(
+                    f"tracking.uri={self.shown_uri}: the store {self.db_path} is read-only "
+                    f"(the file or its folder); make both writable (chmod u+w) or record "
+                    "elsewhere with tracking.uri=sqlite:///<writable path>/mlflow.db"
+                )
         try:
             with self._store_lock(), _bounded_http(self.http_timeout_s):
                 self.client.search_experiments(max_results=1)
@@ -372,6 +391,36 @@ class Tracker:
                 out[key] = [m.value for m in points]
         return out
 
+    def log_data_inputs(
+        self, run_id: str, *, name: str, source: str, splits: Mapping[str, tuple[str, int]]
+    ) -> None:
+        """Each split (``{context: (digest, number of examples)}``, e.g. ``train``) as an MLflow
+        dataset input of the run: the UI's Datasets column, and
+        ``search_runs(filter_string="dataset.digest = '...'")`` find runs by their data.
+
+        MLflow caps a dataset digest at 36 characters: the first 36 of the sha256 (the full
+        one is in the ``data_digest.<split>`` tags). Empty splits are left out.
+        """
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+        from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE
+
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=name,
+                    digest=digest[:MAX_DATASET_DIGEST_SIZE],
+                    source_type=source.split(":", 1)[0],
+                    source=json.dumps({"uri": redact(source)}),
+                    profile=json.dumps({"num_examples": count}),
+                ),
+                tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)],
+            )
+            for context, (digest, count) in splits.items()
+            if count > 0
+        ]
+        self.client.log_inputs(run_id, datasets=inputs)
+
     def log_model(self, model: Any) -> str:
         """Log a Keras model (Keras format) under ``model``; returns the model URI.
 
@@ -451,6 +500,14 @@ def open_store(uri: str, *, http_timeout_s: float = 10.0) -> Tracker:
     tracker = Tracker(uri, http_timeout_s=http_timeout_s)
     tracker.check_store()
     return tracker
+
+
+def _cut_at_word(text: str, limit: int) -> str:
+    """``text`` within ``limit`` characters, cut at a word boundary and marked ``...``."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 3].rsplit(" ", 1)[0].rstrip(" ,;:(")
+    return f"{cut}..."
 
 
 def failure_reason(err: BaseException) -> str:

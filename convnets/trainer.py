@@ -8,9 +8,14 @@ Checkpoint layout (``checkpoint_dir``), written only at epoch ends:
 
 - ``epoch-NNNN.weights.h5``: model + optimizer state after epoch NNNN (the last one kept)
 - ``best-NNNN.weights.h5``: the weights of the best epoch by ``val_accuracy``
-- ``state.json``: the commit record naming the two files above, the last completed epoch and
-  every completed epoch's logs. It is replaced atomically *after* the files it names are
-  complete, so a process killed at any moment leaves a consistent last completed epoch.
+- ``state.json``: the commit record naming the two files above, the last completed epoch,
+  every completed epoch's logs and the ``identity`` the caller gave (the job: the MLflow run
+  id and the config digest, so a resume can refuse a checkpoint that is not its own). It is
+  replaced atomically *after* the files it names are complete, so a process killed at any
+  moment leaves a consistent last completed epoch.
+
+A directory holds one training's checkpoint: a fresh fit never clears or overwrites one it
+finds there (it refuses), so two trainings cannot splice each other's weights.
 """
 
 from __future__ import annotations
@@ -22,20 +27,21 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
 import tensorflow as tf
 
+from convnets.config import Optimizer, Precision, Schedule
 from convnets.errors import ConfigError, TrainingFailed
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "one_cycle")
+PRECISIONS = tuple(p.value for p in Precision)
+OPTIMIZERS = tuple(o.value for o in Optimizer)
+SCHEDULES = tuple(s.value for s in Schedule)
 STATE_FILE = "state.json"
 # one_cycle: fraction of training spent rising when optimizer.warmup_epochs is 0, and the
 # starting lr as lr / ONE_CYCLE_DIV (PyTorch OneCycleLR's pct_start=0.3, div_factor=25).
@@ -63,7 +69,7 @@ def set_precision(precision: str) -> None:
         raise ConfigError(
             f"trainer.precision={precision!r} is unknown; choose one of {', '.join(PRECISIONS)}"
         )
-    keras.mixed_precision.set_global_policy(precision)
+    keras.mixed_precision.set_global_policy(str(precision))
 
 
 # ---------------------------------------------------------------- optimiser
@@ -179,22 +185,28 @@ def fit(
     checkpoint_dir: str | Path,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     resume: bool = False,
+    identity: Mapping[str, str] | None = None,
 ) -> tuple[keras.Model, FitResult]:
     """Build, compile and train the model under ``strategy``; checkpoint every epoch.
 
     Re-seeds from ``trainer_cfg.seed`` before building the model, so the same config gives
     the same initial weights. ``resume=True`` restores the last committed epoch from
     ``checkpoint_dir`` (weights, optimizer state, best so far) and trains the remaining
-    epochs; without a checkpoint it starts from epoch 1. Raises :class:`TrainingFailed` when
-    the loss becomes NaN/inf (the last good epoch's checkpoint stays); ``KeyboardInterrupt``
-    propagates, with the last completed epoch checkpointed.
+    epochs; without a checkpoint it starts from epoch 1 (checking that the checkpoint is the
+    caller's is the caller's job: see ``identity`` in the module docstring). ``resume=False``
+    refuses a ``checkpoint_dir`` that already holds a checkpoint. Raises
+    :class:`TrainingFailed` when the loss becomes NaN/inf (the last good epoch's checkpoint
+    stays); ``KeyboardInterrupt`` propagates, with the last completed epoch checkpointed.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    state = _read_state(checkpoint_dir) if resume else None
+    state = _read_state(checkpoint_dir)
+    if not resume and state is not None:
+        raise ConfigError(
+            f"{checkpoint_dir} already holds a checkpoint ({STATE_FILE}); a new training "
+            "needs its own checkpoint directory"
+        )
     if resume and state is None:
         log.info("no checkpoint in %s: training from epoch 1", checkpoint_dir)
-    if state is None:
-        _clear_checkpoints(checkpoint_dir)
 
     seed_everything(trainer_cfg.seed, trainer_cfg.deterministic)
     one_hot = trainer_cfg.label_smoothing > 0
@@ -228,6 +240,7 @@ def fit(
         state if initial_epoch else None,
         save_last=trainer_cfg.checkpoint_every_epoch,
         writer=bool(strategy.extended.should_checkpoint),
+        identity=identity,
     )
     timer = _Throughput(data.num_train)
     started = time.perf_counter()
@@ -324,15 +337,6 @@ def _read_state(checkpoint_dir: Path) -> dict | None:
         return None
 
 
-def _clear_checkpoints(checkpoint_dir: Path) -> None:
-    """Remove a previous run's checkpoint files (only ours) before a fresh start."""
-    if not checkpoint_dir.is_dir():
-        return
-    for path in checkpoint_dir.iterdir():
-        if path.name == STATE_FILE or path.name.endswith(".weights.h5"):
-            path.unlink()
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -401,8 +405,17 @@ class _EpochState(keras.callbacks.Callback):
     them), but only the chief writes into ``checkpoint_dir``; the others use a temporary one.
     """
 
-    def __init__(self, checkpoint_dir: Path, state: dict | None, *, save_last: bool, writer: bool):
+    def __init__(
+        self,
+        checkpoint_dir: Path,
+        state: dict | None,
+        *,
+        save_last: bool,
+        writer: bool,
+        identity: Mapping[str, str] | None,
+    ):
         super().__init__()
+        self.identity = dict(identity or {})
         self.write_dir = checkpoint_dir if writer else Path(tempfile.mkdtemp(prefix="ckpt-"))
         self.temporary = not writer
         self.write_dir.mkdir(parents=True, exist_ok=True)
@@ -448,6 +461,7 @@ class _EpochState(keras.callbacks.Callback):
 
     def _commit(self) -> None:
         state = {
+            **self.identity,
             "epoch": self.epoch,
             "last": self.last_file,
             "best": self.best_file,

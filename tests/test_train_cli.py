@@ -188,7 +188,7 @@ def test_reproduce_refuses_other_overrides(recorded):
     )
     assert result.returncode != 0
     [line] = error_lines(result)
-    assert "trainer.epochs=7" in line and "only tracking.*" in line
+    assert "trainer.epochs=7" in line and "distribute.*, trainer.verbose, tracking.*" in line
 
 
 @pytest.mark.parametrize("key", ["reproduce", "resume"])
@@ -318,7 +318,7 @@ def test_ctrl_c_ends_the_run_killed_and_keeps_the_checkpoint(tmp_path):
     [line] = [x for x in stderr.splitlines() if x.startswith("interrupted: ")]
     assert line == (
         f"interrupted: run {run_id} recorded KILLED; checkpoint kept in {checkpoint}; "
-        f"continue with: python train.py resume={run_id}"
+        f"continue with: python train.py resume={run_id} tracking.uri={uri}"
     )
 
 

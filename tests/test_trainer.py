@@ -39,6 +39,11 @@ def opt_cfg(**kwargs):
     return OmegaConf.structured(OptimizerConfig(**{"lr": 3e-3, **kwargs}))
 
 
+def untyped_opt_cfg(**kwargs):
+    """An optimizer config outside the schema (its Enums would refuse these values)."""
+    return OmegaConf.create({**OmegaConf.to_container(opt_cfg(), enum_to_str=True), **kwargs})
+
+
 @pytest.fixture
 def strategy():
     return tf.distribute.OneDeviceStrategy("/cpu:0")
@@ -257,13 +262,13 @@ def test_epoch_lr_log_follows_the_schedule(strategy, tmp_path):
         (lambda: set_precision("float16"), "trainer.precision='float16' is unknown"),
         (
             lambda: build_optimizer(
-                opt_cfg(name="lamb"), steps_per_epoch=1, epochs=1, num_replicas=1
+                untyped_opt_cfg(name="lamb"), steps_per_epoch=1, epochs=1, num_replicas=1
             ),
             "optimizer.name='lamb' is unknown; choose one of adam, adamw, sgd",
         ),
         (
             lambda: build_optimizer(
-                opt_cfg(schedule="step"), steps_per_epoch=1, epochs=1, num_replicas=1
+                untyped_opt_cfg(schedule="step"), steps_per_epoch=1, epochs=1, num_replicas=1
             ),
             "optimizer.schedule='step' is unknown",
         ),

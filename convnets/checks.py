@@ -1,0 +1,122 @@
+"""The whole training config checked in pure Python: before TensorFlow loads, before a run.
+
+``train.py`` calls :func:`check_config` first thing in its task, so a mistake that can be seen
+without the data costs about a second and leaves nothing behind (no store file, no run).
+The job calls it again on the config it trains (a sweep point, a reproduced run's recorded
+config), where a failure is recorded as usual.
+
+Hydra already refuses a misspelt key, a value of the wrong type and a value outside an Enum
+(``optimizer.name``, ``trainer.precision``...). Two things get through it:
+
+- values of the right type but impossible (``trainer.epochs=0``, ``optimizer.lr=-0.01``);
+- keys appended with ``+``: Hydra applies ``+key=value`` with ``OmegaConf.update(...,
+  force_add=True)``, which lifts the struct flag along the key's path, so the key is added
+  even to a dataclass-typed node (``+trainer.epoch=3`` would silently train the default
+  epochs and log ``trainer.epoch`` as a param). :func:`unknown_keys` walks the config against
+  the dataclasses of :mod:`convnets.config` to close the schema again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from convnets.architecture import check_stack
+from convnets.errors import ConfigError
+
+_Rule = tuple[str, Callable[[Any], bool], str]
+
+
+def _at_least(low: float) -> Callable[[Any], bool]:
+    return lambda v: math.isfinite(v) and v >= low
+
+
+def _in_unit(*, closed: bool) -> Callable[[Any], bool]:
+    return lambda v: 0 <= v <= 1 if closed else 0 <= v < 1
+
+
+def _positive(v: Any) -> bool:
+    return math.isfinite(v) and v > 0
+
+
+# (key, test, what the value must be). Keys typed as Enums are checked by Hydra already.
+RULES: tuple[_Rule, ...] = (
+    ("trainer.epochs", _at_least(1), "must be at least 1"),
+    ("trainer.batch_size", _at_least(1), "must be at least 1"),
+    ("trainer.steps_per_execution", _at_least(1), "must be at least 1"),
+    ("trainer.seed", _at_least(0), "must be >= 0"),
+    ("trainer.label_smoothing", _in_unit(closed=False), "must be in [0, 1)"),
+    ("trainer.verbose", lambda v: v in (0, 1, 2), "must be 0, 1 or 2"),
+    ("optimizer.lr", _positive, "must be > 0"),
+    ("optimizer.weight_decay", _at_least(0), "must be >= 0"),
+    ("optimizer.momentum", _in_unit(closed=False), "must be in [0, 1)"),
+    ("optimizer.beta_1", _in_unit(closed=False), "must be in [0, 1)"),
+    ("optimizer.beta_2", _in_unit(closed=False), "must be in [0, 1)"),
+    ("optimizer.warmup_epochs", _at_least(0), "must be >= 0"),
+    ("optimizer.min_lr_fraction", _in_unit(closed=True), "must be in [0, 1]"),
+    ("optimizer.clipnorm", lambda v: v is None or _positive(v), "must be > 0 or null"),
+    ("distribute.cpu_replicas", _at_least(0), "must be >= 0 (0 = off)"),
+    ("dataset.val_fraction", _in_unit(closed=False), "must be in [0, 1)"),
+    ("dataset.test_fraction", _in_unit(closed=False), "must be in [0, 1)"),
+    ("dataset.max_pixel_value", _positive, "must be > 0"),
+    ("dataset.std", lambda v: all(_positive(x) for x in v), "must be > 0 for every channel"),
+    ("dataset.shuffle_buffer", _at_least(1), "must be at least 1"),
+    ("dataset.augment.random_crop_padding", _at_least(0), "must be >= 0"),
+    (
+        "dataset.image_size",
+        lambda v: v is None or (len(v) == 2 and min(v) >= 1),
+        "must be [H, W] with positive sides, or null",
+    ),
+    ("tracking.http_timeout_s", _positive, "must be > 0"),
+)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise the :class:`ConfigError` of the first mistake in a training config; pure Python."""
+    for key in unknown_keys(cfg):
+        raise ConfigError(
+            f"{key}: unknown key (not in the config schema); check the spelling "
+            "(--cfg job prints every key)"
+        )
+    for key, test, must in RULES:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, ListConfig):
+            value = list(value)
+        if not test(value):
+            raise ConfigError(f"{key}={_show(value)} {must}")
+    if cfg.optimizer.warmup_epochs >= cfg.trainer.epochs:
+        raise ConfigError(
+            f"optimizer.warmup_epochs={cfg.optimizer.warmup_epochs} must be shorter than "
+            f"trainer.epochs={cfg.trainer.epochs}"
+        )
+    if cfg.dataset.source == "sklearn" and cfg.dataset.test_fraction == 0:
+        raise ConfigError("dataset.test_fraction=0 leaves digits no test split: use e.g. 0.2")
+    check_stack(cfg.model, cfg.dataset)
+
+
+def unknown_keys(node: Any, path: str = "") -> Iterator[str]:
+    """Dotted keys present in ``node`` but not in the dataclass schema of their parent."""
+    if isinstance(node, ListConfig):
+        for index in range(len(node)):
+            yield from unknown_keys(node._get_node(index), f"{path}.{index}")
+        return
+    if not isinstance(node, DictConfig) or node._is_missing() or node._is_none():
+        return
+    schema = OmegaConf.get_type(node)
+    known = (
+        {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    )
+    for key in node:
+        full = f"{path}.{key}" if path else str(key)
+        if known is not None and key not in known:
+            yield full
+        else:
+            yield from unknown_keys(node._get_node(key), full)
+
+
+def _show(value: Any) -> str:
+    return "[" + ",".join(str(v) for v in value) + "]" if isinstance(value, list) else str(value)

@@ -1,0 +1,365 @@
+"""Issue 13, through the real CLI: no run silently wrong, nothing half-written, reproducible on
+another machine. Each test runs ``python train.py`` against a fresh SQLite store in tmp."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import CLI_ENV, REPO, free_port, train_cli
+from mlflow.tracking import MlflowClient
+
+TINY = "model.layers=[{filters:4},{filters:4,pool:max}]"
+QUIET = ("trainer.verbose=0", "tracking.log_model=false")
+RUN_ID = re.compile(r"run=([0-9a-f]{32})")
+
+
+def store_uri(folder: Path) -> str:
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def run_id_of(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return RUN_ID.findall(result.stdout)[-1]
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one ``error:`` line of a refused command (and no traceback)."""
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("error: ")]
+    return line
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=REPO,
+        env=CLI_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_new_run(proc, client: MlflowClient, epochs: int, known: set[str] = frozenset()):
+    """The id of the run ``proc`` trains (one not in ``known``), once it logged ``epochs``."""
+    deadline, run_id = time.monotonic() + 240, None
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        if run_id is None and (experiment := client.get_experiment_by_name("digits")):
+            new = [r for r in client.search_runs([experiment.experiment_id])]
+            new = [r.info.run_id for r in new if r.info.run_id not in known]
+            run_id = new[0] if new else None
+        steps = [m.step for m in client.get_metric_history(run_id, "loss")] if run_id else []
+        if max(steps, default=0) >= epochs:
+            return run_id
+    raise AssertionError(f"training ended or stalled before epoch {epochs} was recorded")
+
+
+def kill_after(args, client, epochs: int, known=frozenset()) -> str:
+    proc = start(*args)
+    try:
+        run_id = wait_for_new_run(proc, client, epochs, known)
+        proc.kill()  # SIGKILL: the run stays RUNNING, its checkpoint at the last epoch
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "training ended before it could be killed"
+    return run_id
+
+
+def write_images(folder: Path, sizes: dict[str, list[tuple[int, int]]], seed: int = 0) -> None:
+    """``<folder>/{train,test}/<label>/<n>.png``: random grayscale images of the given sizes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in ("train", "test"):
+        for label, label_sizes in sizes.items():
+            (folder / split / label).mkdir(parents=True, exist_ok=True)
+            for n, (w, h) in enumerate(label_sizes):
+                pixels = rng.integers(0, 256, (h, w), dtype=np.uint8)
+                Image.fromarray(pixels, "L").save(folder / split / label / f"{n}.png")
+
+
+# ---------------------------------------------------------------- 1. checkpoints
+
+
+@pytest.mark.slow
+def test_two_runs_in_one_folder_each_resume_from_their_own_checkpoint(tmp_path):
+    epochs, uri = 20, store_uri(tmp_path)
+    client = MlflowClient(uri)
+    args = [TINY, f"trainer.epochs={epochs}", *QUIET, f"tracking.uri={uri}"]
+    shared = f"hydra.run.dir={tmp_path / 'run'}"  # or two runs started in the same second
+    first = kill_after([*args, shared], client, 2)
+    second = kill_after([*args, shared], client, 2, known={first})
+
+    dirs = {r: Path(client.get_run(r).data.tags["checkpoint_dir"]) for r in (first, second)}
+    assert dirs[first] != dirs[second]
+    for run_id, folder in dirs.items():
+        assert folder == tmp_path / "run" / "checkpoints" / run_id
+        assert json.loads((folder / "state.json").read_text())["run_id"] == run_id
+
+    # A foreign checkpoint (state.json naming another run) is refused; the run is untouched.
+    state_file = dirs[first] / "state.json"
+    original = state_file.read_text()
+    state_file.write_text(json.dumps({**json.loads(original), "run_id": second}))
+    refused = train_cli(f"resume={first}", f"tracking.uri={uri}", shared)
+    assert error_line(refused).startswith(
+        f"error: resume={first}: the checkpoint in {dirs[first]} belongs to run {second}"
+    )
+    assert client.get_run(first).info.status == "RUNNING"
+    state_file.write_text(original)
+
+    for run_id in (first, second):
+        assert run_id_of(train_cli(f"resume={run_id}", f"tracking.uri={uri}", shared)) == run_id
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["epochs_completed"] == epochs
+        for key in ("loss", "val_accuracy", "lr"):
+            steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+            assert steps == list(range(1, epochs + 1)), (run_id, key)  # each epoch once
+        history = json.loads((dirs[run_id] / "state.json").read_text())["history"]
+        assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+
+
+def test_a_run_without_epoch_checkpoints_is_not_resumable(tmp_path):
+    uri = store_uri(tmp_path)
+    result = train_cli(
+        TINY,
+        "trainer.epochs=1",
+        "trainer.checkpoint_every_epoch=false",
+        *QUIET,
+        f"tracking.uri={uri}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+    )
+    run_id = run_id_of(result)
+    client = MlflowClient(uri)
+    client.set_terminated(run_id, "KILLED")  # as if it had been interrupted
+    refused = train_cli(f"resume={run_id}", f"tracking.uri={uri}")
+    line = error_line(refused)
+    assert "trainer.checkpoint_every_epoch=false" in line
+    assert f"python train.py reproduce={run_id}" in line
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1]
+
+
+# ---------------------------------------------------------------- 2. config mistakes
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("optimizer.name=rmsprop", "optimizer.name"),
+        ("optimizer.schedule=linear", "optimizer.schedule"),
+        ("optimizer.lr=0", "optimizer.lr"),
+        ("optimizer.lr=-0.01", "optimizer.lr"),
+        ("trainer.epochs=0", "trainer.epochs"),
+        ("trainer.epochs=-1", "trainer.epochs"),
+        ("+trainer.epoch=3", "trainer.epoch"),
+        ("+trainer.foo=1", "trainer.foo"),
+        ("trainer.batch_size=0", "trainer.batch_size"),
+        ("optimizer.warmup_epochs=-1", "optimizer.warmup_epochs"),
+        ("dataset.val_fraction=1.0", "dataset.val_fraction"),
+        ("distribute.cpu_replicas=-2", "distribute.cpu_replicas"),
+    ],
+)
+def test_a_config_mistake_is_refused_before_tensorflow_and_the_store(tmp_path, override, key):
+    store = tmp_path / "store"
+    store.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "train.py", override,
+         f"tracking.uri={store_uri(store)}", f"hydra.run.dir={tmp_path / 'out'}"],
+        cwd=REPO, env=CLI_ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert error_line(result).startswith(f"error: {key}")
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
+    assert not any(m.split(".")[0] in ("tensorflow", "keras", "mlflow") for m in imported)
+    assert list(store.iterdir()) == []  # no mlflow.db, no run
+
+
+# ---------------------------------------------------------------- 3. data
+
+
+@pytest.mark.parametrize("case", ["one_class", "mixed_sizes", "val_fraction"])
+def test_data_that_cannot_train_a_classifier_is_refused(tmp_path, case):
+    images = tmp_path / "images"
+    if case == "one_class":
+        write_images(images, {"cat": [(8, 8)] * 4})
+        args, expected = [f"dataset.path={images}"], "has 1 class (cat)"
+    elif case == "mixed_sizes":
+        write_images(images, {"cat": [(8, 8)] * 3, "dog": [(8, 8), (12, 8), (8, 8)]})
+        args = [f"dataset.path={images}"]
+        expected = f"image {images / 'train' / 'dog' / '1.png'} is 12x8"
+    else:
+        args, expected = ["dataset.val_fraction=0.999"], "have no training example"
+    dataset = ["dataset=image_folder"] if case != "val_fraction" else []
+    store = tmp_path / "store"
+    store.mkdir()
+    result = train_cli(
+        *dataset, *args, TINY, *QUIET,
+        f"tracking.uri={store_uri(store)}", f"hydra.run.dir={tmp_path / 'out'}",
+    )  # fmt: skip
+    assert expected in error_line(result)
+    assert list(store.iterdir()) == []  # refused before the store was opened
+
+
+# ---------------------------------------------------------------- 4. reproduce elsewhere
+
+
+@pytest.mark.slow
+def test_reproduce_on_another_machine_takes_runtime_overrides(tmp_path):
+    uri = store_uri(tmp_path)
+    client = MlflowClient(uri)
+    original = run_id_of(
+        train_cli(TINY, "trainer.epochs=1", *QUIET, f"tracking.uri={uri}",
+                  f"hydra.run.dir={tmp_path / 'a'}")
+    )  # fmt: skip
+    elsewhere = tmp_path / "tfds-elsewhere"
+    result = train_cli(
+        f"reproduce={original}",
+        f"dataset.data_dir={elsewhere}",
+        "distribute=one_device",
+        f"tracking.uri={uri}",
+        f"hydra.run.dir={tmp_path / 'b'}",
+    )
+    new = run_id_of(result)
+    run, source = client.get_run(new), client.get_run(original)
+    assert run.data.tags["reproduces"] == original
+    assert run.data.tags["runtime_overrides"] == (
+        f"dataset.data_dir={elsewhere} distribute=one_device tracking.uri={uri}"
+    )
+    assert run.data.params["dataset.data_dir"] == str(elsewhere)
+    assert run.data.params["distribute.strategy"] == "one_device"
+    assert run.data.params["optimizer.name"] == "adam"  # the plain string, not the Enum
+    assert run.data.tags["config_digest"] == source.data.tags["config_digest"]
+    # Same data (its digest), non-deterministic original: said so in the verdict.
+    for split in ("train", "validation", "test"):
+        assert run.data.tags[f"data_digest.{split}"] == source.data.tags[f"data_digest.{split}"]
+    assert "bit-identity not expected" in run.data.tags["reproduce_verdict"]
+    assert "warning: reproduce" not in result.stderr
+    # The splits are MLflow dataset inputs: runs are found by their data.
+    digest = source.data.tags["data_digest.train"][:36]
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.search_runs(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"dataset.digest = '{digest}' AND dataset.context = 'train'",
+    )
+    assert set(found["run_id"]) == {original, new}
+
+    refused = train_cli(f"reproduce={original}", "trainer.epochs=7", f"tracking.uri={uri}")
+    line = error_line(refused)
+    assert "trainer.epochs=7" in line
+    assert "dataset.data_dir, dataset.path, distribute.*, trainer.verbose, tracking.*" in line
+
+
+@pytest.mark.slow
+def test_reproduce_on_changed_data_says_so(tmp_path):
+    uri, images, copy = store_uri(tmp_path), tmp_path / "images", tmp_path / "copy"
+    write_images(images, {"cat": [(8, 8)] * 6, "dog": [(8, 8)] * 6})
+    original = run_id_of(
+        train_cli("dataset=image_folder", f"dataset.path={images}", TINY, "trainer.epochs=1",
+                  *QUIET, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'a'}")
+    )  # fmt: skip
+    shutil.copytree(images, copy)
+    write_images(copy / "extra", {"cat": [(8, 8)]}, seed=1)  # new pixels for test/cat/0.png
+    shutil.copy(copy / "extra" / "test" / "cat" / "0.png", copy / "test" / "cat" / "0.png")
+    result = train_cli(
+        f"reproduce={original}", f"dataset.path={copy}", f"tracking.uri={uri}",
+        f"hydra.run.dir={tmp_path / 'b'}",
+    )  # fmt: skip
+    run = MlflowClient(uri).get_run(run_id_of(result))
+    assert f"warning: reproduce={original}: the data differs from the original's (test " in (
+        result.stderr
+    )
+    assert "the data differs: test digest changed" in run.data.tags["reproduce_verdict"]
+
+
+# ---------------------------------------------------------------- 5. credentials
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_credentials_in_the_tracking_uri_never_reach_disk_or_the_console(tmp_path, script):
+    secret = "s3cr3t-pa55"
+    args = [f"tracking.uri=http://user:{secret}@127.0.0.1:{free_port()}"]
+    if script == "evaluate.py":
+        args.append("compare=digits")
+    result = subprocess.run(
+        [sys.executable, str(REPO / script), *args, f"hydra.run.dir={tmp_path / 'out'}"],
+        cwd=tmp_path, env=CLI_ENV | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    line = error_line(result)
+    assert "MLFLOW_TRACKING_USERNAME" in line and "MLFLOW_TRACKING_PASSWORD" in line
+    assert secret not in result.stdout + result.stderr
+    found = subprocess.run(["grep", "-rl", secret, str(tmp_path)], capture_output=True, text=True)
+    assert found.stdout == ""
+
+
+# ---------------------------------------------------------------- 6. tracebacks, half-truths
+
+
+def test_a_read_only_store_is_refused_in_one_line(tmp_path):
+    uri = store_uri(tmp_path)
+    MlflowClient(uri).search_experiments()  # creates the store's schema
+    (tmp_path / "mlflow.db").chmod(0o444)
+    result = train_cli(TINY, *QUIET, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'out'}")
+    assert error_line(result) == (
+        f"error: tracking.uri={uri}: the store {tmp_path / 'mlflow.db'} is read-only (the file "
+        "or its folder); make both writable (chmod u+w) or record elsewhere with "
+        "tracking.uri=sqlite:///<writable path>/mlflow.db"
+    )
+    (tmp_path / "mlflow.db").chmod(0o644)
+    assert MlflowClient(uri).search_runs(["0"]) == []
+
+
+def test_the_unreachable_store_message_is_cut_at_a_word(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}/a/rather/long/path/to/make/the/message/long"
+    result = train_cli(f"tracking.uri={uri}", f"hydra.run.dir={tmp_path}", timeout=120)
+    line = error_line(result)
+    detail = re.search(r"cannot be used \(MlflowException: (.*)\); check the URI", line)[1]
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        with pytest.raises(Exception) as err:  # noqa: PT011 - whatever MLflow raises
+            MlflowClient(uri).search_experiments(max_results=1)
+    finally:
+        del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    full = str(err.value).strip().splitlines()[0]
+    assert len(full) > 160 and detail.endswith("...")
+    kept = detail.removesuffix("...")
+    assert full.startswith(kept) and full[len(kept)] in " ,;:("  # a whole word, then cut
+
+
+def test_the_ctrl_c_hint_names_the_store_and_works(tmp_path):
+    uri = store_uri(tmp_path)
+    client = MlflowClient(uri)
+    proc = start(TINY, "trainer.epochs=20", *QUIET, f"tracking.uri={uri}",
+                 f"hydra.run.dir={tmp_path / 'out'}")  # fmt: skip
+    try:
+        run_id = wait_for_new_run(proc, client, 1)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    [line] = [x for x in stderr.splitlines() if x.startswith("interrupted: ")]
+    hint = line.split("; continue with: ", 1)[1]
+    assert hint == f"python train.py resume={run_id} tracking.uri={uri}"
+    command = shlex.split(hint)
+    result = train_cli(*command[2:], f"hydra.run.dir={tmp_path / 'resumed'}")
+    assert run_id_of(result) == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
