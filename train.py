@@ -10,8 +10,8 @@ from hydra.types import RunMode
 import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
 from convnets.checks import check_config
 from convnets.cli import (
+    import_in_background,
     import_tensorflow_quietly,
-    open_store_in_background,
     report_user_errors,
     run_main,
 )
@@ -22,11 +22,11 @@ from convnets.cli import (
 def main(cfg) -> float:
     if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep records a bad point as FAILED
         check_config(cfg)  # pure: refused before TensorFlow loads or a run is recorded (~1 s)
-    store = open_store_in_background(cfg.tracking.uri, cfg.tracking.http_timeout_s)
+    import_in_background("convnets.tracking")  # MLflow's import overlaps TensorFlow's
     import_tensorflow_quietly()
     from convnets import job
 
-    return job.train(cfg, store)
+    return job.train(cfg)
 
 
 if __name__ == "__main__":

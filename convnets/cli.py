@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from convnets.errors import ConfigError, ConvnetsError
@@ -59,23 +60,17 @@ def quiet_library_logs() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def open_store_in_background(uri: str, http_timeout_s: float) -> Future:
-    """Import MLflow and open the store on a thread, so that both (and, on a fresh SQLite file,
-    MLflow's schema migrations) overlap TensorFlow's import instead of following it.
+def import_in_background(module: str) -> None:
+    """Start importing ``module`` on a thread, so that it overlaps TensorFlow's import in the
+    main thread instead of following it (MLflow's import takes 1-3 s here).
 
-    The future's ``result()`` is a :class:`convnets.tracking.Tracker`, or re-raises the store's
-    error (a one-line :class:`~convnets.errors.TrackingError`) where the store is first needed.
+    Only the import: the store itself is opened after the data checks, so refused data leaves no
+    store behind. An ``import`` of the same module in the main thread waits for this one (the
+    import system locks per module) and raises its error, if any, where it is needed.
     """
-
-    def open_store():
-        from convnets.tracking import open_store
-
-        return open_store(uri, http_timeout_s=http_timeout_s)
-
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="open-store")
-    future = pool.submit(open_store)
-    pool.shutdown(wait=False)  # the thread ends with its one task
-    return future
+    threading.Thread(
+        target=importlib.import_module, args=(module,), name=f"import-{module}", daemon=True
+    ).start()
 
 
 def import_tensorflow_quietly() -> None:

@@ -17,7 +17,6 @@ import math
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,7 @@ _NOT_IN_NAME += ("tracking", "trainer.verbose")
 # ---------------------------------------------------------------- entry
 
 
-def train(cfg: DictConfig, store: Future[Tracker] | None = None) -> float:
+def train(cfg: DictConfig) -> float:
     """Train and record one run; return its validation accuracy (the sweep objective).
 
     The best epoch's ``val_accuracy`` when ``trainer.restore_best`` (those weights are the
@@ -66,7 +65,7 @@ def train(cfg: DictConfig, store: Future[Tracker] | None = None) -> float:
     In a Hydra multirun a failing job is recorded FAILED, reported in one line, and returns
     ``nan`` so the other jobs still run. Ctrl-C ends the run KILLED and exits with 130.
     """
-    job = _Job(cfg, store)
+    job = _Job(cfg)
     try:
         return job.run()
     except KeyboardInterrupt:
@@ -101,9 +100,8 @@ class _Source:
 
 
 class _Job:
-    def __init__(self, cfg: DictConfig, store: Future[Tracker] | None = None):
+    def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        self.store = store  # the store train.py started opening while TensorFlow loaded
         self.overrides = _task_overrides()
         self.sweep = sweep.sweep_context()  # sweep hook: set in a multirun (convnets.sweep)
         self.tracker: Tracker | None = None
@@ -253,8 +251,6 @@ class _Job:
         return self.tracker.experiment_id(sweep.experiment_name(cfg))
 
     def _open_tracker(self, cfg: DictConfig) -> Tracker:
-        if self.store is not None and cfg.tracking.uri == self.cfg.tracking.uri:
-            return self.store.result()
         return open_store(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
 
     # ------------------------------------------------------------ the record
