@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import inspect
 import json
 import logging
 import math
@@ -311,18 +312,23 @@ def open_storage(url: str, stale_after_s: int = 60) -> optuna.storages.RDBStorag
     60 s for a lock rather than failing at once when several processes write.
     """
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    with _storage_lock(url):
+    # Optuna 4.9 renamed failed_trial_callback and its retry callback (removed in 6).
+    stale = "heartbeat_stale_trial_callback"
+    if stale not in inspect.signature(RDBStorage).parameters:
+        stale = "failed_trial_callback"
+    with _storage_lock(url), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
         try:
             return RDBStorage(
                 url,
                 engine_kwargs=engine,
                 heartbeat_interval=HEARTBEAT_S,
                 grace_period=max(stale_after_s, 2 * HEARTBEAT_S),
-                failed_trial_callback=RetryFailedTrialCallback(max_retry=MAX_RETRY),
+                **{stale: _retry_callback()(max_retry=MAX_RETRY)},
             )
         except Exception as err:  # noqa: BLE001 - a bad URL, a missing driver, no server
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
@@ -330,6 +336,15 @@ def open_storage(url: str, stale_after_s: int = 60) -> optuna.storages.RDBStorag
                 f"hydra.sweeper.storage={_redact(url)}: the Optuna storage cannot be used "
                 f"({first}); give a SQLAlchemy URL such as sqlite:///optuna.db"
             ) from err
+
+
+def _retry_callback() -> type:
+    """Optuna's callback that enqueues a stale trial again (renamed in 4.9)."""
+    from optuna import storages
+
+    return getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or (
+        storages.RetryFailedTrialCallback
+    )
 
 
 def make_pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
@@ -385,12 +400,11 @@ def counted_trials(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
     """Trials that use up ``n_trials``: finished, failed or running (maybe in another
     process); not waiting ones, nor a failed trial that was enqueued again (its retry counts)."""
     from optuna.exceptions import ExperimentalWarning
-    from optuna.storages import RetryFailedTrialCallback
     from optuna.trial import TrialState
 
     with warnings.catch_warnings():  # "experimental" since Optuna 2.8
         warnings.simplefilter("ignore", ExperimentalWarning)
-        retried = {RetryFailedTrialCallback.retried_trial_number(t) for t in trials}
+        retried = {_retry_callback().retried_trial_number(t) for t in trials}
     live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     return sum(
         t.state in live or (t.state == TrialState.FAIL and t.number not in retried) for t in trials
@@ -475,7 +489,9 @@ class Search:
             load_if_exists=True,
         )
         self._check_same_objectives(study, objectives)
-        optuna.storages.fail_stale_trials(study)  # died mid-trial: FAIL, asked again
+        with warnings.catch_warnings():  # "experimental" since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # died mid-trial: FAIL, asked again
         done = counted_trials(study.get_trials(deepcopy=False))
         study.sampler = _make_sampler(settings, len(objectives), done)
         self._link_parent_run(study)

@@ -37,6 +37,7 @@ class TrialLink:
         study_id = storage.get_study_id_from_name(spec.study_name)
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, spec.number)
         self.number = spec.number
+        self.last_epoch = spec.pruner.max_epochs
         self.trial = optuna.trial.Trial(study, trial_id)
         self.reports = len(study.directions) == 1  # Optuna: no intermediate values otherwise
         self.pruned = False
@@ -45,12 +46,13 @@ class TrialLink:
         self.trial.set_user_attr(search.RUN_ATTR, run_id)
 
     def report(self, epoch: int, logs: Mapping[str, Any]) -> bool:
-        """Report the epoch's ``val_accuracy``; True when the pruner stops this trial."""
+        """Report the epoch's ``val_accuracy``; True when the pruner stops this trial (never
+        after the last epoch: the trial is complete then, stopping it saves nothing)."""
         value = logs.get("val_accuracy")
         if not self.reports or value is None or not math.isfinite(float(value)):
             return False
         self.trial.report(float(value), epoch)
-        if self.trial.should_prune():
+        if epoch < self.last_epoch and self.trial.should_prune():
             self.pruned = True
             self.trial.set_user_attr(search.PRUNED_ATTR, True)
         return self.pruned
