@@ -186,8 +186,9 @@ def parse_space(overrides: Sequence[str]) -> tuple[dict[str, Any], dict[str, str
     ``choice(a, b)`` (also ``a,b``) is categorical (lists and dicts, e.g. whole
     ``model.layers`` stacks, become their override strings); ``range(lo, hi[, step])`` is an
     int (a float with a float bound or step) on that grid, ``hi`` excluded;
-    ``interval(lo, hi)`` is an int or a float in ``[lo, hi]``; ``tag(log, ...)`` samples it
-    on a log scale. Anything else is fixed. Later overrides of a key win.
+    ``interval(lo, hi)`` is a float in ``[lo, hi]``, an int with ``tag(int, interval(...))``;
+    ``tag(log, ...)`` samples on a log scale. Anything else is fixed. Later overrides of a key
+    win.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Transformer
@@ -209,8 +210,8 @@ def parse_space(overrides: Sequence[str]) -> tuple[dict[str, Any], dict[str, str
         value = override.value()
         log_scale = "log" in getattr(value, "tags", set())
         if override.is_interval_sweep():
-            if isinstance(value.start, int) and isinstance(value.end, int):
-                space[key] = IntDistribution(value.start, value.end, log=log_scale)
+            if "int" in value.tags:  # Hydra parses interval bounds as floats
+                space[key] = IntDistribution(int(value.start), int(value.end), log=log_scale)
             else:
                 space[key] = FloatDistribution(value.start, value.end, log=log_scale)
         elif override.is_range_sweep() and not value.shuffle:
