@@ -464,6 +464,22 @@ class _Heartbeat:
         self.thread.join()
 
 
+@contextlib.contextmanager
+def _retried_if_stopped(study: optuna.Study, batch: Sequence[Any]) -> Iterator[None]:
+    """Ctrl-C (or any error) while trials run: record them FAIL and enqueue their parameters
+    again, as for a trial whose process died, so the next run of the command redoes them."""
+    try:
+        yield
+    except BaseException:
+        from optuna.trial import TrialState
+
+        retry = _retry_callback()(max_retry=MAX_RETRY)
+        for trial in batch:
+            with contextlib.suppress(Exception):  # best effort: the original error matters
+                retry(study, study.tell(trial, state=TrialState.FAIL, skip_if_finished=True))
+        raise
+
+
 class Search:
     """One ``train.py -m`` invocation's part of a study: ask, launch, tell until ``n_trials``."""
 
@@ -512,7 +528,10 @@ class Search:
                     TrialFile(url, name, trial.number, pruner, settings.stale_after_s).write(
                         self.sweep_dir
                     )
-                with _Heartbeat(storage, [t._trial_id for t in batch]):
+                with (
+                    _Heartbeat(storage, [t._trial_id for t in batch]),
+                    _retried_if_stopped(study, batch),
+                ):
                     returns = self.launcher.launch(
                         [trial_overrides(t.params, fixed) for t in batch],
                         initial_job_idx=numbers[0],
@@ -589,6 +608,12 @@ class Search:
                 }
                 for t in complete
                 if t.number in front
+            ]
+            # Runs a resumed study's new trials pushed off the front lose their tag.
+            results["dominated_run_ids"] = [
+                t.user_attrs[RUN_ATTR]
+                for t in complete
+                if t.number not in front and RUN_ATTR in t.user_attrs
             ]
             write_pareto(complete, front, objectives, self.sweep_dir)
         OmegaConf.save(OmegaConf.create(results), self.sweep_dir / RESULTS_FILE)

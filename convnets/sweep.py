@@ -256,6 +256,8 @@ def _log_optuna_results(context: SweepContext, path: Path) -> None:
     for solution in results.get("solutions", []):
         if solution.run_id:
             client.set_tag(solution.run_id, "pareto_optimal", "true")
+    for run_id in results.get("dominated_run_ids", []):
+        client.set_tag(run_id, "pareto_optimal", "false")
 
 
 def summarize(context: SweepContext, out_dir: Path) -> pd.DataFrame:

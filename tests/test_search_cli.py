@@ -205,6 +205,16 @@ def test_the_budget_counts_finished_running_and_unretried_failed_trials():
     assert search.counted_trials(s.get_trials()) == 4
 
 
+def test_trials_stopped_by_ctrl_c_are_asked_again_with_their_params():
+    s = optuna.create_study()
+    trial = s.ask({"x": FloatDistribution(0, 1)})
+    with pytest.raises(KeyboardInterrupt), search._retried_if_stopped(s, [trial]):
+        raise KeyboardInterrupt
+    assert [t.state for t in s.trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert search.counted_trials(s.get_trials()) == 0  # the budget still has room for it
+    assert s.ask({"x": FloatDistribution(0, 1)}).params == trial.params
+
+
 def test_pareto_2d_keeps_points_no_other_beats_on_both_axes():
     acc = [0.9, 0.8, 0.95, 0.7, 0.9]
     neg_params = [-100, -50, -400, -60, -120]  # fewer params is better
