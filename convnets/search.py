@@ -471,9 +471,12 @@ def _retried_if_stopped(study: optuna.Study, batch: Sequence[Any]) -> Iterator[N
     try:
         yield
     except BaseException:
+        import optuna
         from optuna.trial import TrialState
 
-        retry = _retry_callback()(max_retry=MAX_RETRY)
+        with warnings.catch_warnings():  # "experimental" since Optuna 2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = _retry_callback()(max_retry=MAX_RETRY)
         for trial in batch:
             with contextlib.suppress(Exception):  # best effort: the original error matters
                 retry(study, study.tell(trial, state=TrialState.FAIL, skip_if_finished=True))
@@ -506,9 +509,7 @@ class Search:
             load_if_exists=True,
         )
         self._check_same_objectives(study, objectives)
-        with warnings.catch_warnings():  # "experimental" since Optuna 2.9
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # died mid-trial: FAIL, asked again
+        self._fail_dead_trials(study)
         done = counted_trials(study.get_trials(deepcopy=False))
         study.sampler = _make_sampler(settings, len(objectives), done)
         self._link_parent_run(study)
@@ -522,22 +523,46 @@ class Search:
                 warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
                 trials = [study.ask(space) for _ in range(min(settings.n_jobs, left))]
             by_number = {t.number: t for t in trials}
-            for numbers in consecutive_runs(sorted(by_number)):
-                batch = [by_number[n] for n in numbers]
-                for trial in batch:
-                    TrialFile(url, name, trial.number, pruner, settings.stale_after_s).write(
-                        self.sweep_dir
-                    )
-                with (
-                    _Heartbeat(storage, [t._trial_id for t in batch]),
-                    _retried_if_stopped(study, batch),
-                ):
+            with (
+                _Heartbeat(storage, [t._trial_id for t in trials]),
+                _retried_if_stopped(study, trials),
+            ):
+                for numbers in consecutive_runs(sorted(by_number)):
+                    batch = [by_number[n] for n in numbers]
+                    for trial in batch:
+                        spec = TrialFile(url, name, trial.number, pruner, settings.stale_after_s)
+                        spec.write(self.sweep_dir)
                     returns = self.launcher.launch(
                         [trial_overrides(t.params, fixed) for t in batch],
                         initial_job_idx=numbers[0],
                     )
-                self._tell(study, batch, returns, objectives)
+                    self._tell(study, batch, returns, objectives)
         self._write_results(study, objectives)
+
+    def _fail_dead_trials(self, study: optuna.Study) -> None:
+        """Trials whose process died (no heartbeat): FAIL, enqueued again, their MLflow runs
+        ended KILLED (a SIGKILL left them RUNNING)."""
+        import optuna
+        from optuna.trial import TrialState
+
+        from convnets.tracking import Tracker
+
+        running = {t.number for t in study.get_trials(states=(TrialState.RUNNING,))}
+        with warnings.catch_warnings():  # "experimental" since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        dead = [t for t in study.get_trials(states=(TrialState.FAIL,)) if t.number in running]
+        if not dead:
+            return
+        tracker = Tracker(
+            self.config.tracking.uri, http_timeout_s=self.config.tracking.http_timeout_s
+        )
+        for trial in dead:
+            log.warning("search: trial %d died mid-run; asking its parameters again", trial.number)
+            if RUN_ATTR in trial.user_attrs:
+                reason = f"its process died (no heartbeat); trial {trial.number} is run again"
+                with contextlib.suppress(Exception):  # best effort: the search goes on
+                    tracker.end_run(trial.user_attrs[RUN_ATTR], "KILLED", reason)
 
     def _check_same_objectives(self, study: optuna.Study, objectives: Sequence[Objective]):
         wanted = [f"{o.name}:{o.direction[:3]}" for o in objectives]

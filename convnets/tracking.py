@@ -268,6 +268,12 @@ class Tracker:
             raise self._unusable(err) from err
         return run.info.experiment_id
 
+    def end_run(self, run_id: str, status: str, reason: str) -> None:
+        """End a run its process left open (it was killed): ``status`` and ``failure_reason``."""
+        with _bounded_http(self.http_timeout_s):
+            self.client.set_tag(run_id, "failure_reason", shorten(redact(reason), 5000))
+            self.client.set_terminated(run_id, status=status)
+
     def load_config(self, run_id: str, *, key: str = "run_id") -> DictConfig:
         """The resolved config a run recorded as its ``config.yaml`` artifact."""
         self.get_run(run_id, key=key)

@@ -65,6 +65,16 @@ def study(tmp: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp}/optuna.db")
 
 
+def running_trial(tmp: Path, number: int) -> bool:
+    if not (tmp / "optuna.db").exists():
+        return False
+    try:
+        trials = study(tmp, "digits_optuna").trials
+    except KeyError:  # not created yet
+        return False
+    return len(trials) > number and "mlflow_run_id" in trials[number].user_attrs
+
+
 def sweeper_config(**sweeper) -> OmegaConf:
     return OmegaConf.create(
         {
@@ -366,3 +376,32 @@ def test_two_processes_on_one_storage_share_the_study_without_duplicates(tmp_pat
     assert len(parents) == 1  # the second process joined the study's parent run
     assert len(children) == len(trials)
     assert len({t.user_attrs["mlflow_run_id"] for t in trials}) == len(trials)
+
+
+@pytest.mark.slow
+def test_a_search_killed_mid_trial_resumes_and_redoes_that_trial(tmp_path):
+    args = ["hparams_search=digits_optuna", *TINY, "trainer.epochs=1", "hydra.sweeper.n_trials=3"]
+    args += ["hydra.sweeper.stale_after_s=20"]  # the least: two missed heartbeats
+    command = [sys.executable, "train.py", "-m", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    command += [f"hydra.sweep.dir={tmp_path}/multirun", *args]
+    proc = subprocess.Popen(command, cwd=REPO, env=CLI_ENV, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not running_trial(tmp_path, 1):  # trial 1 has started its MLflow run
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.5)
+    proc.kill()  # SIGKILL while trial 1 runs: no handler, no atexit
+    proc.wait()
+    killed = study(tmp_path, "digits_optuna").trials[1]
+    assert killed.state == TrialState.RUNNING
+
+    time.sleep(21)  # its heartbeat goes stale
+    ok(search_cli(tmp_path, *args))
+    trials = study(tmp_path, "digits_optuna").trials
+    states = [t.state for t in trials]
+    assert states.count(TrialState.COMPLETE) == 3 and states[1] == TrialState.FAIL
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == 1]
+    assert retry.params == killed.params and retry.state == TrialState.COMPLETE
+    parents, children, _ = runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    by_run = {r.info.run_id: r for r in children}
+    assert by_run[killed.user_attrs["mlflow_run_id"]].info.status == "KILLED"
