@@ -361,7 +361,7 @@ def make_pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def _make_sampler(settings: Settings, n_objectives: int, n_done: int) -> Any:
+def _make_sampler(settings: Settings, n_done: int) -> Any:
     """Seeded with ``seed + trials already in the study``: reproducible, and a resumed
     search does not replay its first random draws."""
     import optuna
@@ -511,7 +511,7 @@ class Search:
         self._check_same_objectives(study, objectives)
         self._fail_dead_trials(study)
         done = counted_trials(study.get_trials(deepcopy=False))
-        study.sampler = _make_sampler(settings, len(objectives), done)
+        study.sampler = _make_sampler(settings, done)
         self._link_parent_run(study)
         log.info(
             "search: study %s in %s: %d of %d trials done, objectives %s, pruner %s",
