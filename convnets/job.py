@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from convnets import architecture, checks, data, distribute, erf, plots, sweep, trainer
+from convnets import architecture, checks, data, distribute, erf, plots, sweep, trainer, trials
 from convnets.config import RUNTIME_KEYS, TrackingConfig, TrainConfig, is_runtime_key
 from convnets.errors import ConfigError, ConvnetsError, TrackingError
 from convnets.model import build_model
@@ -104,6 +104,7 @@ class _Job:
         self.cfg = cfg
         self.overrides = _task_overrides()
         self.sweep = sweep.sweep_context()  # sweep hook: set in a multirun (convnets.sweep)
+        self.trial = trials.current()  # search hook: its Optuna trial (convnets.search)
         self.tracker: Tracker | None = None
         self.source: _Source | None = None
         self.run_id: str | None = None
@@ -155,18 +156,43 @@ class _Job:
                 self.checkpoint_dir = _output_dir() / "checkpoints" / self.run_id
                 self.tracker.set_tags({"checkpoint_dir": str(self.checkpoint_dir)})
                 self._log_definition(cfg, analysis, bundle)
+            if self.trial is not None:
+                self.trial.start(self.run_id)
             model, result = fit(
                 checkpoint_dir=self.checkpoint_dir,
                 callbacks=[self._epoch_logger(resuming)],
                 resume=resuming,
                 identity={"run_id": self.run_id, "config_digest": config_digest(cfg)},
             )
+            if self.trial is not None and self.trial.pruned:
+                return self._record_pruned(analysis, result)
             test = self._log_results(cfg, model, bundle, analysis, result)
             if cfg.tracking.log_model:
                 self.tracker.set_tags({"model_uri": self.tracker.log_model(model)})
         val_accuracy = _objective(cfg, result)
         self._print_summary(cfg, test, analysis, result)  # 6.
         return val_accuracy
+
+    def _record_pruned(self, analysis: architecture.Analysis, result) -> float:
+        """A trial the search's pruner stopped: a FINISHED run tagged ``pruned=true`` with the
+        epochs it completed, and no test metrics (the model is not a final one). Returns the
+        best val_accuracy it reached (the sweeper records the trial PRUNED either way)."""
+        self.tracker.set_tags({"pruned": "true"})
+        self.tracker.log_metrics(
+            {
+                "param_count": analysis.param_count,
+                "receptive_field": analysis.receptive_field,
+                "macs": analysis.macs,
+                "train_time_s": result.train_time_s,
+                "epochs_completed": result.epochs_completed,
+            }
+        )
+        print(
+            f"pruned: trial {self.trial.number} stopped after epoch {result.epochs_completed} "
+            f"run={self.run_id}",
+            flush=True,
+        )
+        return _objective(self.cfg, result)
 
     def _run_unrecorded_worker(self, cfg, fit, bundle) -> float:
         """A MultiWorkerMirroredStrategy worker other than the chief: it trains, evaluates and
@@ -308,7 +334,7 @@ class _Job:
                 if epoch_logs["epoch"] not in logged:
                     self.tracker.log_epoch(self.run_id, epoch_logs["epoch"], epoch_logs)
                     logged.add(epoch_logs["epoch"])
-        return _EpochLogger(self.tracker, self.run_id, logged)
+        return _EpochLogger(self.tracker, self.run_id, logged, self.trial)
 
     def _log_results(self, cfg, model, bundle, analysis, result) -> dict[str, float]:
         test = trainer.evaluate(model, bundle.test)
@@ -332,6 +358,8 @@ class _Job:
         if self.source is not None and self.source.key == "reproduce":
             metrics.update(self._reproduce_deltas(cfg, test, bundle))
         self.tracker.log_metrics(metrics)
+        if self.trial is not None:  # the search's objectives
+            self.trial.finish({**metrics, "val_accuracy": _objective(cfg, result)})
         figure = plots.training_curves(self.tracker.history(self.run_id))
         self.tracker.log_figure(figure, "training_curves.png")
         return test
@@ -420,20 +448,30 @@ class _Job:
 
 
 class _EpochLogger(keras.callbacks.Callback):
-    """Per-epoch metrics to MLflow, one store call per epoch (nothing per batch).
+    """Per-epoch metrics to MLflow, one store call per epoch (nothing per batch); in a
+    search, also to the job's Optuna trial, stopping training when the pruner says so.
 
     The trainer's own epoch-end callback runs first: it adds ``lr`` and commits the
     checkpoint, so an epoch logged here is always one a resume will not repeat.
     """
 
-    def __init__(self, tracker: Tracker, run_id: str, already_logged: set[int]):
+    def __init__(
+        self,
+        tracker: Tracker,
+        run_id: str,
+        already_logged: set[int],
+        trial: trials.TrialLink | None = None,
+    ):
         super().__init__()
         self.tracker, self.run_id, self.already_logged = tracker, run_id, already_logged
+        self.trial = trial
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         step = epoch + 1
         if step not in self.already_logged:
             self.tracker.log_epoch(self.run_id, step, logs or {})
+        if self.trial is not None and self.trial.report(step, logs or {}):
+            self.model.stop_training = True
 
 
 # ---------------------------------------------------------------- helpers

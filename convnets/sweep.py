@@ -31,13 +31,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from convnets.cli import report_user_errors
-from convnets.errors import TrainingFailed
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -63,6 +62,7 @@ SUMMARY_COLUMNS = {
     "metrics.macs": "macs",
     "metrics.train_time_s": "train_time_s",
     "tags.failure_reason": "failure_reason",
+    "tags.pruned": "pruned",  # stopped early by a search's pruner: not a candidate for best
 }
 
 
@@ -153,11 +153,36 @@ class MlflowSweepCallback(Callback):
 
     @_stop_sweep_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from convnets.tracking import Tracker, redact, shorten
+        from convnets.search import resumed_parent_run
+        from convnets.tracking import Tracker
 
+        resumed = resumed_parent_run(config)  # checks an Optuna search before any run exists
         tracker = Tracker(config.tracking.uri, http_timeout_s=config.tracking.http_timeout_s)
         tracker.check_store()  # first contact: sqlite creates its schema here, once
-        experiment_id = tracker.experiment_id(experiment_name(config))
+        experiment_id = tracker.reopen_run(resumed) if resumed else None
+        if experiment_id is not None:  # a resumed search: its jobs join the same parent
+            run_id = resumed
+        else:
+            experiment_id = tracker.experiment_id(experiment_name(config))
+            run_id = self._create_parent(tracker, config, experiment_id)
+        self._open_parent = (config.tracking.uri, run_id)
+        # If the sweep dies (Optuna raising, Ctrl-C), on_multirun_end never runs.
+        atexit.register(self._end_abandoned_parent)
+
+        context = SweepContext(config.tracking.uri, experiment_id, run_id)
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        fields = asdict(context)
+        del fields["job_num"], fields["overrides"]  # per job, filled in by sweep_context()
+        tmp_file = sweep_dir / f".{SWEEP_FILE}.tmp"
+        tmp_file.write_text(json.dumps(fields, indent=1))
+        os.replace(tmp_file, sweep_dir / SWEEP_FILE)  # atomic: a job never reads half a file
+        log.info("sweep: MLflow parent run %s in experiment %s", run_id, experiment_id)
+
+    @staticmethod
+    def _create_parent(tracker: Any, config: DictConfig, experiment_id: str) -> str:
+        from convnets.tracking import redact, shorten
+
         overrides = sweep_overrides(config)
         definition = redact(" ".join(f"{key}={value}" for key, value in overrides.items()))
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
@@ -172,24 +197,13 @@ class MlflowSweepCallback(Callback):
                 "sweep_dir": str(sweep_dir),
             },
         )
-        self._open_parent = (config.tracking.uri, run_id)
-        # If the sweep dies (Optuna raising, Ctrl-C), on_multirun_end never runs.
-        atexit.register(self._end_abandoned_parent)
         tracker.log_params_to(run_id, {_param_key(key): value for key, value in overrides.items()})
         with tempfile.TemporaryDirectory() as tmp:  # the complete definition, as a file
             definition_file = Path(tmp) / "sweep.yaml"
             text = OmegaConf.to_yaml({"overrides": overrides, "sweeper": config.hydra.sweeper})
             definition_file.write_text(redact(text))
             tracker.log_artifact_to(run_id, definition_file)
-
-        context = SweepContext(config.tracking.uri, experiment_id, run_id)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        fields = asdict(context)
-        del fields["job_num"], fields["overrides"]  # per job, filled in by sweep_context()
-        tmp_file = sweep_dir / f".{SWEEP_FILE}.tmp"
-        tmp_file.write_text(json.dumps(fields, indent=1))
-        os.replace(tmp_file, sweep_dir / SWEEP_FILE)  # atomic: a job never reads half a file
-        log.info("sweep: MLflow parent run %s in experiment %s", run_id, experiment_id)
+        return run_id
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
@@ -198,12 +212,11 @@ class MlflowSweepCallback(Callback):
         # state (graphs, layer-name counters) and garbage so memory stays flat over a sweep.
         if "keras" in sys.modules:
             sys.modules["keras"].utils.clear_session(free_memory=True)
-        _fail_nan_trial_for_optuna(config, job_return)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         path = Path(config.hydra.sweep.dir) / SWEEP_FILE
         context = SweepContext(**json.loads(path.read_text()))
-        optuna_results = path.parent / "optimization_results.yaml"  # hydra-optuna-sweeper's
+        optuna_results = path.parent / "optimization_results.yaml"  # by convnets.search
         if optuna_results.is_file():
             _log_optuna_results(context, optuna_results)
         summarize(context, path.parent / SUMMARY_DIR, config.tracking.http_timeout_s)
@@ -219,28 +232,9 @@ class MlflowSweepCallback(Callback):
         Tracker(uri).end_run(run_id, "FAILED", reason)
 
 
-def _fail_nan_trial_for_optuna(config: DictConfig, job_return: JobReturn) -> None:
-    """Turn a failed job's ``nan`` into a failed Optuna trial instead of a dead study.
-
-    A job that fails inside a multirun is recorded FAILED and returns ``nan`` (an exception
-    would stop Hydra's grid sweeper before the parent run is summarised). hydra-optuna-sweeper
-    1.3 cannot take ``nan``: ``study.tell`` refuses it and the sweeper's own error path then
-    fails too, killing the study. Marking the job FAILED here sends it down the sweeper's
-    failed-trial path, governed by ``hydra.sweeper.max_failure_rate``.
-    """
-    sweeper = OmegaConf.select(config, "hydra.sweeper._target_") or ""
-    if "optuna" not in sweeper.lower() or job_return.status != JobStatus.COMPLETED:
-        return
-    value = job_return.return_value
-    if isinstance(value, float) and math.isnan(value):
-        job_return.status = JobStatus.FAILED
-        job_return.return_value = TrainingFailed(
-            "the job failed (it returned nan); its MLflow run has the reason"
-        )
-
-
 def _log_optuna_results(context: SweepContext, path: Path) -> None:
-    """The study's best objective value and parameters, as Optuna reported them."""
+    """The study's best objective value and parameters, as Optuna reported them; for several
+    objectives the Pareto front (``pareto/`` artifacts, runs tagged ``pareto_optimal=true``)."""
     from convnets.tracking import Tracker, shorten
 
     tracker = Tracker(context.tracking_uri)
@@ -252,6 +246,14 @@ def _log_optuna_results(context: SweepContext, path: Path) -> None:
         tracker.set_tags_on(
             context.parent_run_id, {"optuna_best_params": shorten(best, _MAX_TAG, "...")}
         )
+    for name in ("pareto.csv", "pareto.png"):
+        if (path.parent / name).is_file():
+            tracker.log_artifact_to(context.parent_run_id, path.parent / name, "pareto")
+    for solution in results.get("solutions", []):
+        if solution.run_id:
+            tracker.set_tags_on(solution.run_id, {"pareto_optimal": "true"})
+    for run_id in results.get("dominated_run_ids", []):
+        tracker.set_tags_on(run_id, {"pareto_optimal": "false"})
 
 
 def summarize(context: SweepContext, out_dir: Path, http_timeout_s: float = 10.0) -> pd.DataFrame:
@@ -285,7 +287,9 @@ def summarize(context: SweepContext, out_dir: Path, http_timeout_s: float = 10.0
         summary_figures(runs, out_dir)  # accuracy vs params coloured by RF, vs RF; Pareto fronts
     tracker.log_artifacts_to(context.parent_run_id, out_dir, SUMMARY_DIR)
 
-    finished = table[(table["status"] == "FINISHED") & table["val_accuracy"].notna()]
+    finished = table[
+        (table["status"] == "FINISHED") & table["val_accuracy"].notna() & table["pruned"].isna()
+    ]
     metrics = {"jobs": len(table), "jobs_finished": len(finished)}
     metrics["jobs_failed"] = int((table["status"] == "FAILED").sum())
     if len(finished):

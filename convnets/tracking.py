@@ -278,6 +278,21 @@ class Tracker:
         except Exception as err:  # noqa: BLE001
             raise self._unusable(err) from err
 
+    def reopen_run(self, run_id: str) -> str | None:
+        """Mark an ended run RUNNING again (a resumed search's parent run); returns its
+        experiment id, or None when the store has no such live run (deleted, another store)."""
+        try:
+            with _bounded_http(self.http_timeout_s):
+                run = self.client.get_run(run_id)
+                if run.info.lifecycle_stage == "deleted":
+                    return None
+                self.client.update_run(run_id, status="RUNNING")
+        except MlflowException:
+            return None
+        except Exception as err:  # noqa: BLE001
+            raise self._unusable(err) from err
+        return run.info.experiment_id
+
     def load_config(self, run_id: str, *, key: str = "run_id") -> DictConfig:
         """The resolved config a run recorded as its ``config.yaml`` artifact."""
         self.get_run(run_id, key=key)

@@ -22,7 +22,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 SEARCHES = sorted(p.stem for p in (CONFIGS / "hparams_search").glob("*.yaml"))
 INPUT_SHAPES = {"digits": [8, 8, 1], "mnist": [28, 28, 1], "cifar10": [32, 32, 3]}
-SEARCH_SPACE = {  # what every Optuna search tunes (issue 6)
+SEARCH_SPACE = {  # what every single-objective Optuna search tunes (issue 6)
     "optimizer.lr",
     "model.layer_defaults.dropout",
     "model.layer_defaults.kernel_size",
@@ -95,15 +95,26 @@ def _corners(sweep_value) -> list:
     return [sweep_value.start, sweep_value.end]
 
 
+def _grammar(value) -> str:
+    """A parsed sweep value back in Hydra's override grammar (``[{filters:16}]``)."""
+    if isinstance(value, list):
+        return "[" + ",".join(_grammar(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_grammar(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
 @pytest.mark.parametrize("name", SEARCHES)
 def test_optuna_search_space_corners_compose_to_valid_stacks(hydra_compose, name):
     base = hydra_compose([f"hparams_search={name}"], return_hydra_config=True)
     sweeper = base.hydra.sweeper
-    assert "optuna" in sweeper._target_
-    assert sweeper.direction == "maximize" and sweeper.sampler.seed is not None
-    assert "TPESampler" in sweeper.sampler._target_
-    assert sweeper.storage is None  # the plugin's RDB storage fails with SQLAlchemy 2
-    assert set(sweeper.params) == SEARCH_SPACE
+    assert "ConvnetsOptunaSweeper" in sweeper._target_
+    assert sweeper.objectives[0] == "val_accuracy:max" and sweeper.seed is not None
+    assert sweeper.storage is None  # optuna.db beside mlflow.db: rerunning resumes
+    if name.endswith("_pareto"):  # accuracy against parameters, over whole stacks
+        assert len(sweeper.objectives) == 2 and "model.layers" in sweeper.params
+    else:
+        assert set(sweeper.params) == SEARCH_SPACE
     assert base.tracking.experiment == name
 
     parsed = OverridesParser.create().parse_overrides(
@@ -115,12 +126,15 @@ def test_optuna_search_space_corners_compose_to_valid_stacks(hydra_compose, name
     # One trial composed by Hydra as the sweeper launches it; the other corners change only
     # these values, set on a copy of its typed config (a Hydra compose costs ~0.25 s each).
     trial = hydra_compose(
-        [f"hparams_search={name}", *(f"{k}={v}" for k, v in zip(keys, corners[-1], strict=True))]
+        [
+            f"hparams_search={name}",
+            *(f"{k}={_grammar(v)}" for k, v in zip(keys, corners[-1], strict=True)),
+        ]
     )
     for values in corners:
         cfg = copy.deepcopy(trial)
         for key, value in zip(keys, values, strict=True):
-            OmegaConf.update(cfg, key, value, merge=False)
+            OmegaConf.update(cfg, key, value, merge=isinstance(value, list))  # typed layers
         _check_valid_stack(cfg)
 
 

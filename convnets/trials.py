@@ -1,0 +1,74 @@
+"""A job's link to its Optuna trial, when ``hydra/sweeper=convnets_optuna`` launched it.
+
+The sweeper (:mod:`convnets.search`) writes ``<sweep dir>/optuna_trials/<job num>.json``
+before launching job ``n`` = trial ``n``; the job, in the sweeper's process (basic launcher)
+or another one (joblib, submitit), opens the trial through the shared storage to:
+
+- record its MLflow run id (the sweeper tags the Pareto-optimal runs with it);
+- report ``val_accuracy`` after every epoch and learn whether the pruner stops it;
+- write its final metrics, from which the sweeper tells the objectives.
+
+No TensorFlow here: the job's Keras callback calls :meth:`TrialLink.report`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
+from convnets import search
+
+
+class TrialLink:
+    """This job's trial: report per epoch, flag pruning, hand over the final metrics."""
+
+    def __init__(self, spec: search.TrialFile):
+        import optuna
+
+        storage = search.open_storage(spec.storage, spec.stale_after_s)
+        study = optuna.load_study(
+            study_name=spec.study_name, storage=storage, pruner=search.make_pruner(spec.pruner)
+        )
+        study_id = storage.get_study_id_from_name(spec.study_name)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, spec.number)
+        self.number = spec.number
+        self.last_epoch = spec.pruner.max_epochs
+        self.trial = optuna.trial.Trial(study, trial_id)
+        self.reports = len(study.directions) == 1  # Optuna: no intermediate values otherwise
+        self.pruned = False
+
+    def start(self, run_id: str) -> None:
+        self.trial.set_user_attr(search.RUN_ATTR, run_id)
+
+    def report(self, epoch: int, logs: Mapping[str, Any]) -> bool:
+        """Report the epoch's ``val_accuracy``; True when the pruner stops this trial (never
+        after the last epoch: the trial is complete then, stopping it saves nothing)."""
+        value = logs.get("val_accuracy")
+        if not self.reports or value is None or not math.isfinite(float(value)):
+            return False
+        self.trial.report(float(value), epoch)
+        if epoch < self.last_epoch and self.trial.should_prune():
+            self.pruned = True
+            self.trial.set_user_attr(search.PRUNED_ATTR, True)
+        return self.pruned
+
+    def finish(self, metrics: Mapping[str, float]) -> None:
+        """The final metrics the objectives are taken from (every one of search.OBJECTIVES)."""
+        wanted = {k: float(v) for k, v in metrics.items() if k in search.OBJECTIVES}
+        self.trial.set_user_attr(search.METRICS_ATTR, wanted)
+
+
+def current() -> TrialLink | None:
+    """The trial of this job, or None (a single run, or another sweeper's job)."""
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN or not search.is_search(hydra_cfg.sweeper):
+        return None
+    spec = search.TrialFile.read(Path(hydra_cfg.sweep.dir).resolve(), hydra_cfg.job.num)
+    return TrialLink(spec) if spec is not None else None

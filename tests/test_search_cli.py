@@ -1,0 +1,407 @@
+"""Architecture search (``hydra/sweeper=convnets_optuna``) through the real CLI on a fresh
+SQLite MLflow store and Optuna storage: a two-objective search resumed to more trials, a
+median-pruned search, two processes sharing one study, bad searches refused.
+
+Plus the pure parts of :mod:`convnets.search` (no subprocess, no TensorFlow).
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import CLI_ENV, REPO, train_cli
+from omegaconf import OmegaConf
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from convnets import search
+from convnets.errors import ConfigError
+
+TINY = [
+    "trainer.verbose=0",
+    "tracking.log_model=false",
+    "model.layers=[{filters:4},{filters:4,pool:max}]",
+]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def search_cli(tmp: Path, *overrides: str, sweep_dir: str = "multirun", timeout: float = 600):
+    return train_cli(
+        "-m",
+        f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+        f"hydra.sweep.dir={tmp}/{sweep_dir}",
+        *overrides,
+        timeout=timeout,
+    )
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def runs(tmp: Path) -> tuple[list, list, object]:
+    """(parents, children, client) in the sweep's MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    found = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parents = [r for r in found if r.data.tags.get("sweep_role") == "parent"]
+    children = sorted(
+        (r for r in found if r not in parents), key=lambda r: int(r.data.tags["sweep_job"])
+    )
+    return parents, children, client
+
+
+def study(tmp: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp}/optuna.db")
+
+
+def running_trial(tmp: Path, number: int) -> bool:
+    if not (tmp / "optuna.db").exists():
+        return False
+    try:
+        trials = study(tmp, "digits_optuna").trials
+    except KeyError:  # not created yet
+        return False
+    return len(trials) > number and "mlflow_run_id" in trials[number].user_attrs
+
+
+def sweeper_config(**sweeper) -> OmegaConf:
+    return OmegaConf.create(
+        {
+            "hydra": {"sweeper": {"_target_": "hydra_plugins.convnets_optuna.x", **sweeper}},
+            "dataset": {"val_fraction": 0.1},
+            "tracking": {"uri": "sqlite:///mlflow.db", "experiment": None},
+        }
+    )
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def test_sweep_syntax_becomes_optuna_distributions():
+    space, fixed = search.parse_space(
+        [
+            "optimizer.lr=tag(log, interval(1e-4, 1e-2))",
+            "trainer.batch_size=tag(log, int, interval(16, 256))",
+            "model.layer_defaults.dropout=interval(0.0, 0.5)",
+            "model.depth=tag(int, interval(2, 6))",
+            "model.layer_defaults.kernel_size=choice(3, 5)",
+            "model.width=0.5,1.0",
+            "model.layers=choice([{filters:4}],[{filters:4},{filters:8,pool:max}])",
+            "trainer.epochs=range(2, 9, 3)",
+            "optimizer.momentum=range(0.0, 1.0, 0.25)",
+            "model.layer_defaults.batch_norm=choice(true, false)",
+            "trainer.seed=1",
+            "trainer.seed=2",  # the later one wins
+            "dataset=digits",
+        ]
+    )
+    assert space["optimizer.lr"] == FloatDistribution(1e-4, 1e-2, log=True)
+    assert space["model.layer_defaults.dropout"] == FloatDistribution(0.0, 0.5)
+    assert space["model.depth"] == IntDistribution(2, 6)
+    assert space["trainer.batch_size"] == IntDistribution(16, 256, log=True)
+    assert space["model.layer_defaults.kernel_size"] == CategoricalDistribution([3, 5])
+    assert space["model.width"] == CategoricalDistribution([0.5, 1.0])
+    assert space["model.layers"] == CategoricalDistribution(
+        ["[{filters:4}]", "[{filters:4},{filters:8,pool:max}]"]
+    )
+    assert space["trainer.epochs"] == IntDistribution(2, 8, step=3)  # 2, 5, 8
+    assert space["optimizer.momentum"] == FloatDistribution(0.0, 0.75, step=0.25)
+    assert space["model.layer_defaults.batch_norm"] == CategoricalDistribution([True, False])
+    assert fixed == {"trainer.seed": "2", "dataset": "digits"}
+
+
+def test_a_trial_becomes_hydra_overrides():
+    params = {"model.layer_defaults.batch_norm": False, "optimizer.lr": 0.01, "trainer.seed": 3}
+    overrides = search.trial_overrides(params, {"trainer.seed": "1", "dataset": "digits"})
+    assert overrides == [
+        "model.layer_defaults.batch_norm=false",
+        "optimizer.lr=0.01",
+        "trainer.seed=3",
+        "dataset=digits",
+    ]
+
+
+def test_objectives_take_a_direction_or_their_usual_one():
+    assert search.parse_objectives(["val_accuracy:max", "param_count", "receptive_field:max"]) == (
+        search.Objective("val_accuracy", "maximize"),
+        search.Objective("param_count", "minimize"),
+        search.Objective("receptive_field", "maximize"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("specs", "message"),
+    [
+        (["accuracy"], "unknown objective 'accuracy'; valid: val_accuracy, test_accuracy,"),
+        (["val_accuracy:up"], "the direction is max or min (e.g. val_accuracy:max)"),
+        (["macs", "macs:min"], "macs is given twice"),
+        ([], "empty; give at least one"),
+    ],
+)
+def test_bad_objectives_are_one_line_naming_the_key(specs, message):
+    with pytest.raises(ConfigError, match=r"^hydra\.sweeper\.objectives: ") as err:
+        search.parse_objectives(specs)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("sweeper", "val_fraction", "message"),
+    [
+        ({"pruner": "median", "objectives": ["val_accuracy", "param_count"]}, 0.1,
+         "hydra.sweeper.pruner=median: Optuna cannot prune a multi-objective search"),
+        ({"pruner": "hyperband", "objectives": ["test_accuracy"]}, 0.1,
+         "pruning compares the trials' per-epoch val_accuracy"),
+        ({"pruner": "asha"}, 0.1, "hydra.sweeper.pruner=asha: unknown; use none, median"),
+        ({"sampler": "cmaes"}, 0.1, "hydra.sweeper.sampler=cmaes: unknown; use tpe, nsga2"),
+        ({"n_trials": 0}, 0.1, "hydra.sweeper.n_trials=0: give 1 or more"),
+        ({}, 0.0, "dataset.val_fraction=0: the objective val_accuracy needs validation data"),
+    ],
+)  # fmt: skip
+def test_searches_that_cannot_run_are_refused(sweeper, val_fraction, message):
+    config = sweeper_config(**sweeper)
+    config.dataset.val_fraction = val_fraction
+    with pytest.raises(ConfigError, match=message):
+        search.check(config)
+
+
+def test_a_test_accuracy_search_needs_no_validation_data():
+    config = sweeper_config(objectives=["test_accuracy", "param_count"])
+    config.dataset.val_fraction = 0.0
+    _, objectives = search.check(config)
+    assert [o.name for o in objectives] == ["test_accuracy", "param_count"]
+
+
+def test_only_our_sweeper_is_a_search():
+    assert search.is_search(OmegaConf.create({"_target_": "hydra_plugins.convnets_optuna.a.B"}))
+    basic = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+    assert not search.is_search(OmegaConf.create({"_target_": basic}))
+
+
+def test_the_default_storage_sits_beside_a_sqlite_mlflow_store(tmp_path):
+    assert search.default_storage(f"sqlite:///{tmp_path}/mlflow.db") == (
+        f"sqlite:///{tmp_path}/optuna.db"
+    )
+    assert search.default_storage("http://mlflow:5000") == f"sqlite:///{Path.cwd()}/optuna.db"
+
+
+def test_job_numbers_follow_trial_numbers_in_consecutive_launches():
+    assert search.consecutive_runs([4, 5, 7, 8, 10]) == [[4, 5], [7, 8], [10]]
+    assert search.consecutive_runs([]) == []
+
+
+def test_the_budget_counts_finished_running_and_unretried_failed_trials():
+    s = optuna.create_study()
+    s.tell(s.ask(), 0.5)  # complete
+    s.tell(s.ask(), state=TrialState.PRUNED)
+    s.tell(s.ask(), state=TrialState.FAIL)  # a failed job: counts
+    s.ask()  # running (maybe in another process): counts
+    # A stale trial re-enqueued by the retry callback: the original does not count, the
+    # waiting retry does not count until it is asked.
+    stale = s.ask()
+    s.tell(stale, state=TrialState.FAIL)
+    s.enqueue_trial({}, user_attrs={})
+    s._storage.set_trial_system_attr(s.trials[-1]._trial_id, "failed_trial", stale.number)
+    assert search.counted_trials(s.get_trials()) == 4
+
+
+def test_trials_stopped_by_ctrl_c_are_asked_again_with_their_params():
+    s = optuna.create_study()
+    trial = s.ask({"x": FloatDistribution(0, 1)})
+    with pytest.raises(KeyboardInterrupt), search._retried_if_stopped(s, [trial]):
+        raise KeyboardInterrupt
+    assert [t.state for t in s.trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert search.counted_trials(s.get_trials()) == 0  # the budget still has room for it
+    assert s.ask({"x": FloatDistribution(0, 1)}).params == trial.params
+
+
+def test_pareto_2d_keeps_points_no_other_beats_on_both_axes():
+    acc = [0.9, 0.8, 0.95, 0.7, 0.9]
+    neg_params = [-100, -50, -400, -60, -120]  # fewer params is better
+    assert search.pareto_2d(acc, neg_params) == [0, 1, 2]
+
+
+def test_the_trial_file_round_trips(tmp_path):
+    spec = search.TrialFile("sqlite:///x.db", "s", 7, search.PrunerSpec("median", 5), 60)
+    spec.write(tmp_path)
+    assert search.TrialFile.read(tmp_path, 7) == spec
+    assert search.TrialFile.read(tmp_path, 8) is None
+
+
+def test_the_launcher_process_stays_light():
+    code = (
+        "import sys, convnets.sweep, convnets.search, convnets.trials, "
+        "hydra_plugins.convnets_optuna.convnets_optuna_sweeper; "
+        "print(sorted(m for m in ('tensorflow', 'mlflow', 'optuna') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=CLI_ENV, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+# ---------------------------------------------------------------- through the CLI
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["hydra.sweeper.objectives=[accuracy]"],
+         "error: hydra.sweeper.objectives: unknown objective 'accuracy'; valid: val_accuracy,"),
+        (["dataset.val_fraction=0"],
+         "error: dataset.val_fraction=0: the objective val_accuracy needs validation data"),
+        (["hydra.sweeper.pruner=median", "hydra.sweeper.objectives=[val_accuracy,macs]"],
+         "error: hydra.sweeper.pruner=median: Optuna cannot prune a multi-objective search"),
+    ],
+)  # fmt: skip
+def test_a_bad_search_is_one_line_before_any_run(tmp_path, overrides, line):
+    proc = search_cli(tmp_path, "hparams_search=digits_optuna", *overrides, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(line), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() or runs(tmp_path)[0] == []
+
+
+@pytest.mark.slow
+def test_a_two_objective_search_resumes_into_the_same_study_and_parent(tmp_path):
+    args = ["hparams_search=digits_pareto", "trainer.epochs=1", "trainer.verbose=0"]
+    args += ["tracking.log_model=false"]
+    ok(search_cli(tmp_path, *args, "hydra.sweeper.n_trials=6"))
+    parents, children, client = runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 6
+    parent = parents[0].info.run_id
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent}
+    assert {"pareto/pareto.csv", "pareto/pareto.png"} <= {
+        a.path for a in client.list_artifacts(parent, "pareto")
+    }
+
+    ok(search_cli(tmp_path, *args, "hydra.sweeper.n_trials=8"))  # the same command, 2 more
+    parents, children, client = runs(tmp_path)
+    assert [p.info.run_id for p in parents] == [parent]
+    assert parents[0].info.status == "FINISHED"
+    assert [r.data.tags["sweep_job"] for r in children] == [str(n) for n in range(8)]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent}
+    trials = study(tmp_path, "digits_pareto").trials
+    assert [t.number for t in trials] == list(range(8))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in children}
+
+    # The Pareto front over all 8 trials: tagged on the runs, listed in pareto.csv.
+    local = Path(client.download_artifacts(parent, "pareto/pareto.csv", str(tmp_path)))
+    rows = list(csv.DictReader(local.open()))
+    assert len(rows) == 8
+    front = {row["run_id"] for row in rows if row["pareto_optimal"] == "True"}
+    tagged = {r.info.run_id for r in children if r.data.tags.get("pareto_optimal") == "true"}
+    assert front and front == tagged
+    for row in rows:  # no front point is beaten on both objectives by another trial
+        if row["run_id"] in front:
+            acc, params = float(row["val_accuracy"]), float(row["param_count"])
+            assert not any(
+                float(o["val_accuracy"]) > acc and float(o["param_count"]) < params for o in rows
+            )
+
+
+@pytest.mark.slow
+def test_a_median_pruned_search_stops_poor_trials_early(tmp_path):
+    ok(
+        search_cli(
+            tmp_path,
+            "hparams_search=digits_optuna",
+            *TINY,
+            "trainer.epochs=4",
+            "hydra.sweeper.n_trials=8",
+            "hydra.sweeper.pruner=median",
+            "optimizer.lr=tag(log, interval(1e-4, 3e-1))",  # wide: some trials learn slowly
+        )
+    )
+    _, children, client = runs(tmp_path)
+    assert len(children) == 8
+    pruned = [r for r in children if r.data.tags.get("pruned") == "true"]
+    assert pruned, "the median pruner should stop at least one of 8 trials"
+    for run in pruned:
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["epochs_completed"] < 4
+        assert "test_accuracy" not in run.data.metrics
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+        assert steps == list(range(1, int(run.data.metrics["epochs_completed"]) + 1))
+    states = {t.number: t.state for t in study(tmp_path, "digits_optuna").trials}
+    for run in pruned:
+        assert states[int(run.data.tags["sweep_job"])] == TrialState.PRUNED
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_storage_share_the_study_without_duplicates(tmp_path):
+    args = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "hparams_search=digits_optuna",
+        *TINY,
+        "trainer.epochs=1",
+        "hydra.sweeper.n_trials=4",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
+    kwargs = {"cwd": REPO, "env": CLI_ENV, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    first = subprocess.Popen([*args, f"hydra.sweep.dir={tmp_path}/a"], text=True, **kwargs)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "a" / search.TRIALS_DIR / "0.json").exists():  # first trial asked
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.2)
+    second = subprocess.Popen([*args, f"hydra.sweep.dir={tmp_path}/b"], text=True, **kwargs)
+    for proc in (first, second):
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+
+    trials = study(tmp_path, "digits_optuna").trials
+    # n_trials is the study's total; processes checking the budget at the same moment may
+    # each start one more.
+    assert 4 <= len(trials) <= 5
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    ran = {
+        p: {int(f.stem) for f in (tmp_path / p / search.TRIALS_DIR).glob("*.json")} for p in "ab"
+    }
+    assert ran["a"] and ran["b"] and not ran["a"] & ran["b"]  # both worked, on distinct trials
+    assert ran["a"] | ran["b"] == {t.number for t in trials}
+    parents, children, _ = runs(tmp_path)
+    assert len(parents) == 1  # the second process joined the study's parent run
+    assert len(children) == len(trials)
+    assert len({t.user_attrs["mlflow_run_id"] for t in trials}) == len(trials)
+
+
+@pytest.mark.slow
+def test_a_search_killed_mid_trial_resumes_and_redoes_that_trial(tmp_path):
+    args = ["hparams_search=digits_optuna", *TINY, "trainer.epochs=1", "hydra.sweeper.n_trials=3"]
+    args += ["hydra.sweeper.stale_after_s=20"]  # the least: two missed heartbeats
+    command = [sys.executable, "train.py", "-m", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    command += [f"hydra.sweep.dir={tmp_path}/multirun", *args]
+    proc = subprocess.Popen(command, cwd=REPO, env=CLI_ENV, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not running_trial(tmp_path, 1):  # trial 1 has started its MLflow run
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.5)
+    proc.kill()  # SIGKILL while trial 1 runs: no handler, no atexit
+    proc.wait()
+    killed = study(tmp_path, "digits_optuna").trials[1]
+    assert killed.state == TrialState.RUNNING
+
+    time.sleep(21)  # its heartbeat goes stale
+    ok(search_cli(tmp_path, *args))
+    trials = study(tmp_path, "digits_optuna").trials
+    states = [t.state for t in trials]
+    assert states.count(TrialState.COMPLETE) == 3 and states[1] == TrialState.FAIL
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == 1]
+    assert retry.params == killed.params and retry.state == TrialState.COMPLETE
+    parents, children, _ = runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    by_run = {r.info.run_id: r for r in children}
+    assert by_run[killed.user_attrs["mlflow_run_id"]].info.status == "KILLED"
