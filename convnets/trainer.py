@@ -11,6 +11,9 @@ Checkpoint layout (``checkpoint_dir``), written only at epoch ends:
 - ``state.json``: the commit record naming the two files above, the last completed epoch and
   every completed epoch's logs. It is replaced atomically *after* the files it names are
   complete, so a process killed at any moment leaves a consistent last completed epoch.
+- ``model.keras`` + ``config.yaml``: the final model (the weights that were tested) and the
+  run's resolved config, written by :func:`save_final_model` once training is done, so
+  ``python evaluate.py checkpoint=<dir>/model.keras`` works without the MLflow store.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "one_cycle")
 STATE_FILE = "state.json"
+FINAL_MODEL = "model.keras"
+FINAL_CONFIG = "config.yaml"  # the name evaluate.py looks for beside a .keras file
 # one_cycle: fraction of training spent rising when optimizer.warmup_epochs is 0, and the
 # starting lr as lr / ONE_CYCLE_DIV (PyTorch OneCycleLR's pct_start=0.3, div_factor=25).
 ONE_CYCLE_PCT_START = 0.3
@@ -276,6 +281,20 @@ def evaluate(model: keras.Model, dataset) -> dict[str, float]:
         _prepare(dataset, num_classes, one_hot, None), verbose=0, return_dict=True
     )
     return {"loss": float(logs["loss"]), "accuracy": float(logs["accuracy"])}
+
+
+def save_final_model(model: keras.Model, checkpoint_dir: str | Path, config_yaml: str) -> Path:
+    """Write ``model.keras`` (with its compiled loss and metrics, so it evaluates as is) and
+    ``config.yaml`` into ``checkpoint_dir``; return the model's path. Each file is replaced
+    atomically, so a killed process never leaves a half-written one."""
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_dir / FINAL_MODEL
+    tmp = checkpoint_dir / f".tmp-{FINAL_MODEL}"  # Keras wants the .keras suffix
+    model.save(tmp)
+    os.replace(tmp, path)
+    _atomic_write_text(checkpoint_dir / FINAL_CONFIG, config_yaml)
+    return path
 
 
 def read_checkpoint_state(checkpoint_dir: str | Path) -> dict | None:
