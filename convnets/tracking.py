@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.metadata
+import io
 import math
 import os
 import re
@@ -407,17 +408,20 @@ class Tracker:
             inputs=Schema([TensorSpec(input_example.dtype, (-1, *model.input_shape[1:]))]),
             outputs=Schema([TensorSpec(np.dtype("float32"), (-1, *model.output_shape[1:]))]),
         )
-        info = mlflow.tensorflow.log_model(
-            model,
-            name=model_name(name),
-            signature=signature,
-            input_example=input_example,
-            metadata=dict(metadata or {}),
-            pip_requirements=[
-                f"tensorflow=={versions['tensorflow']}",
-                f"keras=={versions['keras']}",
-            ],
-        )
+        # MLflow predicts on the input example to check it serves; Keras's progress bar for
+        # that one batch would land in the middle of a quiet run's output.
+        with contextlib.redirect_stdout(io.StringIO()):
+            info = mlflow.tensorflow.log_model(
+                model,
+                name=model_name(name),
+                signature=signature,
+                input_example=input_example,
+                metadata=dict(metadata or {}),
+                pip_requirements=[
+                    f"tensorflow=={versions['tensorflow']}",
+                    f"keras=={versions['keras']}",
+                ],
+            )
         return f"runs:/{mlflow.active_run().info.run_id}/{model_name(name)}", info.model_id
 
     @staticmethod
