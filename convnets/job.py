@@ -176,7 +176,7 @@ class _Job:
                 resume=resuming,
             )
             test = self._log_results(cfg, model, bundle, analysis, result)
-            if cfg.tracking.log_model:
+            if cfg.tracking.log_model:  # after the results: MLflow links them to the model
                 self._log_model(cfg, model, bundle, active.info.run_name)
             final = trainer.save_final_model(
                 model, self.checkpoint_dir, OmegaConf.to_yaml(_recordable(cfg))

@@ -14,6 +14,7 @@ from keras.src.activations import ALL_OBJECTS_DICT  # noqa: E402
 from test_architecture import model_cfg  # noqa: E402
 
 from convnets.architecture import ACTIVATIONS, analyze, resolve_stack  # noqa: E402
+from convnets.erf import effective_receptive_field  # noqa: E402
 from convnets.errors import ConfigError  # noqa: E402
 from convnets.model import (  # noqa: E402
     PixelScaling,
@@ -241,6 +242,13 @@ def test_pixel_scaling_puts_the_normalisation_in_the_model():
     )
     np.testing.assert_allclose(
         feature_model(raw_model)(normalised), feature_model(bare)(normalised), atol=1e-5
+    )
+    # The effective receptive field is measured on the normalised image either way.
+    np.testing.assert_allclose(
+        effective_receptive_field(raw_model, pixels).grad_map,
+        effective_receptive_field(bare, normalised).grad_map,
+        rtol=1e-4,
+        atol=1e-6,
     )
     keras.mixed_precision.set_dtype_policy("mixed_float16")
     try:

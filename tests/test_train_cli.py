@@ -18,6 +18,8 @@ import yaml
 from conftest import CLI_ENV, REPO, free_port, train_cli
 from mlflow.tracking import MlflowClient
 
+from convnets.tracking import model_name
+
 TINY = "model.layers=[{filters:8},{filters:8,pool:max}]"
 EPOCHS = 3
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr")
@@ -132,7 +134,7 @@ def test_the_full_record(recorded):
     assert f"trainer.epochs={EPOCHS}" in tags["hydra_overrides"]
     assert tags["version.tensorflow"] and tags["version.keras"] and tags["version.mlflow"]
     assert os.path.isfile(os.path.join(tags["checkpoint_dir"], "state.json"))
-    assert tags["model_uri"] == f"runs:/{run_id}/model"
+    assert tags["model_uri"] == f"runs:/{run_id}/{model_name(run.info.run_name)}"
 
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "layers.txt", "layers.json", "training_curves.png"} <= artifacts
