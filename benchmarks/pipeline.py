@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from convnets import data
 from convnets.architecture import resolve_stack
 from convnets.config import DatasetConfig
-from convnets.model import build_model
+from convnets.model import PixelScaling, build_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CASES = {  # name: (dataset config, synthetic train size or None for the real data)
@@ -74,7 +74,10 @@ def step_rate(model_name: str, bundle: data.DataBundle, batch_size: int, steps: 
     """Images/s of the compiled model's train step on one fixed batch (data cost excluded)."""
     keras.utils.set_random_seed(0)
     model_cfg = OmegaConf.load(CONFIGS / "model" / f"{model_name}.yaml")
-    model = build_model(resolve_stack(model_cfg), bundle.input_shape, bundle.num_classes)
+    scaling = PixelScaling(bundle.max_pixel_value, bundle.mean, bundle.std)
+    model = build_model(
+        resolve_stack(model_cfg), bundle.input_shape, bundle.num_classes, pixel_scaling=scaling
+    )
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     images, labels = next(iter(bundle.train.unbatch().batch(batch_size)))
     for _ in range(5):

@@ -193,6 +193,7 @@ class TrainerConfig:
     verbose: int = 1  # 0 quiet, 1 progress bar, 2 one line per epoch
     checkpoint_every_epoch: bool = True
     restore_best: bool = True  # evaluate/log the best-by-val_accuracy weights
+    freeze_layers: int = 0  # with init_from: keep the first N loaded conv layers fixed
 
 
 @dataclass
@@ -225,6 +226,7 @@ class TrainConfig:
     tracking: TrackingConfig = MISSING
     reproduce: str | None = None  # MLflow run id to rerun exactly
     resume: str | None = None  # MLflow run id to continue from its last completed epoch
+    init_from: str | None = None  # MLflow run id whose logged model's weights start this run
 
 
 @dataclass

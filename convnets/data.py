@@ -5,10 +5,16 @@ datasets this project targets (MNIST-style, CIFAR, a user's folder of small imag
 memory, and arrays make the splits exact and seeded (stratified by label, with
 ``dataset.split_seed``) for every source alike. ``from_tensor_slices`` over those arrays *is* the
 cache: a ``.cache()`` after it would only copy them. The pipeline then shuffles (seeded,
-reshuffled each epoch), batches by the global batch size, then augments and normalises whole
-batches (vectorised ops instead of one call per image, on the compact uint8 cache) with
-stateless random ops keyed by a seeded random stream that changes each epoch (so a run is
-reproducible and still sees new crops every epoch), and prefetches.
+reshuffled each epoch), batches by the global batch size, then augments whole batches
+(vectorised ops instead of one call per image, on the compact uint8 cache) with stateless
+random ops keyed by a seeded random stream that changes each epoch (so a run is reproducible
+and still sees new crops every epoch), casts to float32 and prefetches.
+
+The pipelines yield the pixels as stored (digits 0..16, uint8 0..255; float when resized), not
+normalised: the normalisation ``(x / max_pixel_value - mean) / std`` is the model's first layer
+(:class:`convnets.model.PixelScaling`), so a logged model takes the stored images as they are.
+Resizing (``dataset.image_size``) stays here: a batch tensor needs one size anyway, and the
+model's input is the size it trains on.
 
 ``check_available`` is the cheap guard to call before anything else: TFDS retries a download
 for minutes when the machine is offline, so preparedness is checked first and the user is told
@@ -54,10 +60,11 @@ class DataBundle:
     num_train: int
     num_val: int
     num_test: int
-    # Per channel: x_norm = (x / max_pixel_value - mean) / std.
+    # Per channel: x_norm = (x / max_pixel_value - mean) / std, applied by the model.
     mean: tuple[float, ...]
     std: tuple[float, ...]
     max_pixel_value: float
+    pixel_dtype: str  # how the images are stored: uint8, or float32 when resized
     # sha256 of each split's images as stored (before normalisation) and labels: "train",
     # "validation", "test". A reproduce on another machine compares them with the original's.
     digests: dict[str, str] = field(default_factory=dict)
@@ -156,7 +163,7 @@ def load_data(cfg: Any, *, batch_size: int, seed: int, deterministic: bool = Fal
     mean, std = _channel_stats(cfg, input_shape[-1])
 
     train_idx, val_idx = check_splits(cfg, arrays.y_train, arrays.y_test, arrays.class_names)
-    pipe = _Pipeline(cfg, batch_size, seed, deterministic, mean, std)
+    pipe = _Pipeline(cfg, batch_size, seed, deterministic)
     x_train, y_train = arrays.x_train[train_idx], arrays.y_train[train_idx]
     x_val, y_val = arrays.x_train[val_idx], arrays.y_train[val_idx]
     val = pipe.evaluation(x_val, y_val) if len(val_idx) else None
@@ -173,6 +180,7 @@ def load_data(cfg: Any, *, batch_size: int, seed: int, deterministic: bool = Fal
         mean=mean,
         std=std,
         max_pixel_value=float(cfg.max_pixel_value),
+        pixel_dtype=arrays.x_test.dtype.name,
         digests={
             "train": content_digest(x_train, y_train),
             "validation": content_digest(x_val, y_val),
@@ -307,16 +315,12 @@ def _image_size(cfg: DictConfig) -> tuple[int, int]:
 class _Pipeline:
     """Builds the train and evaluation ``tf.data`` pipelines over in-memory arrays."""
 
-    def __init__(self, cfg, batch_size, seed, deterministic, mean, std):
+    def __init__(self, cfg, batch_size, seed, deterministic):
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle_buffer = max(1, int(cfg.shuffle_buffer))
         self.pad = int(cfg.augment.random_crop_padding)
         self.flip = bool(cfg.augment.horizontal_flip)
-        scale, mean, std = float(cfg.max_pixel_value), np.array(mean), np.array(std)
-        # (x / max_pixel_value - mean) / std as one multiply-add per pixel.
-        self.multiplier = tf.constant(1.0 / (scale * std), tf.float32)
-        self.offset = tf.constant(-mean / std, tf.float32)
         self.deterministic = deterministic
 
     def training(self, x: np.ndarray, y: np.ndarray) -> tf.data.Dataset:
@@ -328,20 +332,18 @@ class _Pipeline:
             # One random int64 per batch, a new stream each epoch, reproducible from the seed.
             keys = tf.data.Dataset.random(seed=self.seed, rerandomize_each_iteration=True)
             ds = tf.data.Dataset.zip((ds, keys)).map(
-                lambda batch, key: self._normalise(*self._augment(batch, key)),
+                lambda batch, key: self._to_float(*self._augment(batch, key)),
                 num_parallel_calls=AUTOTUNE,
             )
         else:
-            ds = ds.map(self._normalise, num_parallel_calls=AUTOTUNE)
+            ds = ds.map(self._to_float, num_parallel_calls=AUTOTUNE)
         # Batches may leave the parallel map out of order unless deterministic (faster).
         return self._finish(ds, deterministic=self.deterministic)
 
     def evaluation(self, x: np.ndarray, y: np.ndarray) -> tf.data.Dataset:
         """Always in the arrays' order, so predictions line up with the labels of a rerun."""
         ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32))).batch(self.batch_size)
-        return self._finish(
-            ds.map(self._normalise, num_parallel_calls=AUTOTUNE), deterministic=True
-        )
+        return self._finish(ds.map(self._to_float, num_parallel_calls=AUTOTUNE), deterministic=True)
 
     def _augment(self, batch, key):
         """Random crop of the zero-padded image and horizontal flip, per image, for a batch.
@@ -374,8 +376,9 @@ class _Pipeline:
             cols = tf.where(flip[:, None], tf.reverse(cols, axis=[1]), cols)
         return tf.gather(images, cols, axis=2, batch_dims=1), labels
 
-    def _normalise(self, images, labels):
-        return tf.cast(images, tf.float32) * self.multiplier + self.offset, labels
+    @staticmethod
+    def _to_float(images, labels):
+        return tf.cast(images, tf.float32), labels
 
     @staticmethod
     def _finish(ds: tf.data.Dataset, *, deterministic: bool) -> tf.data.Dataset:

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from convnets.model import feature_model
+from convnets.model import feature_model, normalise
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +108,18 @@ def effective_receptive_field(
     ``h // 2`` and column ``w // 2`` (for an even size, the lower/right of the two middle
     positions), its channels summed. One gradient of that unit w.r.t. the input, in
     inference mode (dropout off, batch norm on its moving statistics, so images do not
-    interact), over up to ``max_images`` of ``images`` (an array/tensor in the model's
-    normalised input space, or a dataset of (images, labels) batches: use real test images).
-    The map is |gradient| summed over input channels and averaged over the images.
+    interact), over up to ``max_images`` of ``images`` (an array/tensor of what the model
+    takes, or a dataset of (images, labels) batches: use real test images). The gradient is
+    taken w.r.t. the normalised image the first conv sees (after the model's ``preprocess``
+    layer, if any), so the map does not depend on the pixel scale. The map is |gradient|
+    summed over input channels and averaged over the images.
 
     ``side`` is the side of the smallest square holding ``mass`` of the map's total, placed
     around the gradient's centre of mass (see :func:`erf_square`): the centroid, not the
     image centre, because after strides/pools the centre unit's receptive field is not
     centred on the image. Cost: one forward and one backward pass over one batch.
     """
-    x = _take_images(images, max_images)
+    x = normalise(model, _take_images(images, max_images))
     features = feature_model(model)
     with tf.GradientTape() as tape:
         tape.watch(x)

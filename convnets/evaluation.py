@@ -24,8 +24,8 @@ from convnets.architecture import analyze, resolve_stack
 from convnets.data import check_available, load_data
 from convnets.erf import ERF_IMAGES, ErfResult, effective_receptive_field, theoretical_rf_box
 from convnets.errors import ConfigError, TrackingError
-from convnets.model import feature_map_layers
-from convnets.tracking import CONFIG_ARTIFACT, MODEL_ARTIFACT, Tracker, run_is_finished
+from convnets.model import PREPROCESS, feature_map_layers
+from convnets.tracking import CONFIG_ARTIFACT, Tracker, run_is_finished
 from convnets.trainer import evaluate
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,9 @@ def _metric_name(class_name: str) -> str:
     return "eval_accuracy_class_" + re.sub(r"[^A-Za-z0-9_.\-]", "_", str(class_name))
 
 
-def _unnormalise(images: np.ndarray, bundle: Any) -> np.ndarray:
-    """Model input -> displayable [0, 1] pixels: invert (x / max_pixel_value - mean) / std."""
-    mean = np.asarray(bundle.mean, dtype=np.float32)
-    std = np.asarray(bundle.std, dtype=np.float32)
-    return np.clip(images * std + mean, 0.0, 1.0)
+def _displayable(images: np.ndarray, bundle: Any) -> np.ndarray:
+    """Model input (the stored pixels, 0..max_pixel_value) -> displayable [0, 1] pixels."""
+    return np.clip(images / bundle.max_pixel_value, 0.0, 1.0)
 
 
 def _first_conv(model: keras.Model) -> keras.layers.Layer | None:
@@ -73,6 +71,12 @@ def evaluate_model(
     (recall) ``eval_accuracy_class_<name>``, and ``effective_receptive_field``. ``analysis``
     (from :func:`convnets.architecture.analyze`) draws the theoretical receptive field box.
     """
+    if PREPROCESS not in {layer.name for layer in model.layers}:
+        raise ConfigError(
+            f"model {model.name!r} has no '{PREPROCESS}' layer: it was saved before models "
+            "carried their input normalisation and expects normalised pixels, not the stored "
+            "ones this evaluates on; retrain it (python train.py reproduce=<run id>)"
+        )
     out_dir = Path(out_dir)
     scores = evaluate(model, bundle.test)
     metrics = {"eval_loss": float(scores["loss"]), "eval_accuracy": float(scores["accuracy"])}
@@ -116,7 +120,7 @@ def evaluate_model(
     put(
         "misclassified",
         plots.misclassified_grid(
-            _unnormalise(x_test[wrong], bundle),
+            _displayable(x_test[wrong], bundle),
             y_test[wrong],
             pred[wrong],
             names,
@@ -136,7 +140,7 @@ def evaluate_model(
         put(
             "feature_maps",
             plots.feature_maps(
-                _unnormalise(x_test[0], bundle), maps, max_channels=MAX_FEATURE_CHANNELS
+                _displayable(x_test[0], bundle), maps, max_channels=MAX_FEATURE_CHANNELS
             ),
         )
 
@@ -173,20 +177,18 @@ def load_keras_model(path: str | Path) -> keras.Model:
 
 
 def _download_model(tracker: Tracker, run_id: str, dst: Path) -> Path:
-    """The ``.keras`` file of the model the run logged (``runs:/<id>/model``)."""
+    """The ``.keras`` file of the model the run logged (its ``model_uri`` tag)."""
     try:
-        local = tracker.download_artifacts(run_id, MODEL_ARTIFACT, dst)
-    except Exception as err:  # noqa: BLE001 - MLflow raises several types for "not there"
+        local = tracker.download_model(run_id, dst)
+    except TrackingError as err:
         raise TrackingError(
-            f"run_id={run_id}: the run has no logged model (artifact '{MODEL_ARTIFACT}'); it "
-            "was trained with tracking.log_model=false: retrain it, or evaluate a saved model "
-            "with checkpoint=<path.keras>"
+            f"{err}; retrain it, or evaluate a saved model with checkpoint=<path.keras>"
         ) from err
     found = sorted(Path(local).rglob("*.keras"))
     if not found:
         raise TrackingError(
-            f"run_id={run_id}: the logged '{MODEL_ARTIFACT}' holds no .keras file (not saved "
-            "by convnets); evaluate a saved model with checkpoint=<path.keras>"
+            f"run_id={run_id}: its logged model holds no .keras file (not saved by convnets); "
+            "evaluate a saved model with checkpoint=<path.keras>"
         )
     return found[0]
 

@@ -26,12 +26,24 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from convnets import architecture, checks, data, distribute, erf, plots, sweep, trainer, trials
+from convnets import (
+    architecture,
+    checks,
+    data,
+    distribute,
+    erf,
+    plots,
+    sweep,
+    trainer,
+    transfer,
+    trials,
+)
 from convnets.config import RUNTIME_KEYS, TrackingConfig, TrainConfig, is_runtime_key
 from convnets.errors import ConfigError, ConvnetsError, TrackingError
-from convnets.model import build_model
+from convnets.model import PixelScaling, build_model
 from convnets.tracking import (
     CONFIG_ARTIFACT,
+    MODEL_URI_TAG,
     Run,
     Tracker,
     failure_reason,
@@ -47,6 +59,8 @@ log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 RUN_NAME_LIMIT = 250
+INPUT_EXAMPLE_IMAGES = 4  # raw test images logged with the model as its input example
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
 # Overrides that say where or how a run is recorded, not what it is, and group choices the
 # name already shows (model, dataset): never part of a run's name.
 _NOT_IN_NAME = ("model", "dataset", "experiment", "hparams_search", "reproduce", "resume")
@@ -111,6 +125,7 @@ class _Job:
         self.experiment_id: str | None = None
         self.checkpoint_dir: Path | None = None
         self.runtime_overrides: list[str] = []  # reproduce=/resume=: applied over the record
+        self.init: transfer.Transfer | None = None
 
     # ------------------------------------------------------------ steps
 
@@ -131,8 +146,22 @@ class _Job:
         )
 
         def build() -> keras.Model:
-            return build_model(
-                stack, input_shape, num_classes, sync_batch_norm=cfg.distribute.sync_batch_norm
+            model = build_model(
+                stack,
+                input_shape,
+                num_classes,
+                pixel_scaling=PixelScaling(bundle.max_pixel_value, bundle.mean, bundle.std),
+                sync_batch_norm=cfg.distribute.sync_batch_norm,
+            )
+            return self.init.apply(model) if self.init is not None else model
+
+        if cfg.get("init_from"):  # every worker copies the same weights into its model
+            self.init = transfer.plan(
+                self.tracker,
+                str(cfg.init_from),
+                build(),
+                cfg.trainer.freeze_layers,
+                bundle.class_names,
             )
 
         fit = functools.partial(trainer.fit, build, bundle, cfg.trainer, cfg.optimizer, strategy)
@@ -167,9 +196,13 @@ class _Job:
             if self.trial is not None and self.trial.pruned:
                 return self._record_pruned(analysis, result)
             test = self._log_results(cfg, model, bundle, analysis, result)
-            if cfg.tracking.log_model:
-                self.tracker.set_tags({"model_uri": self.tracker.log_model(model)})
+            if cfg.tracking.log_model:  # after the results: MLflow links them to the model
+                self._log_model(cfg, model, bundle, active.info.run_name)
+            final = trainer.save_final_model(
+                model, self.checkpoint_dir, OmegaConf.to_yaml(_recordable(cfg))
+            )
         val_accuracy = _objective(cfg, result)
+        print(f"model: {final} (python evaluate.py checkpoint={final})", flush=True)
         self._print_summary(cfg, test, analysis, result)  # 6.
         return val_accuracy
 
@@ -270,6 +303,13 @@ class _Job:
     def _prepare_store(self, cfg: DictConfig) -> str:
         if self.tracker is None:
             self.tracker = self._open_tracker(cfg)
+        if cfg.get("init_from"):
+            self.tracker.get_run(str(cfg.init_from), key="init_from")  # a typo fails here
+        elif cfg.trainer.freeze_layers:
+            raise ConfigError(
+                f"trainer.freeze_layers={cfg.trainer.freeze_layers} freezes layers loaded from "
+                "a pretrained run: add init_from=<run id>"
+            )
         if self.source is not None and self.source.key == "resume":
             return self.source.run.info.experiment_id
         if self.sweep is not None:
@@ -303,6 +343,8 @@ class _Job:
         if self.source is not None:
             tags["reproduces"] = self.source.run_id
             tags.update(runtime)
+        if self.init is not None:
+            tags.update(self.init.tags())
         if self.sweep is not None:
             tags.update(self.sweep.tags())
         return tags
@@ -364,6 +406,28 @@ class _Job:
         self.tracker.log_figure(figure, "training_curves.png")
         return test
 
+    def _log_model(self, cfg, model, bundle, run_name: str) -> None:
+        """The model as a LoggedModel named after the run, with a few raw test images as its
+        input example and the normalisation it applies itself as metadata."""
+        images = next(iter(bundle.test.unbatch().batch(INPUT_EXAMPLE_IMAGES)))[0]
+        model_uri, model_id = self.tracker.log_model(
+            model,
+            name=run_name,
+            input_example=images.numpy().astype(bundle.pixel_dtype),
+            metadata={
+                "input": (
+                    f"{cfg.dataset.name} images as stored: {bundle.pixel_dtype} pixels in "
+                    f"0..{bundle.max_pixel_value:g}, shape {list(bundle.input_shape)}; the model "
+                    "normalises them itself"
+                ),
+                "max_pixel_value": bundle.max_pixel_value,
+                "mean": list(bundle.mean),
+                "std": list(bundle.std),
+                "class_names": list(bundle.class_names),
+            },
+        )
+        self.tracker.set_tags({MODEL_URI_TAG: model_uri, "model_id": model_id})
+
     def _reproduce_deltas(
         self, cfg: DictConfig, test: Mapping[str, float], bundle: data.DataBundle
     ) -> dict[str, float]:
@@ -403,12 +467,14 @@ class _Job:
         return deltas
 
     def _print_summary(self, cfg, test, analysis, result) -> None:
+        """The last line of output: the numbers, and the URLs that open the run and the
+        experiment's runs table (MLflow 3 opens an experiment on its GenAI overview page)."""
         uri = self.tracker.shown_uri
-        where = (
-            f"mlflow ui --backend-store-uri {uri}"
-            if uri.startswith("sqlite:")
-            else f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
-        )
+        local = uri.startswith("sqlite:")
+        experiment = f"{LOCAL_UI if local else uri.rstrip('/')}/#/experiments/{self.experiment_id}"
+        where = f"{experiment}/runs/{self.run_id}; all runs: {experiment}/runs"
+        if local:
+            where = f"mlflow ui --backend-store-uri {uri}, then {where}"
         print(
             f"done: test_accuracy={test['accuracy']:.4f} params={analysis.param_count:,} "
             f"receptive_field={analysis.receptive_field}px time={result.train_time_s:.1f}s "

@@ -6,9 +6,16 @@ tests can compare :func:`convnets.architecture.analyze` with Keras row by row.
 
 Weights come from Keras's seeded initialisers: call ``keras.utils.set_random_seed(seed)``
 before :func:`build_model` for reproducible initial weights.
+
+Given a :class:`PixelScaling`, the model starts with its own input normalisation (a
+``preprocess`` Rescaling layer), so it takes images as the dataset stores them (digits' 0..16,
+uint8 0..255) and a saved or served model needs no preprocessing code from this project.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import keras
 
@@ -22,6 +29,7 @@ from convnets.architecture import Stack, parse_input_shape
 BN_MOMENTUM = 0.9
 
 _POOLS = {"max": keras.layers.MaxPooling2D, "avg": keras.layers.AveragePooling2D}
+PREPROCESS = "preprocess"  # the name of the normalisation layer at the model's start
 _HEAD_POOLS = {
     "avg": keras.layers.GlobalAveragePooling2D,
     "max": keras.layers.GlobalMaxPooling2D,
@@ -29,11 +37,31 @@ _HEAD_POOLS = {
 }
 
 
+@dataclass(frozen=True)
+class PixelScaling:
+    """Stored pixels -> model input: ``(x / max_pixel_value - mean) / std`` per channel."""
+
+    max_pixel_value: float
+    mean: Sequence[float]
+    std: Sequence[float]
+
+    def layer(self) -> keras.layers.Rescaling:
+        """The normalisation as one multiply-add (``scale * x + offset``), no weights.
+
+        float32 whatever the global dtype policy: under mixed precision the raw values (up to
+        255) and the normalised ones keep full precision, and the first conv casts its input.
+        """
+        scale = [1.0 / (self.max_pixel_value * s) for s in self.std]
+        offset = [-m / s for m, s in zip(self.mean, self.std, strict=True)]
+        return keras.layers.Rescaling(scale, offset, dtype="float32", name=PREPROCESS)
+
+
 def build_model(
     stack: Stack,
     input_shape,
     num_classes: int,
     *,
+    pixel_scaling: PixelScaling | None = None,
     sync_batch_norm: bool = False,
     name: str | None = None,
 ) -> keras.Model:
@@ -45,10 +73,13 @@ def build_model(
     ``dense{j}`` (relu) -> ``classifier`` (logits) -> ``probabilities`` (softmax, float32 so
     mixed precision stays numerically safe; Keras's TF backend recovers the logits from it
     for the cross-entropy). ``sync_batch_norm`` computes batch statistics over all replicas.
+
+    ``pixel_scaling`` puts the ``preprocess`` normalisation first: the model's float32 input is
+    then the raw pixel values. Without it the input is already normalised (analysis tools).
     """
     shape = parse_input_shape(input_shape)
-    inputs = keras.Input(shape=shape, name="image")
-    x = inputs
+    inputs = keras.Input(shape=shape, dtype="float32", name="image")
+    x = inputs if pixel_scaling is None else pixel_scaling.layer()(inputs)
     for layer in stack.layers:
         block = f"block{layer.index + 1}"
         padding = layer.padding
@@ -105,6 +136,23 @@ def last_feature_map(model: keras.Model) -> keras.KerasTensor:
     return model.get_layer("head_pool").input
 
 
+def normalised_input(model: keras.Model) -> keras.KerasTensor:
+    """What the conv stack receives: the ``preprocess`` layer's output, else the model input."""
+    if PREPROCESS in {layer.name for layer in model.layers}:
+        return model.get_layer(PREPROCESS).output
+    return model.inputs[0]
+
+
+def normalise(model: keras.Model, images):
+    """``images`` (raw pixels) as the conv stack receives them: through ``preprocess`` if any."""
+    if PREPROCESS in {layer.name for layer in model.layers}:
+        return model.get_layer(PREPROCESS)(images)
+    return images
+
+
 def feature_model(model: keras.Model) -> keras.Model:
-    """A sub-model sharing ``model``'s weights, from its input to :func:`last_feature_map`."""
-    return keras.Model(model.inputs, last_feature_map(model), name=f"{model.name}_features")
+    """A sub-model sharing ``model``'s weights, from :func:`normalised_input` to
+    :func:`last_feature_map` (so gradients are taken w.r.t. the normalised image)."""
+    return keras.Model(
+        normalised_input(model), last_feature_map(model), name=f"{model.name}_features"
+    )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.metadata
+import io
 import json
 import math
 import os
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 from convnets.errors import ConvnetsError, TrackingError
 
 CONFIG_ARTIFACT = "config.yaml"
-MODEL_ARTIFACT = "model"  # runs:/<run_id>/model loads with mlflow.tensorflow.load_model
+MODEL_URI_TAG = "model_uri"  # the logged model's runs:/<run_id>/<name> URI, on its run
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr")
 SHORTENED = "...[shortened; full value in config.yaml]"
 VERSIONED_PACKAGES = (
@@ -133,6 +134,11 @@ def package_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+def model_name(name: str) -> str:
+    """``name`` as a LoggedModel name: MLflow refuses ``/ : . % " '`` in it; they become ``_``."""
+    return re.sub(r"[/:.%\"']", "_", name) or "model"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -436,33 +442,79 @@ class Tracker:
         ]
         self.client.log_inputs(run_id, datasets=inputs)
 
-    def log_model(self, model: Any) -> str:
-        """Log a Keras model (Keras format) under ``model``; returns the model URI.
+    def log_model(
+        self,
+        model: Any,
+        *,
+        name: str,
+        input_example: np.ndarray,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> tuple[str, str]:
+        """Log a Keras model (Keras format) as the LoggedModel ``name``; ``(model_uri, model_id)``.
 
-        ``pip_requirements`` is given explicitly: inferring it loads the model in a subprocess
-        (about 7 s for a tiny model on this machine).
+        ``name`` (e.g. the run's name) is made a valid model name by :func:`model_name`; the
+        model loads as ``runs:/<run_id>/<that name>`` (the returned URI) or
+        ``models:/<model_id>``. MLflow 3 links the run's step-0 metrics logged before this call
+        (the test metrics, param_count, receptive_field, ...) and its params to the model, so
+        ``mlflow.search_logged_models`` can filter and rank models by them.
+
+        The signature and ``input_example`` say what goes in: images as the dataset stores them
+        (the example's dtype and the model's input shape); MLflow checks that the served model
+        answers the example. ``pip_requirements`` is given explicitly: inferring it loads the
+        model in a subprocess (about 7 s for a tiny model on this machine).
         """
         import mlflow.tensorflow  # imports TensorFlow: only when a model is logged
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
         versions = package_versions()
-        # Images in, class probabilities out: lets pyfunc serving check its inputs (and silences
-        # MLflow's "saving without a signature" warning on every run).
         signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype("float32"), (-1, *model.input_shape[1:]))]),
+            inputs=Schema([TensorSpec(input_example.dtype, (-1, *model.input_shape[1:]))]),
             outputs=Schema([TensorSpec(np.dtype("float32"), (-1, *model.output_shape[1:]))]),
         )
-        mlflow.tensorflow.log_model(
-            model,
-            name=MODEL_ARTIFACT,
-            signature=signature,
-            pip_requirements=[
-                f"tensorflow=={versions['tensorflow']}",
-                f"keras=={versions['keras']}",
-            ],
-        )
-        return f"runs:/{mlflow.active_run().info.run_id}/{MODEL_ARTIFACT}"
+        # MLflow predicts on the input example to check it serves; Keras's progress bar for
+        # that one batch would land in the middle of a quiet run's output.
+        with contextlib.redirect_stdout(io.StringIO()):
+            info = mlflow.tensorflow.log_model(
+                model,
+                name=model_name(name),
+                signature=signature,
+                input_example=input_example,
+                metadata=dict(metadata or {}),
+                pip_requirements=[
+                    f"tensorflow=={versions['tensorflow']}",
+                    f"keras=={versions['keras']}",
+                ],
+            )
+        return f"runs:/{mlflow.active_run().info.run_id}/{model_name(name)}", info.model_id
+
+    @staticmethod
+    def model_metadata(folder: str | Path) -> dict[str, Any]:
+        """The ``metadata`` a downloaded model was logged with (its ``MLmodel`` file)."""
+        from mlflow.models import Model
+
+        return dict(Model.load(Path(folder)).metadata or {})
+
+    def download_model(self, run_id: str, dst: str | Path, *, key: str = "run_id") -> Path:
+        """The folder of the model a run logged (its ``model_uri`` tag), copied under ``dst``."""
+        uri = self.get_run(run_id, key=key).data.tags.get(MODEL_URI_TAG)
+        if uri is None:
+            raise TrackingError(
+                f"{key}={run_id}: the run has no logged model (no {MODEL_URI_TAG} tag): it was "
+                "trained with tracking.log_model=false, or did not finish"
+            )
+        MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.set(False)
+        try:
+            return Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=uri, dst_path=str(dst), tracking_uri=self.uri
+                )
+            )
+        except Exception as err:  # noqa: BLE001 - MLflow raises several types for "not there"
+            raise TrackingError(
+                f"{key}={run_id}: its logged model {uri} cannot be downloaded "
+                f"({type(err).__name__}); was it deleted?"
+            ) from err
 
     # ------------------------------------------------------------ any run, by id
 

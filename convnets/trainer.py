@@ -13,6 +13,9 @@ Checkpoint layout (``checkpoint_dir``), written only at epoch ends:
   id and the config digest, so a resume can refuse a checkpoint that is not its own). It is
   replaced atomically *after* the files it names are complete, so a process killed at any
   moment leaves a consistent last completed epoch.
+- ``model.keras`` + ``config.yaml``: the final model (the weights that were tested) and the
+  run's resolved config, written by :func:`save_final_model` once training is done, so
+  ``python evaluate.py checkpoint=<dir>/model.keras`` works without the MLflow store.
 
 A directory holds one training's checkpoint: a fresh fit never clears or overwrites one it
 finds there (it refuses), so two trainings cannot splice each other's weights.
@@ -43,6 +46,8 @@ PRECISIONS = tuple(p.value for p in Precision)
 OPTIMIZERS = tuple(o.value for o in Optimizer)
 SCHEDULES = tuple(s.value for s in Schedule)
 STATE_FILE = "state.json"
+FINAL_MODEL = "model.keras"
+FINAL_CONFIG = "config.yaml"  # the name evaluate.py looks for beside a .keras file
 # one_cycle: fraction of training spent rising when optimizer.warmup_epochs is 0, and the
 # starting lr as lr / ONE_CYCLE_DIV (PyTorch OneCycleLR's pct_start=0.3, div_factor=25).
 ONE_CYCLE_PCT_START = 0.3
@@ -289,6 +294,20 @@ def evaluate(model: keras.Model, dataset) -> dict[str, float]:
         _prepare(dataset, num_classes, one_hot, None), verbose=0, return_dict=True
     )
     return {"loss": float(logs["loss"]), "accuracy": float(logs["accuracy"])}
+
+
+def save_final_model(model: keras.Model, checkpoint_dir: str | Path, config_yaml: str) -> Path:
+    """Write ``model.keras`` (with its compiled loss and metrics, so it evaluates as is) and
+    ``config.yaml`` into ``checkpoint_dir``; return the model's path. Each file is replaced
+    atomically, so a killed process never leaves a half-written one."""
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_dir / FINAL_MODEL
+    tmp = checkpoint_dir / f".tmp-{FINAL_MODEL}"  # Keras wants the .keras suffix
+    model.save(tmp)
+    os.replace(tmp, path)
+    _atomic_write_text(checkpoint_dir / FINAL_CONFIG, config_yaml)
+    return path
 
 
 def read_checkpoint_state(checkpoint_dir: str | Path) -> dict | None:

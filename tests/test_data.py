@@ -44,10 +44,6 @@ def all_examples(ds):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def unnormalise(x, bundle):
-    return (x * np.array(bundle.std) + np.array(bundle.mean)) * bundle.max_pixel_value
-
-
 # ---------------------------------------------------------------- digits (real data)
 
 
@@ -62,12 +58,12 @@ def test_digits_splits_add_up_and_are_disjoint_and_stratified():
     x_val, y_val = all_examples(bundle.val)
     x_test, y_test = all_examples(bundle.test)
     assert (len(y_train), len(y_val), len(y_test)) == (1293, 144, 360)
-    # The 1,797 images, un-normalised, are exactly sklearn's, each in one split only.
+    # The 1,797 images, as the pipelines yield them, are exactly sklearn's, each in one split.
     from sklearn.datasets import load_digits
 
     raw = load_digits().images
     pixels = np.concatenate([x_train, x_val, x_test])[..., 0]
-    restored = np.rint(unnormalise(pixels, bundle)).astype(int)
+    restored = pixels.astype(int)
     assert sorted(map(bytes, restored.astype(np.uint8))) == sorted(map(bytes, raw.astype(np.uint8)))
     train_keys = {
         (bytes(x.astype(np.float32)), int(y)) for x, y in zip(x_train, y_train, strict=True)
@@ -79,12 +75,13 @@ def test_digits_splits_add_up_and_are_disjoint_and_stratified():
         assert np.bincount(labels, minlength=10).min() >= 0.08 * len(labels)
 
 
-def test_digits_normalisation_and_batching():
+def test_digits_raw_pixels_and_batching():
+    """The pipelines yield the stored pixels as float32; the model normalises them."""
     bundle = data.load_data(dataset_cfg("digits"), batch_size=100, seed=0)
     x_train, _ = all_examples(bundle.train)
-    assert x_train.dtype == np.float32
-    assert abs(x_train.mean()) < 0.05 and abs(x_train.std() - 1.0) < 0.05
-    assert np.isclose(x_train.min(), -0.3053 / 0.3760, atol=1e-5)  # a 0 pixel
+    assert x_train.dtype == np.float32 and bundle.pixel_dtype == "uint8"
+    assert x_train.min() == 0 and x_train.max() == 16 and (x_train == np.rint(x_train)).all()
+    assert (bundle.max_pixel_value, bundle.mean, bundle.std) == (16.0, (0.3053,), (0.376,))
     sizes = [int(x.shape[0]) for x, _ in bundle.train]
     assert sizes == [100] * 12 + [93]  # global batch, the remainder kept
 
@@ -153,11 +150,9 @@ def test_mnist_through_tfds_mock():
     assert x.shape == (16, 28, 28, 1) and x.dtype == np.float32 and y.shape == (16,)
     assert bundle.input_shape == (28, 28, 1) and bundle.num_classes == 10
     assert ((y >= 0) & (y < 10)).all()
-    # Normalised with MNIST's constants: un-normalising gives back integer pixels in 0..255.
-    pixels = unnormalise(x_test, bundle)
-    np.testing.assert_allclose(pixels, np.rint(pixels), atol=1e-3)
-    assert pixels.min() > -1e-3 and pixels.max() < 255 + 1e-3
-    np.testing.assert_allclose(x_test.min(), -0.1307 / 0.3081, atol=0.1)
+    # The stored uint8 pixels, not normalised (the model applies MNIST's constants).
+    np.testing.assert_array_equal(x_test, np.rint(x_test))
+    assert x_test.min() >= 0 and x_test.max() <= 255 and bundle.pixel_dtype == "uint8"
 
 
 def _aug_matches(augmented, original, pad, fill):
@@ -190,7 +185,7 @@ def test_cifar10_augmentation_changes_images_not_shapes_or_labels():
     assert x_aug.shape == x_plain.shape == (57, 32, 32, 3)  # 64 minus 10% val
     np.testing.assert_array_equal(y_aug, y_plain)  # same seeded order: augmentation keeps labels
     assert not np.allclose(x_aug, x_plain)
-    fill = -np.array(aug.mean) / np.array(aug.std)  # zero padding, normalised
+    fill = 0.0  # zero padding of the raw pixels
     for augmented, original in zip(x_aug, x_plain, strict=True):
         assert _aug_matches(augmented, original, pad=4, fill=fill)
     # A new epoch draws new crops and flips (and a new order).
@@ -241,7 +236,7 @@ def test_image_folder_grayscale_keeps_one_channel_and_sorts_labels(tmp_path):
     # Fixed order: by label, then file name; labels are the indices of the sorted names.
     expected = sorted(written["test"], key=lambda lv: lv[0])
     assert [bundle.class_names[i] for i in y_test] == [label for label, _ in expected]
-    pixels = unnormalise(x_test, bundle)
+    pixels = x_test
     np.testing.assert_allclose(pixels[:, 0, 0, 0], [v for _, v in expected], atol=1e-3)
 
 
@@ -259,7 +254,8 @@ def test_image_folder_rgb_and_resize(tmp_path):
     x, _ = first_batch(resized.train)
     assert resized.input_shape == (16, 20, 3) and x.shape[1:] == (16, 20, 3)
     # A flat colour stays that colour when resized.
-    pixels = unnormalise(x, resized)
+    pixels = x
+    assert resized.pixel_dtype == "float32"  # resizing interpolates
     np.testing.assert_allclose(pixels[:, 0, 0, 1] + pixels[:, 0, 0, 0], 255, atol=1e-2)
 
 

@@ -210,7 +210,7 @@ def test_checkpoint_with_config_beside_it_gives_the_runs_accuracy(store, tmp_pat
         run_id=run["run_id"], artifact_path="config.yaml", dst_path=str(folder), tracking_uri=uri
     )
     model = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"runs:/{run['run_id']}/model", dst_path=str(tmp_path / "m"), tracking_uri=uri
+        artifact_uri=run["tags.model_uri"], dst_path=str(tmp_path / "m"), tracking_uri=uri
     )
     keras_file = folder / "model.keras"
     keras_file.write_bytes(next(Path(model).rglob("*.keras")).read_bytes())

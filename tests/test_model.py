@@ -14,12 +14,15 @@ from keras.src.activations import ALL_OBJECTS_DICT  # noqa: E402
 from test_architecture import model_cfg  # noqa: E402
 
 from convnets.architecture import ACTIVATIONS, analyze, resolve_stack  # noqa: E402
+from convnets.erf import effective_receptive_field  # noqa: E402
 from convnets.errors import ConfigError  # noqa: E402
 from convnets.model import (  # noqa: E402
+    PixelScaling,
     build_model,
     feature_map_layers,
     feature_model,
     last_feature_map,
+    normalise,
 )
 
 SHAPES = {
@@ -217,3 +220,41 @@ def test_mixed_precision_keeps_float32_probabilities():
         keras.mixed_precision.set_dtype_policy("float32")
     assert model.get_layer("block1_conv").compute_dtype == "bfloat16"
     assert model.output.dtype == "float32"
+
+
+def test_pixel_scaling_puts_the_normalisation_in_the_model():
+    """The model takes stored pixels: same outputs as the bare stack on normalised ones, no
+    extra params, float32 even under mixed precision, and features from normalised input."""
+    stack = resolve_stack({"layers": [{"filters": 3}, {"filters": 4, "pool": "max"}]})
+    scaling = PixelScaling(255.0, (0.5, 0.4, 0.3), (0.25, 0.2, 0.1))
+    keras.utils.set_random_seed(1)
+    raw_model = build_model(stack, [8, 8, 3], 5, pixel_scaling=scaling)
+    keras.utils.set_random_seed(1)
+    bare = build_model(stack, [8, 8, 3], 5)
+    assert (
+        raw_model.count_params() == bare.count_params() == analyze(stack, [8, 8, 3], 5).param_count
+    )
+    pixels = np.random.default_rng(0).integers(0, 256, [4, 8, 8, 3]).astype("float32")
+    normalised = (pixels / 255.0 - np.array(scaling.mean)) / np.array(scaling.std)
+    np.testing.assert_allclose(normalise(raw_model, pixels), normalised, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        raw_model(pixels, training=False), bare(normalised, training=False), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        feature_model(raw_model)(normalised), feature_model(bare)(normalised), atol=1e-5
+    )
+    # The effective receptive field is measured on the normalised image either way.
+    np.testing.assert_allclose(
+        effective_receptive_field(raw_model, pixels).grad_map,
+        effective_receptive_field(bare, normalised).grad_map,
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        mixed = build_model(stack, [8, 8, 3], 5, pixel_scaling=scaling)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    assert mixed.input.dtype == "float32"
+    assert mixed.get_layer("preprocess").compute_dtype == "float32"
+    assert mixed.get_layer("block1_conv").compute_dtype == "float16"

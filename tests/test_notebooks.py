@@ -12,12 +12,13 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_the_three_notebooks_are_there():
+def test_the_four_notebooks_are_there():
     names = [path.name for path in NOTEBOOKS]
     assert names == [
         "01_conv2d_anatomy.ipynb",
         "02_compare_runs.ipynb",
         "03_feature_maps.ipynb",
+        "04_transfer_learning.ipynb",
     ]
 
 

@@ -18,6 +18,8 @@ import yaml
 from conftest import CLI_ENV, REPO, free_port, train_cli
 from mlflow.tracking import MlflowClient
 
+from convnets.tracking import model_name
+
 TINY = "model.layers=[{filters:8},{filters:8,pool:max}]"
 EPOCHS = 3
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr")
@@ -132,7 +134,7 @@ def test_the_full_record(recorded):
     assert f"trainer.epochs={EPOCHS}" in tags["hydra_overrides"]
     assert tags["version.tensorflow"] and tags["version.keras"] and tags["version.mlflow"]
     assert os.path.isfile(os.path.join(tags["checkpoint_dir"], "state.json"))
-    assert tags["model_uri"] == f"runs:/{run_id}/model"
+    assert tags["model_uri"] == f"runs:/{run_id}/{model_name(run.info.run_name)}"
 
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "layers.txt", "layers.json", "training_curves.png"} <= artifacts
@@ -150,13 +152,14 @@ def test_logged_model_loads_with_mlflow_tensorflow(recorded):
     import numpy as np
 
     mlflow.set_tracking_uri(recorded["uri"])
-    model = mlflow.tensorflow.load_model(f"runs:/{recorded['run_id']}/model")
+    model_uri = recorded["client"].get_run(recorded["run_id"]).data.tags["model_uri"]
+    model = mlflow.tensorflow.load_model(model_uri)
     probabilities = np.asarray(model.predict(np.zeros((2, 8, 8, 1), "float32"), verbose=0))
     assert probabilities.shape == (2, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
-    info = mlflow.models.get_model_info(f"runs:/{recorded['run_id']}/model")
-    assert info.signature.inputs.to_dict() == [
-        {"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 8, 8, 1)}}
+    info = mlflow.models.get_model_info(model_uri)
+    assert info.signature.inputs.to_dict() == [  # digits as stored: uint8 pixels 0..16
+        {"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, 8, 8, 1)}}
     ]
 
 
@@ -341,7 +344,8 @@ def test_remote_server_run(mlflow_server, tmp_path):
     import mlflow.tensorflow
 
     mlflow.set_tracking_uri(mlflow_server)
-    assert mlflow.tensorflow.load_model(f"runs:/{run_id}/model").output_shape == (None, 10)
+    model_uri = run.data.tags["model_uri"]  # runs:/<run_id>/<the run's name>
+    assert mlflow.tensorflow.load_model(model_uri).output_shape == (None, 10)
 
 
 @pytest.mark.slow
