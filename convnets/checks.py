@@ -72,6 +72,7 @@ RULES: tuple[_Rule, ...] = (
         "must be [H, W] with positive sides, or null",
     ),
     ("tracking.http_timeout_s", _positive, "must be > 0"),
+    ("trainer.freeze_layers", _at_least(0), "must be >= 0"),
 )
 
 
@@ -92,6 +93,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"optimizer.warmup_epochs={cfg.optimizer.warmup_epochs} must be shorter than "
             f"trainer.epochs={cfg.trainer.epochs}"
+        )
+    if cfg.trainer.freeze_layers and not cfg.get("init_from"):
+        raise ConfigError(
+            f"trainer.freeze_layers={cfg.trainer.freeze_layers} freezes layers loaded from "
+            "a pretrained run: add init_from=<run id>"
         )
     if cfg.dataset.source == "sklearn" and cfg.dataset.test_fraction == 0:
         raise ConfigError("dataset.test_fraction=0 leaves digits no test split: use e.g. 0.2")

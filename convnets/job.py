@@ -305,11 +305,6 @@ class _Job:
             self.tracker = self._open_tracker(cfg)
         if cfg.get("init_from"):
             self.tracker.get_run(str(cfg.init_from), key="init_from")  # a typo fails here
-        elif cfg.trainer.freeze_layers:
-            raise ConfigError(
-                f"trainer.freeze_layers={cfg.trainer.freeze_layers} freezes layers loaded from "
-                "a pretrained run: add init_from=<run id>"
-            )
         if self.source is not None and self.source.key == "resume":
             return self.source.run.info.experiment_id
         if self.sweep is not None:
