@@ -157,8 +157,10 @@ def test_configure_devices_is_idempotent_and_refuses_a_late_change():
     ],
 )
 def test_config_errors(kwargs, match):
+    # Untyped: the schema's Enum refuses an unknown strategy before make_strategy sees it.
+    untyped = OmegaConf.create(OmegaConf.to_container(cfg()) | kwargs)
     with pytest.raises(ConfigError, match=match):
-        make_strategy(cfg(**kwargs))
+        make_strategy(untyped)
 
 
 @pytest.mark.parametrize(

@@ -62,10 +62,18 @@ def check_feature_maps(texts: list[str]) -> None:
     assert re.search(r"theoretical RF \d+x\d+ centred at .* ERF \d+x\d+ px", text)
 
 
+def check_transfer(texts: list[str]) -> None:
+    text = "".join(texts)
+    assert re.search(r"digits_5-9_few: \{'train': 25, 'test': \d+\}", text)
+    assert "'init_from':" in text and "'init_frozen_layers': '1'" in text
+    assert len(re.findall(r"done: test_accuracy=[01]\.\d{4}", text)) == 3  # pretrain + two
+
+
 CHECKS = {
     "01_conv2d_anatomy": check_anatomy,
     "02_compare_runs": check_compare,
     "03_feature_maps": check_feature_maps,
+    "04_transfer_learning": check_transfer,
 }
 
 
