@@ -440,7 +440,18 @@ class Tracker:
             for context, (digest, count) in splits.items()
             if count > 0
         ]
-        self.client.log_inputs(run_id, datasets=inputs)
+        # MLflow gets-or-creates the experiment's dataset rows in two steps: two jobs of a
+        # parallel sweep logging the same data at once collide on its unique key (SQLite:
+        # IntegrityError). The store lock serialises local processes; a second try finds the
+        # row the other one created (a remote server's own race).
+        for attempt in (1, 2):
+            try:
+                with self._store_lock():
+                    self.client.log_inputs(run_id, datasets=inputs)
+                return
+            except MlflowException:
+                if attempt == 2:
+                    raise
 
     def log_model(
         self,
