@@ -41,6 +41,32 @@ def train_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.Complete
     )
 
 
+def wait_for_epochs(proc, client, epochs: int, known=frozenset()) -> str:
+    """The id of the digits run ``proc`` trains (one not in ``known``), once it has logged
+    ``epochs`` epochs; fails when training ends or stalls first."""
+    deadline, run_id = time.monotonic() + 240, None
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        if run_id is None and (experiment := client.get_experiment_by_name("digits")):
+            runs = client.search_runs([experiment.experiment_id])
+            new = [r.info.run_id for r in runs if r.info.run_id not in known]
+            run_id = new[0] if new else None
+        steps = [m.step for m in client.get_metric_history(run_id, "loss")] if run_id else []
+        if max(steps, default=0) >= epochs:
+            return run_id
+    raise AssertionError(f"training ended or stalled before epoch {epochs} was recorded")
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM a server started with ``start_new_session=True``, SIGKILL after 15 s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, proxied artifacts); its URL.
@@ -90,10 +116,5 @@ def mlflow_server(tmp_path_factory):
             time.sleep(0.5)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)
         log.close()

@@ -10,9 +10,7 @@ from scratch) and refuses what it cannot use in one line.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +21,7 @@ import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import CLI_ENV, REPO, free_port, train_cli
+from conftest import CLI_ENV, REPO, free_port, stop_process_group, train_cli
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -134,12 +132,7 @@ def serve_predict(store_uri: str, model_uri: str, images: np.ndarray, log: Path)
         with urllib.request.urlopen(request, timeout=60) as response:
             return np.array(json.loads(response.read())["predictions"])
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -179,33 +172,36 @@ def folder_run(store):
 # ---------------------------------------------------------------- raw images in
 
 
-def test_pyfunc_and_served_digits_model_take_raw_pixels(store, digits_run):
-    tmp, uri = store
-    run_id, _, run = digits_run
-    images, labels = raw_digits_test()
+def assert_pyfunc_and_served_reproduce_test_accuracy(uri, run, images, labels, log: Path):
+    """``mlflow.pyfunc`` and ``mlflow models serve`` on the raw images score the run's
+    test_accuracy."""
     model_uri = run.data.tags["model_uri"]
-    assert model_uri == f"runs:/{run_id}/{model_name(run.info.run_name)}"
     mlflow.set_tracking_uri(uri)
     expected = run.data.metrics["test_accuracy"]
     assert accuracy(mlflow.pyfunc.load_model(model_uri).predict(images), labels) == (
         pytest.approx(expected, abs=1e-6)
     )
-    served = serve_predict(uri, model_uri, images, tmp / "serve-digits.log")
+    served = serve_predict(uri, model_uri, images, log)
     assert accuracy(served, labels) == pytest.approx(expected, abs=1e-6)
+
+
+def test_pyfunc_and_served_digits_model_take_raw_pixels(store, digits_run):
+    tmp, uri = store
+    run_id, _, run = digits_run
+    images, labels = raw_digits_test()
+    assert run.data.tags["model_uri"] == f"runs:/{run_id}/{model_name(run.info.run_name)}"
+    assert_pyfunc_and_served_reproduce_test_accuracy(
+        uri, run, images, labels, tmp / "serve-digits.log"
+    )
 
 
 def test_pyfunc_and_served_image_folder_model_take_resized_pixels(store, folder_run):
     tmp, uri = store
     _, root, run = folder_run
     images, labels = raw_folder_test(root, [8, 8])
-    model_uri = run.data.tags["model_uri"]
-    mlflow.set_tracking_uri(uri)
-    expected = run.data.metrics["test_accuracy"]
-    assert accuracy(mlflow.pyfunc.load_model(model_uri).predict(images), labels) == (
-        pytest.approx(expected, abs=1e-6)
+    assert_pyfunc_and_served_reproduce_test_accuracy(
+        uri, run, images, labels, tmp / "serve-folder.log"
     )
-    served = serve_predict(uri, model_uri, images, tmp / "serve-folder.log")
-    assert accuracy(served, labels) == pytest.approx(expected, abs=1e-6)
 
 
 def test_logged_model_says_what_goes_in(store, digits_run):

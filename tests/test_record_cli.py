@@ -11,12 +11,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import CLI_ENV, REPO, free_port, train_cli
+from conftest import CLI_ENV, REPO, free_port, train_cli, wait_for_epochs
 from mlflow.tracking import MlflowClient
 
 TINY = "model.layers=[{filters:4},{filters:4,pool:max}]"
@@ -52,25 +51,10 @@ def start(*args: str) -> subprocess.Popen:
     )
 
 
-def wait_for_new_run(proc, client: MlflowClient, epochs: int, known: set[str] = frozenset()):
-    """The id of the run ``proc`` trains (one not in ``known``), once it logged ``epochs``."""
-    deadline, run_id = time.monotonic() + 240, None
-    while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-        if run_id is None and (experiment := client.get_experiment_by_name("digits")):
-            new = [r for r in client.search_runs([experiment.experiment_id])]
-            new = [r.info.run_id for r in new if r.info.run_id not in known]
-            run_id = new[0] if new else None
-        steps = [m.step for m in client.get_metric_history(run_id, "loss")] if run_id else []
-        if max(steps, default=0) >= epochs:
-            return run_id
-    raise AssertionError(f"training ended or stalled before epoch {epochs} was recorded")
-
-
 def kill_after(args, client, epochs: int, known=frozenset()) -> str:
     proc = start(*args)
     try:
-        run_id = wait_for_new_run(proc, client, epochs, known)
+        run_id = wait_for_epochs(proc, client, epochs, known)
         proc.kill()  # SIGKILL: the run stays RUNNING, its checkpoint at the last epoch
     finally:
         if proc.poll() is None:
@@ -349,7 +333,7 @@ def test_the_ctrl_c_hint_names_the_store_and_works(tmp_path):
     proc = start(TINY, "trainer.epochs=20", *QUIET, f"tracking.uri={uri}",
                  f"hydra.run.dir={tmp_path / 'out'}")  # fmt: skip
     try:
-        run_id = wait_for_new_run(proc, client, 1)
+        run_id = wait_for_epochs(proc, client, 1)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         _, stderr = proc.communicate(timeout=120)
     finally:

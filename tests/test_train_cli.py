@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import CLI_ENV, REPO, free_port, train_cli
+from conftest import CLI_ENV, REPO, free_port, train_cli, wait_for_epochs
 from mlflow.tracking import MlflowClient
 
 from convnets.tracking import model_name
@@ -40,21 +40,6 @@ def run_id_of(result: subprocess.CompletedProcess) -> str:
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-
-
-def wait_for_epochs(proc: subprocess.Popen, client: MlflowClient, epochs: int) -> str:
-    """The id of the digits run ``proc`` trains, once it has logged ``epochs`` epochs."""
-    deadline, run_id = time.monotonic() + 240, None
-    while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-        experiment = client.get_experiment_by_name("digits") if run_id is None else None
-        if run_id is None and experiment is not None:
-            runs = client.search_runs([experiment.experiment_id])
-            run_id = runs[0].info.run_id if runs else None
-        steps = [m.step for m in client.get_metric_history(run_id, "loss")] if run_id else []
-        if max(steps, default=0) >= epochs:
-            return run_id
-    raise AssertionError(f"training ended or stalled before epoch {epochs} was recorded")
 
 
 @pytest.fixture(scope="module")
