@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import importlib.metadata
 import io
 import json
@@ -112,8 +113,13 @@ def to_params(flat: Mapping[str, Any]) -> dict[str, str]:
     return params
 
 
+@functools.cache
 def git_state(path: str | Path) -> tuple[str, bool | None]:
-    """(commit, dirty) of the git checkout holding ``path``; ("unknown", None) outside git."""
+    """(commit, dirty) of the git checkout holding ``path``; ("unknown", None) outside git.
+
+    Read once per process: the code a process runs is the code it imported at its start, and
+    the jobs of a sweep in one process then do not each pay for two ``git`` subprocesses.
+    """
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -126,7 +132,9 @@ def git_state(path: str | Path) -> tuple[str, bool | None]:
         return "unknown", None
 
 
+@functools.cache
 def package_versions() -> dict[str, str]:
+    """Python's and the :data:`VERSIONED_PACKAGES`' versions (read once per process)."""
     versions = {"python": sys.version.split()[0]}
     for name in VERSIONED_PACKAGES:
         try:
