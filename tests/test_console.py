@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import CLI_ENV, REPO
 
 NOISE = ("absl", "cudart", "cuInit", "cpu_feature_guard", "INFO", "database tables", "font cache")
 
 
+@pytest.mark.slow
 def test_a_first_run_prints_only_progress_and_the_done_line(tmp_path):
     env = {k: v for k, v in CLI_ENV.items() if k not in ("TF_CPP_MIN_LOG_LEVEL",)}
     env.pop("MLFLOW_LOGGING_LEVEL", None)

@@ -33,7 +33,9 @@ FIGURES = {
     "effective_receptive_field.png",
 }
 
-pytestmark = pytest.mark.slow  # one ~40 s training sweep for the module, then ~10 s per CLI call
+# One ~40 s training sweep for the module, then ~10 s per CLI call; the xdist group keeps
+# the module on one worker (`--dist loadgroup`), so the sweep is trained once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("evaluate_cli")]
 
 
 def cli(script, *args, cwd):

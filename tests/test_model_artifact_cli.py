@@ -28,7 +28,9 @@ from sklearn.datasets import load_digits
 from convnets.data import split_indices
 from convnets.tracking import Tracker, model_name
 
-pytestmark = pytest.mark.slow  # ~10 training processes and two model servers
+# ~10 training processes and two model servers; the xdist group keeps the module on one
+# worker (`--dist loadgroup`), so its shared runs are trained once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("model_artifact")]
 
 TINY = "model.layers=[{filters:8},{filters:8,pool:max}]"
 DIGITS_PIXELS = ["dataset.max_pixel_value=16", "dataset.mean=[0.3053]", "dataset.std=[0.376]"]

@@ -119,6 +119,7 @@ def test_two_runs_in_one_folder_each_resume_from_their_own_checkpoint(tmp_path):
         assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
 
 
+@pytest.mark.slow
 def test_a_run_without_epoch_checkpoints_is_not_resumable(tmp_path):
     uri = store_uri(tmp_path)
     result = train_cli(
@@ -327,6 +328,7 @@ def test_the_unreachable_store_message_is_cut_at_a_word(tmp_path):
     assert full.startswith(kept) and full[len(kept)] in " ,;:("  # a whole word, then cut
 
 
+@pytest.mark.slow
 def test_the_ctrl_c_hint_names_the_store_and_works(tmp_path):
     uri = store_uri(tmp_path)
     client = MlflowClient(uri)

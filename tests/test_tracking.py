@@ -156,6 +156,7 @@ def release_when_ready(procs, barrier, names, timeout_s: float = BARRIER_TIMEOUT
     (barrier / "go").touch()
 
 
+@pytest.mark.slow
 def test_four_fresh_processes_land_in_the_right_experiment(tmp_path, store):
     barrier = tmp_path / "barrier"
     barrier.mkdir()
@@ -190,6 +191,8 @@ def test_four_fresh_processes_land_in_the_right_experiment(tmp_path, store):
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("mlflow_server")  # one worker starts the server once
 def test_real_server_store(mlflow_server):
     """The tracker against a real `mlflow server`: experiment, run, params, metrics, artifact."""
     tracker = Tracker(mlflow_server, http_timeout_s=5)

@@ -60,6 +60,8 @@ def recorded(tmp_path_factory):
     return {"tmp": tmp, "uri": store_uri(tmp), "run_id": run_id, "client": client, "out": result}
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("recorded")  # one worker trains the shared run once
 def test_the_full_record(recorded):
     client, run_id = recorded["client"], recorded["run_id"]
     run = client.get_run(run_id)
@@ -132,6 +134,8 @@ def test_the_full_record(recorded):
     assert (local / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("recorded")  # one worker trains the shared run once
 def test_logged_model_loads_with_mlflow_tensorflow(recorded):
     import mlflow.tensorflow
     import numpy as np
@@ -148,6 +152,8 @@ def test_logged_model_loads_with_mlflow_tensorflow(recorded):
     ]
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("recorded")  # one worker trains the shared run once
 def test_reproduce_is_identical_when_deterministic(recorded):
     original = recorded["run_id"]
     result = train_cli(
@@ -170,6 +176,8 @@ def test_reproduce_is_identical_when_deterministic(recorded):
     assert run.data.params == source.data.params
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("recorded")  # one worker trains the shared run once
 def test_reproduce_refuses_other_overrides(recorded):
     result = train_cli(
         f"reproduce={recorded['run_id']}", "trainer.epochs=7", f"tracking.uri={recorded['uri']}"
@@ -180,8 +188,8 @@ def test_reproduce_refuses_other_overrides(recorded):
 
 
 @pytest.mark.parametrize("key", ["reproduce", "resume"])
-def test_unknown_run_id_is_one_line(recorded, key):
-    result = train_cli(f"{key}=0123456789abcdef", f"tracking.uri={recorded['uri']}")
+def test_unknown_run_id_is_one_line(tmp_path, key):
+    result = train_cli(f"{key}=0123456789abcdef", f"tracking.uri={store_uri(tmp_path)}")
     assert result.returncode != 0
     [line] = error_lines(result)
     assert line.startswith(f"error: {key}=0123456789abcdef: no such run in sqlite:")
@@ -222,6 +230,7 @@ def test_an_invalid_stack_is_refused_before_anything_is_recorded(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()  # nothing half-written
 
 
+@pytest.mark.slow
 def test_nan_loss_ends_the_run_failed(tmp_path):
     result = train_cli(
         TINY,
@@ -241,6 +250,7 @@ def test_nan_loss_ends_the_run_failed(tmp_path):
     assert run.data.tags["failure_reason"] == line.removeprefix("error: ")
 
 
+@pytest.mark.slow
 def test_kill_after_epoch_two_then_resume_finishes_the_same_run(tmp_path):
     epochs = 30
     uri = store_uri(tmp_path)
@@ -278,6 +288,7 @@ def test_kill_after_epoch_two_then_resume_finishes_the_same_run(tmp_path):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_the_run_killed_and_keeps_the_checkpoint(tmp_path):
     uri = store_uri(tmp_path)
     proc = subprocess.Popen(
@@ -310,6 +321,8 @@ def test_ctrl_c_ends_the_run_killed_and_keeps_the_checkpoint(tmp_path):
     )
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("mlflow_server")  # one worker starts the server once
 def test_remote_server_run(mlflow_server, tmp_path):
     """A run recorded through a real `mlflow server` (artifacts proxied by the server)."""
     result = train_cli(
