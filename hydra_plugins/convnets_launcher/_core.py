@@ -5,8 +5,8 @@ The basic launcher runs every job in the sweep's process, where TensorFlow/Keras
 grows ~15 MB a job however much is cleared between jobs; joblib (loky) reuses its worker
 processes, so the growth moves into the workers; submitit's local executor starts every job of
 the sweep at once. Here each job gets a :class:`~concurrent.futures.ProcessPoolExecutor` of
-one spawned worker that exits after that one job (``max_tasks_per_child=1``), and the sweep
-keeps at most ``n_jobs`` of them running. One pool per job rather than one pool of ``n_jobs``:
+one spawned worker, shut down as soon as the job has returned, and the sweep keeps at most
+``n_jobs`` of them running. One pool per job rather than one pool of ``n_jobs``:
 a worker that dies (SIGKILL, out of memory, a crash in native code) breaks its whole pool, and
 a shared pool would then SIGTERM the other running jobs and fail every pending one; a pool per
 job loses only the job that died.
@@ -59,9 +59,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The worker exits once its job has returned (Python 3.11+); on 3.10 the pool's shutdown,
-# right after the job, ends it instead.
-_ONE_TASK: dict[str, Any] = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
 INTERRUPTED = 130  # exit status of a job (and the sweep) stopped by Ctrl-C
 
 
@@ -127,8 +124,11 @@ class _Job:
 
     def __init__(self, idx: int, overrides: Sequence[str], shared: bytes):
         self.idx, self.overrides = idx, list(overrides)
+        # The pool's shutdown, right after the job's result, ends the worker. Not
+        # max_tasks_per_child=1: when a worker exits by it, the pool (CPython 3.11) starts a
+        # replacement, which would cost an interpreter start and imports for nothing.
         self.executor = ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("spawn"), **_ONE_TASK
+            max_workers=1, mp_context=multiprocessing.get_context("spawn")
         )
         self.future = self.executor.submit(_run_in_this_process, shared, idx, self.overrides)
         # The pool starts its worker in submit(); its Process gives the pid and, if it dies,
@@ -149,9 +149,8 @@ class _Job:
         except BrokenProcessPool:
             pass
         finally:
-            # Joins the worker, which exits once its job has returned. Never wait=False: the
-            # pool's manager thread may still be handling the worker's exit (CPython 3.11
-            # then fails on the pool's emptied state).
+            # Ends the worker and joins it. Never wait=False: the pool's manager thread may
+            # still be handling the worker (CPython 3.11 then fails on the emptied pool).
             self.executor.shutdown(wait=True)
         return self._died(config) if data is None else cloudpickle.loads(data)
 
