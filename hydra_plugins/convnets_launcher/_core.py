@@ -5,7 +5,7 @@ The basic launcher runs every job in the sweep's process, where TensorFlow/Keras
 grows ~15 MB a job however much is cleared between jobs; joblib (loky) reuses its worker
 processes, so the growth moves into the workers; submitit's local executor starts every job of
 the sweep at once. Here each job gets a :class:`~concurrent.futures.ProcessPoolExecutor` of
-one spawned worker, shut down as soon as the job has returned, and the sweep keeps at most
+one spawned worker, which exits as soon as its job has returned, and the sweep keeps at most
 ``n_jobs`` of them running. One pool per job rather than one pool of ``n_jobs``:
 a worker that dies (SIGKILL, out of memory, a crash in native code) breaks its whole pool, and
 a shared pool would then SIGTERM the other running jobs and fail every pending one; a pool per
@@ -124,18 +124,20 @@ class _Job:
 
     def __init__(self, idx: int, overrides: Sequence[str], shared: bytes):
         self.idx, self.overrides = idx, list(overrides)
-        # The pool's shutdown, right after the job's result, ends the worker. Not
-        # max_tasks_per_child=1: when a worker exits by it, the pool (CPython 3.11) starts a
-        # replacement, which would cost an interpreter start and imports for nothing.
         self.executor = ProcessPoolExecutor(
             max_workers=1, mp_context=multiprocessing.get_context("spawn")
         )
         self.future = self.executor.submit(_run_in_this_process, shared, idx, self.overrides)
         # The pool starts its worker in submit(); its Process gives the pid and, if it dies,
         # the exit code (the pool has no public accessor for either).
-        workers = list(getattr(self.executor, "_processes", {}).values())
-        self.process: multiprocessing.process.BaseProcess | None = workers[0] if workers else None
+        workers = list((getattr(self.executor, "_processes", None) or {}).values())
+        self.process: Any = workers[0] if workers else None
         self.pid = self.process.pid if self.process is not None else "?"
+        # No other task will come: the worker exits as soon as this one has returned, whatever
+        # the sweep's process is doing then (e.g. waiting for the other jobs after a Ctrl-C).
+        # Not max_tasks_per_child=1: a worker that exits by it makes the pool (CPython 3.11)
+        # start a replacement, an interpreter start and imports for nothing.
+        self.executor.shutdown(wait=False)
 
     def result(self, config: Any) -> JobReturn:
         """The job's JobReturn; a died process is a failed job (see the module docstring).
@@ -149,9 +151,8 @@ class _Job:
         except BrokenProcessPool:
             pass
         finally:
-            # Ends the worker and joins it. Never wait=False: the pool's manager thread may
-            # still be handling the worker (CPython 3.11 then fails on the emptied pool).
-            self.executor.shutdown(wait=True)
+            if self.process is not None:
+                self.process.join()  # it exits right after its job, or has died
         return self._died(config) if data is None else cloudpickle.loads(data)
 
     def _died(self, config: Any) -> JobReturn:
@@ -226,8 +227,6 @@ def _stop(jobs: list[_Job], config: Any, grace_s: float, interrupted: bool) -> N
             if worker.is_alive():
                 worker.kill()
                 worker.join()
-        for job in jobs:  # their workers are gone: the pools' manager threads end at once
-            job.executor.shutdown(wait=True)
     reason = "the sweep was stopped before the job recorded its end"
     for job in jobs:
         _end_runs_left_running(config, job.idx, "KILLED", reason)
