@@ -1,11 +1,13 @@
 """Per-job overhead of a Hydra multirun beyond the training itself, against a single run.
 
     python benchmarks/sweep.py [--quick] [--jobs 10] [--epochs 2] [--dataset digits]
+                               [--launcher basic|fresh_process]
 
 Runs ``python train.py -m trainer.seed=1,...,N trainer.epochs=E trainer.verbose=0
-tracking.uri=sqlite:///<tmp>/mlflow.db hydra.sweep.dir=<tmp>/sweep`` (basic launcher: the jobs
-run one after another in one process), then one plain ``python train.py`` with the same
-settings. Each job's ``train_time_s`` (wall time of its ``model.fit``) is read back from the
+tracking.uri=sqlite:///<tmp>/mlflow.db hydra.sweep.dir=<tmp>/sweep`` (``--launcher basic``, the
+default: the jobs run one after another in one process; ``fresh_process``:
+``hydra/launcher=fresh_process hydra.launcher.n_jobs=1``, one after another, each in a new
+process), then one plain ``python train.py`` with the same settings. Each job's ``train_time_s`` (wall time of its ``model.fit``) is read back from the
 MLflow store with ``mlflow.search_runs``.
 
 - per-job overhead (multirun) = (wall time of the whole command - sum of the jobs'
@@ -18,9 +20,11 @@ MLflow store with ``mlflow.search_runs``.
   checks, data), and after the last run (sweep summary, exit);
 - single-run overhead = wall - train_time_s of one ``python train.py`` (start-up not shared).
 
-RSS: the multirun process's resident memory is sampled from outside (psutil, every 0.2 s); the
-value at each job's run end gives the growth from the first job to the last, without touching
-the package. Prints a table, then one JSON object as the last line.
+RSS: the resident memory of the multirun process plus all its child processes (a job's process
+under fresh_process) is sampled from outside (psutil, every 0.2 s); the total at each job's run
+end gives the growth from the first job to the last, without touching the package. Also the
+peak of the total, of the multirun process alone, and of each job's process (fresh_process).
+Prints a table, then one JSON object as the last line.
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class RssSampler(threading.Thread):
-    """(time.time(), RSS bytes of a process and its children) every ``interval`` seconds."""
+    """(time.time(), RSS bytes of a process and all its children) every ``interval`` seconds;
+    also the peak RSS of the process alone and of each job's process (a multiprocessing
+    worker started by ``hydra/launcher=fresh_process``), by pid."""
 
     def __init__(self, pid: int, interval: float = 0.2):
         super().__init__(daemon=True)
@@ -48,6 +54,8 @@ class RssSampler(threading.Thread):
 
         self.process, self.interval = psutil.Process(pid), interval
         self.samples: list[tuple[float, int]] = []
+        self.own_peak = 0
+        self.job_peaks: dict[int, int] = {}  # pid -> peak RSS, in start order
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -55,11 +63,22 @@ class RssSampler(threading.Thread):
 
         while not self.done.is_set():
             try:
-                procs = [self.process, *self.process.children(recursive=True)]
-                rss = sum(p.memory_info().rss for p in procs)
+                own = self.process.memory_info().rss
+                children = self.process.children(recursive=True)
             except psutil.Error:
                 break
-            self.samples.append((time.time(), rss))
+            total = own
+            for child in children:
+                try:
+                    rss = child.memory_info().rss
+                    is_job = "spawn_main" in " ".join(child.cmdline())
+                except psutil.Error:  # ended between the listing and the read
+                    continue
+                total += rss
+                if is_job:
+                    self.job_peaks[child.pid] = max(rss, self.job_peaks.get(child.pid, 0))
+            self.own_peak = max(self.own_peak, own)
+            self.samples.append((time.time(), total))
             self.done.wait(self.interval)
 
     def at(self, when: float) -> int | None:
@@ -105,6 +124,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=None, help="multirun size (default 10)")
     parser.add_argument("--epochs", type=int, default=2, help="trainer.epochs per job")
     parser.add_argument("--dataset", default="digits", help="configs/dataset/<name>.yaml")
+    parser.add_argument(
+        "--launcher",
+        choices=("basic", "fresh_process"),
+        default="basic",
+        help="the multirun's launcher (fresh_process: n_jobs=1, so timings compare)",
+    )
     args = parser.parse_args()
     jobs = args.jobs or (4 if args.quick else 10)
 
@@ -118,10 +143,14 @@ def main() -> None:
         ]
         train_py = [sys.executable, str(ROOT / "train.py")]
         seeds = ",".join(str(s) for s in range(1, jobs + 1))
+        launcher = []
+        if args.launcher == "fresh_process":
+            launcher = ["hydra/launcher=fresh_process", "hydra.launcher.n_jobs=1"]
         multi_wall, launched, sampler = run(
             [
                 *train_py,
                 "-m",
+                *launcher,
                 f"trainer.seed={seeds}",
                 *common,
                 "tracking.experiment=bench-multirun",
@@ -161,11 +190,16 @@ def main() -> None:
         "rss_mb_after_each_job": rss_mb,
         "rss_growth_mb": round(rss_mb[-1] - rss_mb[0], 1) if len(rss_mb) > 1 else None,
         "rss_peak_mb": round(max(r for _, r in sampler.samples) / 2**20, 1),
+        "rss_multirun_process_peak_mb": round(sampler.own_peak / 2**20, 1),
+        "rss_job_process_peak_mb": [round(r / 2**20, 1) for r in sampler.job_peaks.values()],
     }
     if len(rss_mb) > 1:
         rss["rss_growth_mb_per_job"] = round((rss_mb[-1] - rss_mb[0]) / (len(rss_mb) - 1), 1)
 
-    print(f"{args.dataset}, simple_cnn, {args.epochs} epochs per job, {os.cpu_count()} CPU cores")
+    print(
+        f"{args.dataset}, simple_cnn, {args.epochs} epochs per job, {args.launcher} launcher, "
+        f"{os.cpu_count()} CPU cores"
+    )
     rows = [
         (f"multirun of {jobs}: wall", multi_wall),
         ("  sum of train_time_s", sum(train_times)),
@@ -186,8 +220,13 @@ def main() -> None:
             f"{rss_mb[-1]:.0f} MB ({rss['rss_growth_mb']:+.0f} MB, "
             f"{rss['rss_growth_mb_per_job']:+.1f} MB/job; peak {rss['rss_peak_mb']:.0f} MB)"
         )
+    print(f"{'RSS peak, multirun process alone':<36}{rss['rss_multirun_process_peak_mb']:>9.0f} MB")
+    if rss["rss_job_process_peak_mb"]:
+        peaks = ", ".join(f"{r:.0f}" for r in rss["rss_job_process_peak_mb"])
+        print(f"{'RSS peak of each job process':<36}{peaks} MB")
     summary = {
         "dataset": args.dataset,
+        "launcher": args.launcher,
         "epochs": args.epochs,
         "jobs": jobs,
         "multirun_wall_s": round(multi_wall, 2),

@@ -232,6 +232,36 @@ class MlflowSweepCallback(Callback):
         Tracker(uri).end_run(run_id, "FAILED", reason)
 
 
+def end_runs_left_running(
+    sweep_dir: str | Path, job_num: int, status: str, reason: str, http_timeout_s: float = 10.0
+) -> list[str]:
+    """End the runs job ``job_num`` of this sweep left RUNNING because its process died
+    (SIGKILL, out of memory, a crash in native code) before it could end them; their ids.
+
+    Called from the sweep's process by a launcher that runs jobs in processes of their own
+    (``hydra/launcher=fresh_process``), once the job's process is gone; without this the run
+    would stay RUNNING and the sweep summary would count it neither finished nor failed.
+    """
+    path = Path(sweep_dir) / SWEEP_FILE
+    if not path.is_file():
+        return []
+    from convnets.tracking import Tracker
+
+    context = SweepContext(**json.loads(path.read_text()))
+    tracker = Tracker(context.tracking_uri, http_timeout_s=http_timeout_s)
+    runs = tracker.search_runs(
+        [context.experiment_id],
+        filter_string=(
+            f"tags.`mlflow.parentRunId` = '{context.parent_run_id}' "
+            f"and tags.sweep_job = '{job_num}' and attributes.status = 'RUNNING'"
+        ),
+    )
+    run_ids = list(runs["run_id"]) if len(runs) else []
+    for run_id in run_ids:
+        tracker.end_run(run_id, status, reason)
+    return run_ids
+
+
 def _log_optuna_results(context: SweepContext, path: Path) -> None:
     """The study's best objective value and parameters, as Optuna reported them; for several
     objectives the Pareto front (``pareto/`` artifacts, runs tagged ``pareto_optimal=true``)."""

@@ -1,6 +1,7 @@
 """Sweeps through the real CLI (``python train.py -m ...`` in a subprocess) on a fresh SQLite
-store: grid under a parent run with its summary, a failing grid point, Optuna, joblib and
-submitit's local executor. Tiny on purpose: 8x8 digits, two 4-filter layers, one epoch.
+store: grid under a parent run with its summary, a failing grid point, Optuna, joblib,
+submitit's local executor and our fresh_process launcher (a job killed hard included). Tiny on
+purpose: 8x8 digits, two 4-filter layers, one epoch.
 
 Plus the pure helpers of :mod:`convnets.sweep` (no subprocess, no TensorFlow).
 """
@@ -9,8 +10,11 @@ from __future__ import annotations
 
 import csv
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -69,8 +73,8 @@ class Sweep:
         return [r for r in self.children if r.info.status == "FINISHED"]
 
 
-def run_sweep(tmp: Path, *overrides: str, timeout: float = 420) -> Sweep:
-    command = [
+def sweep_command(tmp: Path, *overrides: str) -> list[str]:
+    return [
         sys.executable,
         "train.py",
         "-m",
@@ -78,12 +82,44 @@ def run_sweep(tmp: Path, *overrides: str, timeout: float = 420) -> Sweep:
         f"hydra.sweep.dir={tmp}/multirun",
         *overrides,
     ]
+
+
+def sweep_env(tmp: Path) -> dict[str, str]:
+    # SWEEP_TEST_MARK: every process of the sweep inherits it (processes_left_behind).
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "HYDRA_FULL_ERROR": "0"}
+    return {**env, "SWEEP_TEST_MARK": str(tmp)}
+
+
+def run_sweep(tmp: Path, *overrides: str, timeout: float = 420) -> Sweep:
     proc = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        sweep_command(tmp, *overrides),
+        cwd=REPO,
+        env=sweep_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return Sweep(tmp, proc)
+
+
+def processes_left_behind(tmp: Path) -> list[int]:
+    """Live processes started by the sweep in ``tmp`` (they carry its SWEEP_TEST_MARK)."""
+    import psutil
+
+    left = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("SWEEP_TEST_MARK") == str(tmp):
+                left.append(process.pid)
+        except psutil.Error:  # gone, or not ours to read
+            pass
+    return left
+
+
+def job_processes(output: str) -> dict[int, int]:
+    """Job number -> pid, from the fresh_process launcher's ``#N : overrides (process PID)``."""
+    return {int(n): int(pid) for n, pid in re.findall(r"#(\d+) : .*\(process (\d+)\)", output)}
 
 
 def assert_complete_record(client, run) -> None:
@@ -224,6 +260,70 @@ def test_joblib_workers_on_a_fresh_sqlite_store_lose_nothing(tmp_path):
     assert not s.client.search_runs(["0"])
     assert s.parent.data.tags["launcher"] == "JoblibLauncher"
     assert s.parent.info.status == "FINISHED" and s.parent.data.metrics["jobs_finished"] == 4
+
+
+def test_the_fresh_process_launcher_plugin_stays_light():
+    # Hydra imports every plugin module at start-up, for every command.
+    code = (
+        "import sys, hydra_plugins.convnets_launcher.fresh_process_launcher; "
+        "print(sorted(m for m in ('tensorflow', 'mlflow', 'optuna', 'cloudpickle', "
+        "'concurrent.futures.process') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+@pytest.mark.slow
+def test_fresh_process_launcher_runs_each_job_in_a_new_process(tmp_path):
+    s = run_sweep(
+        tmp_path,
+        "hydra/launcher=fresh_process",
+        "hydra.launcher.n_jobs=2",
+        *TINY,
+        "model.layer_defaults.kernel_size=1,3,5",
+    )
+    assert [r.info.status for r in s.children] == ["FINISHED"] * 3
+    assert {r.data.tags["sweep_job"] for r in s.children} == {"0", "1", "2"}
+    assert s.parent.data.tags["launcher"] == "FreshProcessLauncher"
+    assert s.parent.info.status == "FINISHED" and s.parent.data.metrics["jobs_finished"] == 3
+    pids = job_processes(s.proc.stdout)
+    assert sorted(pids) == [0, 1, 2] and len(set(pids.values())) == 3, s.proc.stdout[-2000:]
+    assert processes_left_behind(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_fresh_process_job_killed_hard_fails_alone(tmp_path):
+    # Job 0's process is SIGKILLed as soon as it is announced; job 1 still runs, the sweep
+    # neither hangs nor stops, and its summary counts what finished.
+    proc = subprocess.Popen(
+        sweep_command(
+            tmp_path, "hydra/launcher=fresh_process", *TINY, "model.layer_defaults.kernel_size=1,3"
+        ),
+        cwd=REPO,
+        env=sweep_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)
+    reader.start()
+    stdout = []
+    for line in proc.stdout:
+        stdout.append(line)
+        if pids := job_processes(line):
+            os.kill(pids[0], signal.SIGKILL)
+            break
+    stdout += proc.stdout.readlines()
+    assert proc.wait(timeout=300) == 0, "".join(stdout[-20:] + stderr[-20:])
+    reader.join()
+    errors = [line for line in stderr if line.startswith("error: job #0 ")]
+    assert errors and "ended abruptly (killed by SIGKILL)" in errors[0], "".join(stderr)
+    s = Sweep(tmp_path, subprocess.CompletedProcess(proc.args, 0, "".join(stdout), ""))
+    assert [r.data.tags["sweep_job"] for r in s.finished()] == ["1"]
+    assert all(r.info.status != "RUNNING" for r in s.children)  # a run of job 0: ended FAILED
+    assert s.parent.info.status == "FINISHED" and s.parent.data.metrics["jobs_finished"] == 1
+    assert processes_left_behind(tmp_path) == []
 
 
 @pytest.mark.slow
