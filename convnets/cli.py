@@ -46,7 +46,12 @@ from convnets.errors import ConfigError, ConvnetsError
 
 log = logging.getLogger("convnets")
 # Read when an entry point imports this module, before anything here sets it.
-_TF_LOG_LEVEL_FROM_USER = "TF_CPP_MIN_LOG_LEVEL" in os.environ
+# Set beside TF_CPP_MIN_LOG_LEVEL when this module set it, so that the processes a sweep starts
+# (they inherit the environment) do not take it for the user's choice.
+_TF_LOG_LEVEL_SET_HERE = "CONVNETS_SET_TF_CPP_MIN_LOG_LEVEL"
+_TF_LOG_LEVEL_FROM_USER = "TF_CPP_MIN_LOG_LEVEL" in os.environ and (
+    _TF_LOG_LEVEL_SET_HERE not in os.environ
+)
 
 
 def quiet_library_logs() -> None:
@@ -57,7 +62,9 @@ def quiet_library_logs() -> None:
     ``TF_CPP_MIN_LOG_LEVEL`` when it loads (2: errors only). A value the user set wins.
     """
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+        os.environ[_TF_LOG_LEVEL_SET_HERE] = "1"
 
 
 def import_tensorflow_quietly() -> None:
@@ -140,12 +147,22 @@ def exit_without_teardown() -> None:
         for thread in threading.enumerate()
         if thread is not threading.main_thread() and not thread.daemon and thread.is_alive()
     ]
-    if others or os.environ.get("TF_CONFIG") or psutil.Process().children():
+    children = [child for child in psutil.Process().children() if not _resource_tracker(child)]
+    if others or os.environ.get("TF_CONFIG") or children:
         return
     atexit._run_exitfuncs()  # noqa: SLF001 - CPython's own exit runs these the same way
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _resource_tracker(process) -> bool:
+    """multiprocessing's resource tracker, which any spawn-based launcher starts once (ours,
+    joblib's): it ends by itself when this process's end closes its pipe."""
+    try:
+        return "multiprocessing.resource_tracker" in " ".join(process.cmdline())
+    except Exception:  # noqa: BLE001 - gone already, or not ours to read
+        return False
 
 
 _USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/@\s]+@")  # scheme://user:password@

@@ -90,7 +90,6 @@ def launch(
             config,
             launcher.task_function,
             Singleton.get_state(),
-            _tf_log_level_from_user(),
         )
     )
     waiting = collections.deque(enumerate(job_overrides, start=initial_job_idx))
@@ -250,10 +249,7 @@ def _run_in_this_process(shared: bytes, idx: int, overrides: list[str]) -> bytes
     atexit.register(_exit_without_teardown)  # before TF and MLflow load: runs after theirs
     import cloudpickle
 
-    hydra_context, config, task_function, singleton_state, tf_log_level_from_user = (
-        cloudpickle.loads(shared)
-    )
-    _set_tf_log_level_from_user(tf_log_level_from_user)
+    hydra_context, config, task_function, singleton_state = cloudpickle.loads(shared)
     setup_globals()
     Singleton.set_state(singleton_state)
     sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
@@ -272,23 +268,6 @@ def _run_in_this_process(shared: bytes, idx: int, overrides: list[str]) -> bytes
         return _pickled(ret)
     finally:
         _job_returned = True
-
-
-def _tf_log_level_from_user() -> bool | None:
-    """Whether the user set ``TF_CPP_MIN_LOG_LEVEL`` (None: unknown, nothing is changed).
-
-    The sweep's process sets it itself (``convnets.cli.quiet_library_logs``), so a job's
-    process inherits it and would take it for the user's: TensorFlow's start-up lines
-    ("Could not find cuda drivers"), which a job keeps off the console otherwise, would show.
-    """
-    cli = sys.modules.get("convnets.cli")
-    return getattr(cli, "_TF_LOG_LEVEL_FROM_USER", None) if cli is not None else None
-
-
-def _set_tf_log_level_from_user(value: bool | None) -> None:
-    cli = sys.modules.get("convnets.cli")  # imported with train.py when the worker started
-    if value is not None and cli is not None and hasattr(cli, "_TF_LOG_LEVEL_FROM_USER"):
-        cli._TF_LOG_LEVEL_FROM_USER = value
 
 
 def _pickled(ret: JobReturn) -> bytes:
