@@ -22,18 +22,6 @@ CLI_ENV = {
 }
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules that hold slow tests run first, each module's tests still together and in order.
-
-    With pytest-xdist the long end-to-end tests then start early and the quick unit tests fill
-    the workers' tails (longest first packs two workers best); keeping a module contiguous
-    keeps its module-scoped fixtures set up once per worker.
-    """
-    slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
-    order = {id(item): index for index, item in enumerate(items)}
-    items.sort(key=lambda item: (item.module not in slow_modules, order[id(item)]))
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
