@@ -194,3 +194,55 @@ def test_hydra_and_keras_are_inside_the_ranges_their_workarounds_were_written_fo
     assert keras_pin.specifier.contains(version("keras")), keras_pin
     assert not hydra_pin.specifier.contains("1.4.0")
     assert not keras_pin.specifier.contains("3.16.0")
+
+
+# ---------------------------------------------------------------- the end of a finished command
+
+_FINISHING_APP = """
+import atexit, sys, threading, time
+from pathlib import Path
+import hydra
+import convnets.config  # noqa: F401
+from convnets import cli
+
+out = Path(sys.argv.pop(1))
+keep_thread = sys.argv.pop(1) == "thread"
+
+
+@hydra.main(config_path={configs!r}, config_name="inspect", version_base="1.3")
+@cli.report_user_errors
+def main(cfg):
+    atexit.register(lambda: (out / "atexit").write_text("ran"))
+    if keep_thread:  # a non-daemon thread that outlives the task and writes when it ends
+        threading.Thread(target=lambda: (time.sleep(0.5), (out / "thread").write_text("done"))).start()
+    print("last line", end="", flush=False)  # buffered: the exit must flush it
+
+
+cli.run_main(main)
+(out / "after_run_main").write_text("normal exit")
+"""
+
+
+@pytest.mark.parametrize("case", ["plain", "thread"])
+def test_a_finished_command_runs_its_exit_handlers_and_flushes(tmp_path, case):
+    """``run_main`` ends a finished command without the interpreter's teardown (os._exit), but
+    only after the ``atexit`` handlers and a flush; with another non-daemon thread still
+    running it keeps Python's normal exit, which waits for the thread."""
+    import subprocess
+
+    script = tmp_path / "app.py"
+    script.write_text(_FINISHING_APP.format(configs=CONFIGS))
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), case, f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.endswith("last line")
+    assert (tmp_path / "atexit").read_text() == "ran"
+    if case == "plain":  # nothing after run_main ran: the process ended inside it
+        assert not (tmp_path / "after_run_main").exists()
+    else:  # the normal exit: run_main returned, and Python waited for the thread
+        assert (tmp_path / "after_run_main").read_text() == "normal exit"
+        assert (tmp_path / "thread").read_text() == "done"
