@@ -140,6 +140,18 @@ def exit_without_teardown() -> None:
     """
     import atexit
 
+    if teardown_needed():
+        return
+    atexit._run_exitfuncs()  # noqa: SLF001 - CPython's own exit runs these the same way
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def teardown_needed() -> bool:
+    """Whether this process must end through Python's normal exit (see
+    :func:`exit_without_teardown`): another non-daemon thread is alive, a child process is
+    (multiprocessing's resource tracker aside), or training is multi-worker (``TF_CONFIG``)."""
     import psutil
 
     others = [
@@ -148,12 +160,7 @@ def exit_without_teardown() -> None:
         if thread is not threading.main_thread() and not thread.daemon and thread.is_alive()
     ]
     children = [child for child in psutil.Process().children() if not _resource_tracker(child)]
-    if others or os.environ.get("TF_CONFIG") or children:
-        return
-    atexit._run_exitfuncs()  # noqa: SLF001 - CPython's own exit runs these the same way
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    return bool(others or children or os.environ.get("TF_CONFIG"))
 
 
 def _resource_tracker(process) -> bool:

@@ -291,15 +291,14 @@ def _exit_without_teardown() -> None:
 
     By then the pool has sent the result, Python has joined the worker's threads, and every
     other exit handler (MLflow's, registered later) has run; what is left is the interpreter's
-    teardown of TensorFlow (1.5-2 s here), which would delay the next job's start. As in
-    ``convnets.cli.exit_without_teardown``, the normal exit is kept for multi-worker training
-    (``TF_CONFIG``) and when the job left child processes.
+    teardown of TensorFlow (1.5-2 s here), which would delay the next job's start. The normal
+    exit is kept when ``convnets.cli.teardown_needed`` says so (multi-worker training, child
+    processes). ``convnets.cli.exit_without_teardown`` itself cannot be used: it runs the exit
+    handlers, and this is one of them.
     """
-    if not _job_returned or os.environ.get("TF_CONFIG"):
-        return
-    import psutil
+    from convnets.cli import teardown_needed
 
-    if psutil.Process().children():
+    if not _job_returned or teardown_needed():
         return
     logging.shutdown()  # registered before this handler: it would not run
     sys.stdout.flush()
