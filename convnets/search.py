@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -313,6 +314,7 @@ def open_storage(url: str, stale_after_s: int = 60) -> optuna.storages.RDBStorag
     60 s for a lock rather than failing at once when several processes write.
     """
     import optuna
+    import sqlalchemy
     from optuna.storages import RDBStorage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -321,16 +323,27 @@ def open_storage(url: str, stale_after_s: int = 60) -> optuna.storages.RDBStorag
     stale = "heartbeat_stale_trial_callback"
     if stale not in inspect.signature(RDBStorage).parameters:
         stale = "failed_trial_callback"
+
+    def create() -> RDBStorage:
+        return RDBStorage(
+            url,
+            engine_kwargs=engine,
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=max(stale_after_s, 2 * HEARTBEAT_S),
+            **{stale: _retry_callback()(max_retry=MAX_RETRY)},
+        )
+
     with _storage_lock(url), warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
         try:
-            return RDBStorage(
-                url,
-                engine_kwargs=engine,
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=max(stale_after_s, 2 * HEARTBEAT_S),
-                **{stale: _retry_callback()(max_retry=MAX_RETRY)},
-            )
+            try:
+                return create()
+            except sqlalchemy.exc.IntegrityError:
+                # Another process that does not take our lock (optuna-dashboard, a user's
+                # optuna.load_study) created the new database's schema at the same moment:
+                # it exists now.
+                time.sleep(1)
+                return create()
         except Exception as err:  # noqa: BLE001 - a bad URL, a missing driver, no server
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
             raise ConfigError(

@@ -155,7 +155,7 @@ class _Job:
         return self._died(config) if data is None else cloudpickle.loads(data)
 
     def _died(self, config: Any) -> JobReturn:
-        exitcode = self.process.exitcode if self.process is not None else None
+        exitcode = self._exitcode()
         reason = (
             f"its process ({self.pid}) ended abruptly ({_how(exitcode)}) before the job returned"
         )
@@ -173,6 +173,17 @@ class _Job:
         )
         ret.return_value = float("nan")
         return ret
+
+    def _exitcode(self) -> int | None:
+        """The dead worker's exit code. The pool's own thread reaps a broken pool's workers too:
+        when it wins the race for the process's status, this process's ``join`` returns before
+        that thread has stored it; it is there a moment later."""
+        if self.process is None:
+            return None
+        deadline = time.monotonic() + 5
+        while self.process.exitcode is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.process.exitcode
 
 
 def _how(exitcode: int | None) -> str:
