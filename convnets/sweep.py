@@ -76,6 +76,11 @@ class SweepContext:
     job_num: int | None = None  # this job's index in the sweep (Hydra's hydra.job.num)
     overrides: tuple[str, ...] = ()  # this job's overrides (its grid point / trial)
 
+    @classmethod
+    def read(cls, sweep_dir: str | Path, **job: Any) -> SweepContext:
+        """The sweep's ``mlflow_sweep.json`` in ``sweep_dir``, with the job's fields if given."""
+        return cls(**json.loads((Path(sweep_dir) / SWEEP_FILE).read_text()), **job)
+
     def tags(self) -> dict[str, str]:
         """Tags for the job's run: its place in the sweep (the parent tag comes from the tracker)."""
         return {
@@ -95,10 +100,8 @@ def sweep_context() -> SweepContext | None:
     if not path.is_file():
         log.warning("%s not found: this job is recorded on its own, not under a sweep", path)
         return None
-    return SweepContext(
-        **json.loads(path.read_text()),
-        job_num=hydra_cfg.job.num,
-        overrides=tuple(hydra_cfg.overrides.task),
+    return SweepContext.read(
+        path.parent, job_num=hydra_cfg.job.num, overrides=tuple(hydra_cfg.overrides.task)
     )
 
 
@@ -214,12 +217,12 @@ class MlflowSweepCallback(Callback):
             sys.modules["keras"].utils.clear_session(free_memory=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        path = Path(config.hydra.sweep.dir) / SWEEP_FILE
-        context = SweepContext(**json.loads(path.read_text()))
-        optuna_results = path.parent / "optimization_results.yaml"  # by convnets.search
+        sweep_dir = Path(config.hydra.sweep.dir)
+        context = SweepContext.read(sweep_dir)
+        optuna_results = sweep_dir / "optimization_results.yaml"  # by convnets.search
         if optuna_results.is_file():
             _log_optuna_results(context, optuna_results)
-        summarize(context, path.parent / SUMMARY_DIR, config.tracking.http_timeout_s)
+        summarize(context, sweep_dir / SUMMARY_DIR, config.tracking.http_timeout_s)
         self._open_parent = None
 
     def _end_abandoned_parent(self) -> None:
@@ -242,12 +245,11 @@ def end_runs_left_running(
     (``hydra/launcher=fresh_process``), once the job's process is gone; without this the run
     would stay RUNNING and the sweep summary would count it neither finished nor failed.
     """
-    path = Path(sweep_dir) / SWEEP_FILE
-    if not path.is_file():
+    if not (Path(sweep_dir) / SWEEP_FILE).is_file():
         return []
     from convnets.tracking import Tracker
 
-    context = SweepContext(**json.loads(path.read_text()))
+    context = SweepContext.read(sweep_dir)
     tracker = Tracker(context.tracking_uri, http_timeout_s=http_timeout_s)
     runs = tracker.search_runs(
         [context.experiment_id],
