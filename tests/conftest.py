@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import socket
@@ -20,6 +21,16 @@ CLI_ENV = {
     "TF_CPP_MIN_LOG_LEVEL": "3",
     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
 }
+
+
+def heavy_modules_loaded(imports: str, heavy: tuple[str, ...]) -> list[str]:
+    """Which of ``heavy`` a fresh interpreter has loaded after ``import <imports>``."""
+    code = f"import sys, {imports}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=CLI_ENV, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return ast.literal_eval(out.stdout.strip())
 
 
 def free_port() -> int:

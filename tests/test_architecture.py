@@ -4,11 +4,10 @@ No TensorFlow in this file; the agreement with Keras (params, shapes, brute-forc
 field) is in test_model.py.
 """
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import heavy_modules_loaded
 from omegaconf import OmegaConf
 
 from convnets.architecture import (
@@ -46,13 +45,10 @@ def stack_of(layers, defaults=None, head=None, width=1.0):
 
 
 def test_importing_architecture_does_not_load_tensorflow():
-    code = (
-        "import sys, convnets.architecture, convnets.inspect; "
-        "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules]; "
-        "assert not bad, bad"
+    loaded = heavy_modules_loaded(
+        "convnets.architecture, convnets.inspect", ("tensorflow", "keras")
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr
+    assert not loaded, loaded
 
 
 # ---------------------------------------------------------------- resolution

@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
-from conftest import CLI_ENV, REPO, train_cli
+from conftest import CLI_ENV, REPO, heavy_modules_loaded, train_cli
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
@@ -242,15 +242,9 @@ def test_the_trial_file_round_trips(tmp_path):
 
 
 def test_the_launcher_process_stays_light():
-    code = (
-        "import sys, convnets.sweep, convnets.search, convnets.trials, "
-        "hydra_plugins.convnets_optuna.convnets_optuna_sweeper; "
-        "print(sorted(m for m in ('tensorflow', 'mlflow', 'optuna') if m in sys.modules))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=CLI_ENV, capture_output=True, text=True
-    )
-    assert out.stdout.strip() == "[]", out.stderr
+    imports = "convnets.sweep, convnets.search, convnets.trials, "
+    imports += "hydra_plugins.convnets_optuna.convnets_optuna_sweeper"
+    assert heavy_modules_loaded(imports, ("tensorflow", "mlflow", "optuna")) == []
 
 
 # ---------------------------------------------------------------- through the CLI

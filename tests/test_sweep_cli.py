@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import heavy_modules_loaded
 from omegaconf import OmegaConf
 
 from convnets import sweep
@@ -264,13 +265,9 @@ def test_joblib_workers_on_a_fresh_sqlite_store_lose_nothing(tmp_path):
 
 def test_the_fresh_process_launcher_plugin_stays_light():
     # Hydra imports every plugin module at start-up, for every command.
-    code = (
-        "import sys, hydra_plugins.convnets_launcher.fresh_process_launcher; "
-        "print(sorted(m for m in ('tensorflow', 'mlflow', 'optuna', 'cloudpickle', "
-        "'concurrent.futures.process') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    assert out.stdout.strip() == "[]", out.stderr
+    heavy = ("tensorflow", "mlflow", "optuna", "cloudpickle", "concurrent.futures.process")
+    launcher = "hydra_plugins.convnets_launcher.fresh_process_launcher"
+    assert heavy_modules_loaded(launcher, heavy) == []
 
 
 @pytest.mark.slow
