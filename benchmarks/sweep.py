@@ -7,8 +7,9 @@ Runs ``python train.py -m trainer.seed=1,...,N trainer.epochs=E trainer.verbose=
 tracking.uri=sqlite:///<tmp>/mlflow.db hydra.sweep.dir=<tmp>/sweep`` (``--launcher basic``, the
 default: the jobs run one after another in one process; ``fresh_process``:
 ``hydra/launcher=fresh_process hydra.launcher.n_jobs=1``, one after another, each in a new
-process), then one plain ``python train.py`` with the same settings. Each job's ``train_time_s`` (wall time of its ``model.fit``) is read back from the
-MLflow store with ``mlflow.search_runs``.
+process), then one plain ``python train.py`` with the same settings. Each job's
+``train_time_s`` (wall time of its ``model.fit``) is read back from the MLflow store with
+``mlflow.search_runs``.
 
 - per-job overhead (multirun) = (wall time of the whole command - sum of the jobs'
   train_time_s) / N: start-up, sweep parent run and summary, and per job config/checks, data,
