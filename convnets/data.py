@@ -4,11 +4,8 @@ Every source is read and decoded once into in-memory arrays (uint8 pixels, int l
 datasets this project targets (MNIST-style, CIFAR, a user's folder of small images) fit in
 memory, and arrays make the splits exact and seeded (stratified by label, with
 ``dataset.split_seed``) for every source alike. ``from_tensor_slices`` over those arrays *is* the
-cache: a ``.cache()`` after it would only copy them. The pipeline then shuffles (seeded,
-reshuffled each epoch), batches by the global batch size, then augments whole batches
-(vectorised ops instead of one call per image, on the compact uint8 cache) with stateless
-random ops keyed by a seeded random stream that changes each epoch (so a run is reproducible
-and still sees new crops every epoch), casts to float32 and prefetches.
+cache: a ``.cache()`` after it would only copy them. The pipelines over them are built by
+:mod:`convnets.pipeline`.
 
 The pipelines yield the pixels as stored (digits 0..16, uint8 0..255; float when resized), not
 normalised: the normalisation ``(x / max_pixel_value - mean) / std`` is the model's first layer
@@ -18,7 +15,9 @@ model's input is the size it trains on.
 
 ``check_available`` is the cheap guard to call before anything else: TFDS retries a download
 for minutes when the machine is offline, so preparedness is checked first and the user is told
-how to prepare the data offline.
+how to prepare the data offline. This module imports TensorFlow only where it reads TFDS or
+decodes an image folder (never for the checks of the bundled digits or a folder's layout), so
+a job refuses bad data before TensorFlow loads.
 """
 
 from __future__ import annotations
@@ -30,17 +29,18 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import numpy as np
-import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from convnets.config import DatasetConfig
 from convnets.errors import ConfigError, DataError
 
-AUTOTUNE = tf.data.AUTOTUNE
+if TYPE_CHECKING:
+    import tensorflow as tf
+
 SPLITS = ("train", "test")  # image_folder's required split folders
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")  # what Keras's folder reader accepts
 GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes kept as one channel
@@ -162,8 +162,10 @@ def load_data(cfg: Any, *, batch_size: int, seed: int, deterministic: bool = Fal
         )
     mean, std = _channel_stats(cfg, input_shape[-1])
 
+    from convnets.pipeline import Pipeline
+
     train_idx, val_idx = check_splits(cfg, arrays.y_train, arrays.y_test, arrays.class_names)
-    pipe = _Pipeline(cfg, batch_size, seed, deterministic)
+    pipe = Pipeline(cfg.augment, cfg.shuffle_buffer, batch_size, seed, deterministic)
     x_train, y_train = arrays.x_train[train_idx], arrays.y_train[train_idx]
     x_val, y_val = arrays.x_train[val_idx], arrays.y_train[val_idx]
     val = pipe.evaluation(x_val, y_val) if len(val_idx) else None
@@ -309,89 +311,6 @@ def _image_size(cfg: DictConfig) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-# ---------------------------------------------------------------- pipelines
-
-
-class _Pipeline:
-    """Builds the train and evaluation ``tf.data`` pipelines over in-memory arrays."""
-
-    def __init__(self, cfg, batch_size, seed, deterministic):
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle_buffer = max(1, int(cfg.shuffle_buffer))
-        self.pad = int(cfg.augment.random_crop_padding)
-        self.flip = bool(cfg.augment.horizontal_flip)
-        self.deterministic = deterministic
-
-    def training(self, x: np.ndarray, y: np.ndarray) -> tf.data.Dataset:
-        ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32)))
-        ds = ds.shuffle(
-            min(self.shuffle_buffer, len(y)), seed=self.seed, reshuffle_each_iteration=True
-        ).batch(self.batch_size)
-        if self.pad or self.flip:
-            # One random int64 per batch, a new stream each epoch, reproducible from the seed.
-            keys = tf.data.Dataset.random(seed=self.seed, rerandomize_each_iteration=True)
-            ds = tf.data.Dataset.zip((ds, keys)).map(
-                lambda batch, key: self._to_float(*self._augment(batch, key)),
-                num_parallel_calls=AUTOTUNE,
-            )
-        else:
-            ds = ds.map(self._to_float, num_parallel_calls=AUTOTUNE)
-        # Batches may leave the parallel map out of order unless deterministic (faster).
-        return self._finish(ds, deterministic=self.deterministic)
-
-    def evaluation(self, x: np.ndarray, y: np.ndarray) -> tf.data.Dataset:
-        """Always in the arrays' order, so predictions line up with the labels of a rerun."""
-        ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32))).batch(self.batch_size)
-        return self._finish(ds.map(self._to_float, num_parallel_calls=AUTOTUNE), deterministic=True)
-
-    def _augment(self, batch, key):
-        """Random crop of the zero-padded image and horizontal flip, per image, for a batch.
-
-        Written with gathers over the whole batch rather than ``tf.image.stateless_random_crop``
-        per image: one op per batch instead of one per image keeps the CPU pipeline well ahead
-        of a GPU step (see benchmarks/pipeline.py).
-        """
-        images, labels = batch
-        crop_seed, flip_seed = tf.unstack(
-            tf.random.experimental.stateless_split(tf.stack([key, tf.constant(0, tf.int64)]), 2)
-        )
-        count = tf.shape(images)[0]
-        height, width = images.shape[1], images.shape[2]
-        # Each output pixel is a gather of the (padded) input: rows and columns per image,
-        # a flip being columns in reverse order.
-        rows = tf.broadcast_to(tf.range(height), [count, height])
-        cols = tf.broadcast_to(tf.range(width), [count, width])
-        if self.pad:
-            pad = self.pad
-            images = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-            offsets = tf.random.stateless_uniform(
-                [count, 2], crop_seed, minval=0, maxval=2 * pad + 1, dtype=tf.int32
-            )
-            rows = rows + offsets[:, :1]
-            cols = cols + offsets[:, 1:]
-            images = tf.gather(images, rows, axis=1, batch_dims=1)
-        if self.flip:
-            flip = tf.random.stateless_uniform([count], flip_seed) < 0.5
-            cols = tf.where(flip[:, None], tf.reverse(cols, axis=[1]), cols)
-        return tf.gather(images, cols, axis=2, batch_dims=1), labels
-
-    @staticmethod
-    def _to_float(images, labels):
-        return tf.cast(images, tf.float32), labels
-
-    @staticmethod
-    def _finish(ds: tf.data.Dataset, *, deterministic: bool) -> tf.data.Dataset:
-        options = tf.data.Options()
-        options.deterministic = deterministic
-        # In-memory data has no files to shard: MultiWorkerMirroredStrategy shards by element
-        # (every worker shuffles with the same seed, so the shards are disjoint).
-        options.experimental_distribute.auto_shard_policy = (
-            tf.data.experimental.AutoShardPolicy.DATA
-        )
-        return ds.prefetch(AUTOTUNE).with_options(options)
-
-
 # ---------------------------------------------------------------- digits (scikit-learn)
 
 
@@ -415,6 +334,9 @@ def _load_digits(cfg: DictConfig) -> _Splits:
 
 
 def _tfds_builder(cfg: DictConfig):
+    from convnets.cli import import_tensorflow_quietly
+
+    import_tensorflow_quietly()  # TFDS imports TensorFlow: without its start-up chatter
     import tensorflow_datasets as tfds
 
     name = cfg.tfds_name or cfg.name
@@ -614,6 +536,7 @@ def _check_image_folder(cfg: DictConfig) -> None:
 def _load_image_folder(cfg: DictConfig) -> _Splits:
     """Decode every image once with Keras's folder reader (labels = sorted folder names)."""
     import keras
+    import tensorflow as tf
 
     root = _folder_root(cfg)
     (height, width, channels), _ = dataset_shape(cfg)

@@ -2,7 +2,10 @@
 
 ``train.py`` calls :func:`train` from ``@hydra.main``. Order matters: everything a user can
 get wrong (the stack, the data, the store, a run id) is checked before a run is recorded or
-a model built, so bad input costs seconds and leaves nothing half-written.
+a model built, so bad input costs seconds and leaves nothing half-written. The store and the
+run ids are checked before TensorFlow loads (~4 s here): this module imports TensorFlow-backed
+modules (data, distribute, erf, model, plots, trainer, transfer) inside the steps that use
+them, after :func:`convnets.cli.import_tensorflow_quietly`.
 
 Epochs are numbered from 1 in MLflow (metric step = epoch), as in Keras's progress output.
 """
@@ -16,31 +19,19 @@ import logging
 import math
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from convnets import (
-    architecture,
-    checks,
-    data,
-    distribute,
-    erf,
-    plots,
-    sweep,
-    trainer,
-    transfer,
-    trials,
-)
+from convnets import architecture, checks, sweep, trials
+from convnets.cli import import_tensorflow_quietly
 from convnets.config import RUNTIME_KEYS, TrackingConfig, TrainConfig, is_runtime_key
 from convnets.errors import ConfigError, ConvnetsError, TrackingError
-from convnets.model import PixelScaling, build_model
 from convnets.tracking import (
     CONFIG_ARTIFACT,
     MODEL_URI_TAG,
@@ -54,6 +45,11 @@ from convnets.tracking import (
     redact,
     run_is_finished,
 )
+
+if TYPE_CHECKING:
+    import keras
+
+    from convnets import data, trainer, transfer
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +126,17 @@ class _Job:
     # ------------------------------------------------------------ steps
 
     def run(self) -> float:
-        cfg = self._resolve_source()  # 1. reproduce= / resume=
+        cfg = self._resolve_source()  # 1. reproduce= / resume=: the recorded run and config
         stack, input_shape, num_classes, analysis = _check_architecture_and_data(cfg)  # 2.
-        experiment_id = self._prepare_store(cfg)  # 3.
+        experiment_id = self._prepare_store(cfg)  # 3. the store (and init_from's run)
+        import_tensorflow_quietly()  # 4. only now: the checks above fail in ~2 s, not ~7
+        from convnets import data, distribute, trainer, transfer
+        from convnets.model import PixelScaling, build_model
 
-        distribute.configure_devices(cfg.distribute)  # 4. before TF touches its devices
+        if self.source is not None and self.source.key == "resume":
+            _check_resumable(self.source.run, cfg)  # reads the checkpoint's state (trainer)
+
+        distribute.configure_devices(cfg.distribute)  # 5. before TF touches its devices
         trainer.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
         trainer.set_precision(cfg.trainer.precision)
         strategy = distribute.make_strategy(cfg.distribute)
@@ -177,7 +179,7 @@ class _Job:
             run_id=self.source.run_id if resuming else None,
             parent_run_id=self.sweep.parent_run_id if self.sweep else None,
             tags=self._tags(cfg, resuming),
-        ) as active:  # 5.
+        ) as active:  # 6.
             self.run_id = active.info.run_id
             self.experiment_id = active.info.experiment_id
             if not resuming:
@@ -189,7 +191,7 @@ class _Job:
                 self.trial.start(self.run_id)
             model, result = fit(
                 checkpoint_dir=self.checkpoint_dir,
-                callbacks=[self._epoch_logger(resuming)],
+                after_epoch=self._epoch_recorder(resuming),
                 resume=resuming,
                 identity={"run_id": self.run_id, "config_digest": config_digest(cfg)},
             )
@@ -203,7 +205,7 @@ class _Job:
             )
         val_accuracy = _objective(cfg, result)
         print(f"model: {final} (python evaluate.py checkpoint={final})", flush=True)
-        self._print_summary(cfg, test, analysis, result)  # 6.
+        self._print_summary(cfg, test, analysis, result)  # 7.
         return val_accuracy
 
     def _record_pruned(self, analysis: architecture.Analysis, result) -> float:
@@ -235,6 +237,8 @@ class _Job:
         the others write to a scratch directory deleted at the end. ``resume=`` reads the
         chief's checkpoint directory (its ``checkpoint_dir`` tag, checked to be the run's own
         in every process), so across machines it must be on a shared filesystem."""
+        from convnets import trainer
+
         resuming = self.source is not None and self.source.key == "resume"
         with tempfile.TemporaryDirectory(prefix="convnets-worker-") as scratch:
             model, result = fit(
@@ -295,10 +299,7 @@ class _Job:
         recorded_commit = run.data.tags.get("git_commit", "unknown")
         if commit != recorded_commit:
             _warn(f"{key}={run_id} was recorded at git commit {recorded_commit}; this is {commit}")
-        rerun = _rerun_config(recorded, cfg, [_override_key(o) for o in runtime])
-        if key == "resume":
-            _check_resumable(run, rerun)
-        return rerun
+        return _rerun_config(recorded, cfg, [_override_key(o) for o in runtime])
 
     def _prepare_store(self, cfg: DictConfig) -> str:
         if self.tracker is None:
@@ -347,6 +348,8 @@ class _Job:
     def _log_definition(self, cfg: DictConfig, analysis: architecture.Analysis, bundle) -> None:
         """Params, config.yaml, the per-layer table and the data it reads (a digest per split,
         as tags and as MLflow dataset inputs): what the run is, before it trains."""
+        from convnets import data
+
         resolved = _recordable(cfg)
         self.tracker.log_params(flatten(resolved))
         self.tracker.log_text(OmegaConf.to_yaml(resolved), CONFIG_ARTIFACT)
@@ -361,7 +364,12 @@ class _Job:
             splits={split: (d, sizes[split]) for split, d in bundle.digests.items()},
         )
 
-    def _epoch_logger(self, resuming: bool) -> keras.callbacks.Callback:
+    def _epoch_recorder(self, resuming: bool) -> Callable[[int, Mapping[str, float]], bool]:
+        """The trainer's ``after_epoch``: each epoch's metrics to MLflow in one store call
+        (nothing per batch); in a search, also to the job's Optuna trial, whose pruner may
+        stop training (returns True)."""
+        from convnets import trainer
+
         logged: set[int] = set()
         if resuming:
             # Epochs committed to the checkpoint but killed before they reached MLflow.
@@ -371,9 +379,17 @@ class _Job:
                 if epoch_logs["epoch"] not in logged:
                     self.tracker.log_epoch(self.run_id, epoch_logs["epoch"], epoch_logs)
                     logged.add(epoch_logs["epoch"])
-        return _EpochLogger(self.tracker, self.run_id, logged, self.trial)
+
+        def record(epoch: int, logs: Mapping[str, float]) -> bool:
+            if epoch not in logged:
+                self.tracker.log_epoch(self.run_id, epoch, logs)
+            return self.trial is not None and self.trial.report(epoch, logs)
+
+        return record
 
     def _log_results(self, cfg, model, bundle, analysis, result) -> dict[str, float]:
+        from convnets import erf, plots, trainer
+
         test = trainer.evaluate(model, bundle.test)
         measured_erf = erf.effective_receptive_field(model, bundle.test)
         metrics = {
@@ -508,33 +524,6 @@ class _Job:
             log.warning("the failed job could not be recorded in MLflow", exc_info=True)
 
 
-class _EpochLogger(keras.callbacks.Callback):
-    """Per-epoch metrics to MLflow, one store call per epoch (nothing per batch); in a
-    search, also to the job's Optuna trial, stopping training when the pruner says so.
-
-    The trainer's own epoch-end callback runs first: it adds ``lr`` and commits the
-    checkpoint, so an epoch logged here is always one a resume will not repeat.
-    """
-
-    def __init__(
-        self,
-        tracker: Tracker,
-        run_id: str,
-        already_logged: set[int],
-        trial: trials.TrialLink | None = None,
-    ):
-        super().__init__()
-        self.tracker, self.run_id, self.already_logged = tracker, run_id, already_logged
-        self.trial = trial
-
-    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
-        step = epoch + 1
-        if step not in self.already_logged:
-            self.tracker.log_epoch(self.run_id, step, logs or {})
-        if self.trial is not None and self.trial.report(step, logs or {}):
-            self.model.stop_training = True
-
-
 # ---------------------------------------------------------------- helpers
 
 
@@ -577,6 +566,8 @@ def reproduce_verdict(
 
 
 def _check_architecture_and_data(cfg: DictConfig):
+    from convnets import data
+
     checks.check_config(cfg)
     stack = architecture.resolve_stack(cfg.model)
     data.check_available(cfg.dataset)
@@ -614,6 +605,8 @@ def config_digest(cfg: DictConfig) -> str:
 
 def _check_resumable(run: Run, cfg: DictConfig) -> None:
     """Refuse to resume a run from a checkpoint that cannot continue it, in one line."""
+    from convnets import trainer
+
     run_id = run.info.run_id
     if not cfg.trainer.checkpoint_every_epoch:
         raise TrackingError(

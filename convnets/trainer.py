@@ -1,8 +1,9 @@
 """The fit loop: optimiser and schedule, precision, checkpoints and resume, failure handling.
 
 Knows nothing of Hydra or MLflow: it takes the config nodes (``TrainerConfig``,
-``OptimizerConfig``) as plain objects, a strategy from :mod:`convnets.distribute`, and the
-tracker's Keras callbacks, and hands back the model and a :class:`FitResult`.
+``OptimizerConfig``) as plain objects, a strategy from :mod:`convnets.distribute`, and a
+function to call after each epoch (the job's record), and hands back the model and a
+:class:`FitResult`.
 
 Checkpoint layout (``checkpoint_dir``), written only at epoch ends:
 
@@ -189,6 +190,7 @@ def fit(
     *,
     checkpoint_dir: str | Path,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    after_epoch: Callable[[int, Mapping[str, float]], bool] | None = None,
     resume: bool = False,
     identity: Mapping[str, str] | None = None,
 ) -> tuple[keras.Model, FitResult]:
@@ -199,7 +201,9 @@ def fit(
     ``checkpoint_dir`` (weights, optimizer state, best so far) and trains the remaining
     epochs; without a checkpoint it starts from epoch 1 (checking that the checkpoint is the
     caller's is the caller's job: see ``identity`` in the module docstring). ``resume=False``
-    refuses a ``checkpoint_dir`` that already holds a checkpoint. Raises
+    refuses a ``checkpoint_dir`` that already holds a checkpoint. ``after_epoch(epoch, logs)``
+    runs at each epoch end once the epoch is committed (epochs numbered from 1; ``logs`` with
+    ``lr``); it returning True stops training. Raises
     :class:`TrainingFailed` when the loss becomes NaN/inf (the last good epoch's checkpoint
     stays); ``KeyboardInterrupt`` propagates, with the last completed epoch checkpointed.
     """
@@ -246,6 +250,7 @@ def fit(
         save_last=trainer_cfg.checkpoint_every_epoch,
         writer=bool(strategy.extended.should_checkpoint),
         identity=identity,
+        after_epoch=after_epoch,
     )
     timer = _Throughput(data.num_train)
     started = time.perf_counter()
@@ -414,7 +419,9 @@ class _Throughput(keras.callbacks.Callback):
 
 class _EpochState(keras.callbacks.Callback):
     """At each epoch end, before the user's callbacks: add ``lr`` to the logs, stop on a
-    non-finite loss, keep the best weights, and commit the epoch's checkpoint.
+    non-finite loss, keep the best weights, commit the epoch's checkpoint, then call
+    ``after_epoch`` (so an epoch the caller records is one a resume will not repeat; a
+    non-finite epoch is passed on too, uncommitted, so the record shows where it diverged).
 
     Hand-written rather than Keras's ModelCheckpoint/BackupAndRestore: those overwrite files
     in place (a kill mid-write corrupts them) and keep the epoch number in a separate file.
@@ -432,8 +439,10 @@ class _EpochState(keras.callbacks.Callback):
         save_last: bool,
         writer: bool,
         identity: Mapping[str, str] | None,
+        after_epoch: Callable[[int, Mapping[str, float]], bool] | None = None,
     ):
         super().__init__()
+        self.after_epoch = after_epoch
         self.identity = dict(identity or {})
         self.write_dir = checkpoint_dir if writer else Path(tempfile.mkdtemp(prefix="ckpt-"))
         self.temporary = not writer
@@ -459,6 +468,7 @@ class _EpochState(keras.callbacks.Callback):
         if not math.isfinite(logs.get("loss", 0.0)):
             self.failure = (number, logs["loss"])
             self.model.stop_training = True
+            self._tell_caller(number, logs)
             return  # the last good epoch's checkpoint stays the committed one
         val_acc = logs.get("val_accuracy")
         if val_acc is not None and (
@@ -471,6 +481,11 @@ class _EpochState(keras.callbacks.Callback):
         self.epoch = number
         self.history.append({"epoch": number, **{k: float(v) for k, v in logs.items()}})
         self._commit()
+        self._tell_caller(number, logs)
+
+    def _tell_caller(self, number: int, logs: Mapping[str, float]) -> None:
+        if self.after_epoch is not None and self.after_epoch(number, logs):
+            self.model.stop_training = True
 
     def _save(self, name: str) -> str:
         tmp = self.write_dir / f".tmp-{name}"  # Keras wants the .weights.h5 suffix
