@@ -9,17 +9,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 
 import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
-from convnets.cli import import_tensorflow_quietly, report_user_errors, run_main
+from convnets.cli import report_user_errors, run_main
 
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
 @report_user_errors
 def main(cfg) -> float | None:
-    import_tensorflow_quietly()
-    from convnets import evaluation
+    from convnets import evaluate_job
 
-    result = evaluation.run(cfg, HydraConfig.get().runtime.output_dir)
-    return result.metrics["eval_accuracy"] if isinstance(result, evaluation.EvalReport) else None
+    report = evaluate_job.run(cfg, HydraConfig.get().runtime.output_dir)
+    return None if cfg.compare else report.metrics["eval_accuracy"]
 
 
 if __name__ == "__main__":

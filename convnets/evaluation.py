@@ -2,8 +2,8 @@
 
 :func:`evaluate_run` / :func:`evaluate_checkpoint` evaluate a model on its test split and draw
 the figures (confusion matrix, misclassified examples, filters, feature maps, the effective
-receptive field). :func:`run` is what the entry point calls; ``compare=`` goes to
-:mod:`convnets.compare`.
+receptive field). :mod:`convnets.evaluate_job` decides which one ``python evaluate.py``
+runs (``compare=`` goes to :mod:`convnets.compare` without this module or TensorFlow).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import keras
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from convnets import compare, plots
+from convnets import plots
 from convnets.architecture import analyze, resolve_stack
 from convnets.data import check_available, load_data
 from convnets.erf import ERF_IMAGES, ErfResult, effective_receptive_field, theoretical_rf_box
@@ -282,45 +282,4 @@ def evaluate_checkpoint(
     bundle = _bundle(cfg, batch_size)
     return evaluate_model(
         model, bundle, out_dir, analysis=_analysis(cfg, bundle), title=Path(path).name
-    )
-
-
-# ---------------------------------------------------------------- entry point
-
-
-def run(cfg: DictConfig, default_out_dir: str | Path) -> EvalReport | compare.CompareReport:
-    """What ``python evaluate.py`` does with its composed config (:class:`EvaluateConfig`).
-
-    Exactly one of ``run_id``, ``checkpoint``, ``compare``. Files go to ``output_dir``
-    (default ``default_out_dir``, Hydra's run directory): ``evaluation/*.png`` or the
-    compare report.
-    """
-    chosen = [key for key in ("run_id", "checkpoint", "compare") if cfg.get(key)]
-    if len(chosen) != 1:
-        given = ", ".join(chosen) if chosen else "none"
-        raise ConfigError(
-            "evaluate.py needs exactly one of run_id=<mlflow run id>, checkpoint=<path.keras>, "
-            f"compare=<experiment name or sweep parent run id> (given: {given})"
-        )
-    out_dir = Path(cfg.output_dir or default_out_dir)
-    if cfg.checkpoint:
-        report = evaluate_checkpoint(
-            cfg.checkpoint, out_dir / EVAL_DIR, dataset=cfg.dataset, batch_size=cfg.batch_size
-        )
-        log.info("checkpoint %s: %s; figures in %s", cfg.checkpoint, _fmt(report), out_dir)
-        return report
-    tracker = Tracker(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
-    tracker.check_store()
-    if cfg.compare:
-        return compare.compare(tracker, str(cfg.compare), out_dir)
-    report = evaluate_run(tracker, str(cfg.run_id), out_dir / EVAL_DIR, batch_size=cfg.batch_size)
-    log.info("run %s: %s; figures logged under %s/", cfg.run_id, _fmt(report), EVAL_DIR)
-    return report
-
-
-def _fmt(report: EvalReport) -> str:
-    m = report.metrics
-    return (
-        f"eval_accuracy={m['eval_accuracy']:.4f} eval_loss={m['eval_loss']:.4f} "
-        f"effective_receptive_field={m['effective_receptive_field']:.0f}"
     )

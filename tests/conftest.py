@@ -33,16 +33,28 @@ def heavy_modules_loaded(imports: str, heavy: tuple[str, ...]) -> list[str]:
     return ast.literal_eval(out.stdout.strip())
 
 
+def imported(result: subprocess.CompletedProcess) -> set[str]:
+    """The top-level packages a ``python -X importtime`` process imported (from its stderr)."""
+    return {
+        line.rsplit("|", 1)[-1].strip().split(".")[0]
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def train_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    """``python train.py ARGS`` from the repository root; quiet progress unless overridden."""
+def train_cli(
+    *args: str, timeout: float = 300, importtime: bool = False, **kwargs
+) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` from the repository root; quiet progress unless overridden.
+    ``importtime``: Python lists every module it imports on stderr (see :func:`imported`)."""
     return subprocess.run(
-        [sys.executable, "train.py", *args],
+        [sys.executable, *(["-X", "importtime"] if importtime else []), "train.py", *args],
         cwd=REPO,
         env=CLI_ENV,
         capture_output=True,

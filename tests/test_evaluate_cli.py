@@ -13,10 +13,11 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from conftest import imported
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from convnets import compare, evaluation
+from convnets import compare, evaluate_job
 from convnets.config import EvaluateConfig, TrackingConfig
 from convnets.errors import ConfigError, TrackingError
 from convnets.tracking import Tracker
@@ -39,8 +40,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("evaluate_cli")]
 
 
 def cli(script, *args, cwd):
+    """``python -X importtime SCRIPT ARGS`` (:func:`conftest.imported` reads what it loaded)."""
     return subprocess.run(
-        [sys.executable, str(REPO / script), *args],
+        [sys.executable, "-X", "importtime", str(REPO / script), *args],
         cwd=cwd,
         env=ENV,
         capture_output=True,
@@ -125,6 +127,7 @@ def test_compare_sweep_parent_writes_plots_csv_and_logs_them(store, tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "tensorflow" not in imported(result)  # comparing recorded runs needs no TensorFlow
     table = pd.read_csv(out / "runs.csv")
     assert set(table["run_id"]) == set(children["run_id"])
     assert sorted(table["model.layer_defaults.kernel_size"]) == [3, 5]  # the param that differs
@@ -170,6 +173,7 @@ def test_unknown_run_id_is_one_line_without_traceback(store, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "run_id=0123456789abcdef0123456789abcdef" in errors[0]
     assert "no such run" in errors[0]
+    assert "tensorflow" not in imported(result)  # refused before TensorFlow loads
 
 
 def test_bad_input_in_process(store, tmp_path):
@@ -180,27 +184,27 @@ def test_bad_input_in_process(store, tmp_path):
     failed = client.create_run(experiment_id, tags={"failure_reason": "loss became nan"})
     client.set_terminated(failed.info.run_id, status="FAILED")
     with pytest.raises(TrackingError, match=r"is FAILED \(loss became nan\)"):
-        evaluation.run(eval_cfg(uri, run_id=failed.info.run_id), tmp_path)
+        evaluate_job.run(eval_cfg(uri, run_id=failed.info.run_id), tmp_path)
 
     no_model = client.create_run(experiment_id)
     client.log_text(no_model.info.run_id, "dataset: {name: digits}\n", "config.yaml")
     client.set_terminated(no_model.info.run_id, status="FINISHED")
     with pytest.raises(TrackingError, match="no logged model"):
-        evaluation.run(eval_cfg(uri, run_id=no_model.info.run_id), tmp_path)
+        evaluate_job.run(eval_cfg(uri, run_id=no_model.info.run_id), tmp_path)
 
     with pytest.raises(ConfigError, match=r"exactly one of .* \(given: none\)"):
-        evaluation.run(eval_cfg(uri), tmp_path)
+        evaluate_job.run(eval_cfg(uri), tmp_path)
     with pytest.raises(ConfigError, match=r"\(given: run_id, compare\)"):
-        evaluation.run(eval_cfg(uri, run_id="x", compare="y"), tmp_path)
+        evaluate_job.run(eval_cfg(uri, run_id="x", compare="y"), tmp_path)
 
     client.create_experiment("empty")
     with pytest.raises(TrackingError, match="experiment 'empty' has no FINISHED runs"):
-        evaluation.run(eval_cfg(uri, compare="empty"), tmp_path)
+        evaluate_job.run(eval_cfg(uri, compare="empty"), tmp_path)
     with pytest.raises(TrackingError, match="no experiment of that name"):
-        evaluation.run(eval_cfg(uri, compare="nope"), tmp_path)
+        evaluate_job.run(eval_cfg(uri, compare="nope"), tmp_path)
 
     with pytest.raises(ConfigError, match="no such file"):
-        evaluation.run(eval_cfg(uri, checkpoint=str(tmp_path / "missing.keras")), tmp_path)
+        evaluate_job.run(eval_cfg(uri, checkpoint=str(tmp_path / "missing.keras")), tmp_path)
 
 
 def test_checkpoint_with_config_beside_it_gives_the_runs_accuracy(store, tmp_path):
@@ -217,11 +221,11 @@ def test_checkpoint_with_config_beside_it_gives_the_runs_accuracy(store, tmp_pat
     keras_file = folder / "model.keras"
     keras_file.write_bytes(next(Path(model).rglob("*.keras")).read_bytes())
 
-    report = evaluation.run(eval_cfg(uri, checkpoint=str(keras_file)), tmp_path / "out")
+    report = evaluate_job.run(eval_cfg(uri, checkpoint=str(keras_file)), tmp_path / "out")
     assert report.metrics["eval_accuracy"] == run["metrics.test_accuracy"]
     assert {p.name for p in (tmp_path / "out" / "evaluation").iterdir()} == FIGURES
 
     alone = tmp_path / "alone.keras"
     alone.write_bytes(keras_file.read_bytes())
     with pytest.raises(ConfigError, match="add dataset=<name>"):
-        evaluation.run(eval_cfg(uri, checkpoint=str(alone)), tmp_path / "out2")
+        evaluate_job.run(eval_cfg(uri, checkpoint=str(alone)), tmp_path / "out2")

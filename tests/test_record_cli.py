@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import CLI_ENV, REPO, free_port, train_cli, wait_for_epochs
+from conftest import CLI_ENV, REPO, free_port, imported, train_cli, wait_for_epochs
 from mlflow.tracking import MlflowClient
 
 TINY = "model.layers=[{filters:4},{filters:4,pool:max}]"
@@ -164,15 +164,13 @@ def test_a_run_without_epoch_checkpoints_is_not_resumable(tmp_path):
 def test_a_config_mistake_is_refused_before_tensorflow_and_the_store(tmp_path, override, key):
     store = tmp_path / "store"
     store.mkdir()
-    result = subprocess.run(
-        [sys.executable, "-X", "importtime", "train.py", override,
-         f"tracking.uri={store_uri(store)}", f"hydra.run.dir={tmp_path / 'out'}"],
-        cwd=REPO, env=CLI_ENV, capture_output=True, text=True, timeout=120,
+    result = train_cli(
+        override, f"tracking.uri={store_uri(store)}", f"hydra.run.dir={tmp_path / 'out'}",
+        importtime=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2
     assert error_line(result).startswith(f"error: {key}")
-    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
-    assert not any(m.split(".")[0] in ("tensorflow", "keras", "mlflow") for m in imported)
+    assert not imported(result) & {"tensorflow", "keras", "mlflow"}
     assert list(store.iterdir()) == []  # no mlflow.db, no run
 
 
@@ -197,9 +195,11 @@ def test_data_that_cannot_train_a_classifier_is_refused(tmp_path, case):
     result = train_cli(
         *dataset, *args, TINY, *QUIET,
         f"tracking.uri={store_uri(store)}", f"hydra.run.dir={tmp_path / 'out'}",
+        importtime=True,
     )  # fmt: skip
     assert expected in error_line(result)
     assert list(store.iterdir()) == []  # refused before the store was opened
+    assert "tensorflow" not in imported(result)  # and before TensorFlow loaded
 
 
 # ---------------------------------------------------------------- 4. reproduce elsewhere

@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import CLI_ENV, REPO, free_port, train_cli, wait_for_epochs
+from conftest import CLI_ENV, REPO, free_port, imported, train_cli, wait_for_epochs
 from mlflow.tracking import MlflowClient
 
 from convnets.tracking import model_name
@@ -189,10 +189,13 @@ def test_reproduce_refuses_other_overrides(recorded):
 
 @pytest.mark.parametrize("key", ["reproduce", "resume"])
 def test_unknown_run_id_is_one_line(tmp_path, key):
-    result = train_cli(f"{key}=0123456789abcdef", f"tracking.uri={store_uri(tmp_path)}")
+    result = train_cli(
+        f"{key}=0123456789abcdef", f"tracking.uri={store_uri(tmp_path)}", importtime=True
+    )
     assert result.returncode != 0
     [line] = error_lines(result)
     assert line.startswith(f"error: {key}=0123456789abcdef: no such run in sqlite:")
+    assert "tensorflow" not in imported(result)  # refused before TensorFlow loads
 
 
 def test_unreachable_server_fails_with_one_line(tmp_path):
