@@ -9,13 +9,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 
 import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
-from convnets.cli import report_user_errors, run_main
+from convnets.cli import imports_without_gc, report_user_errors, run_main
 
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
 @report_user_errors
 def main(cfg) -> float | None:
-    from convnets import evaluate_job
+    with imports_without_gc():  # MLflow, with the command's module
+        from convnets import evaluate_job
 
     report = evaluate_job.run(cfg, HydraConfig.get().runtime.output_dir)
     return None if cfg.compare else report.metrics["eval_accuracy"]

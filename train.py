@@ -9,7 +9,7 @@ from hydra.types import RunMode
 
 import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
 from convnets.checks import check_config
-from convnets.cli import report_user_errors, run_main
+from convnets.cli import imports_without_gc, report_user_errors, run_main
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
@@ -21,7 +21,8 @@ def main(cfg) -> float:
     # (job.train): a mistake there is reported in ~2 s instead of ~7. Either order costs the
     # same (6.5-6.9 s for both here); importing both at once on two threads was slower than
     # one after the other (5.7 s against 5.4 s: they contend for the GIL).
-    from convnets import job
+    with imports_without_gc():  # MLflow, with the job module
+        from convnets import job
 
     return job.train(cfg)
 

@@ -334,10 +334,11 @@ def _load_digits(cfg: DictConfig) -> _Splits:
 
 
 def _tfds_builder(cfg: DictConfig):
-    from convnets.cli import import_tensorflow_quietly
+    from convnets.cli import import_tensorflow_quietly, imports_without_gc
 
     import_tensorflow_quietly()  # TFDS imports TensorFlow: without its start-up chatter
-    import tensorflow_datasets as tfds
+    with imports_without_gc():
+        import tensorflow_datasets as tfds
 
     name = cfg.tfds_name or cfg.name
     data_dir = os.path.expanduser(cfg.data_dir) if cfg.data_dir else None

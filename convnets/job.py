@@ -28,8 +28,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from convnets import architecture, checks, sweep, trials
-from convnets.cli import import_tensorflow_quietly
+from convnets import architecture, checkpoints, checks, sweep, trials
+from convnets.cli import import_tensorflow_quietly, imports_without_gc
 from convnets.config import RUNTIME_KEYS, TrackingConfig, TrainConfig, is_runtime_key
 from convnets.errors import ConfigError, ConvnetsError, TrackingError
 from convnets.tracking import (
@@ -132,9 +132,6 @@ class _Job:
         import_tensorflow_quietly()  # 4. only now: the checks above fail in ~2 s, not ~7
         from convnets import data, distribute, trainer, transfer
         from convnets.model import PixelScaling, build_model
-
-        if self.source is not None and self.source.key == "resume":
-            _check_resumable(self.source.run, cfg)  # reads the checkpoint's state (trainer)
 
         distribute.configure_devices(cfg.distribute)  # 5. before TF touches its devices
         trainer.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
@@ -299,7 +296,10 @@ class _Job:
         recorded_commit = run.data.tags.get("git_commit", "unknown")
         if commit != recorded_commit:
             _warn(f"{key}={run_id} was recorded at git commit {recorded_commit}; this is {commit}")
-        return _rerun_config(recorded, cfg, [_override_key(o) for o in runtime])
+        rerun = _rerun_config(recorded, cfg, [_override_key(o) for o in runtime])
+        if key == "resume":
+            _check_resumable(run, rerun)
+        return rerun
 
     def _prepare_store(self, cfg: DictConfig) -> str:
         if self.tracker is None:
@@ -313,7 +313,8 @@ class _Job:
         return self.tracker.experiment_id(sweep.experiment_name(cfg))
 
     def _open_tracker(self, cfg: DictConfig) -> Tracker:
-        return open_store(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
+        with imports_without_gc():  # MLflow imports its store's modules (SQLAlchemy) here
+            return open_store(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
 
     # ------------------------------------------------------------ the record
 
@@ -368,13 +369,11 @@ class _Job:
         """The trainer's ``after_epoch``: each epoch's metrics to MLflow in one store call
         (nothing per batch); in a search, also to the job's Optuna trial, whose pruner may
         stop training (returns True)."""
-        from convnets import trainer
-
         logged: set[int] = set()
         if resuming:
             # Epochs committed to the checkpoint but killed before they reached MLflow.
             logged = self.tracker.logged_steps(self.run_id)
-            state = trainer.read_checkpoint_state(self.checkpoint_dir) or {}
+            state = checkpoints.read_state(self.checkpoint_dir) or {}
             for epoch_logs in state.get("history", []):
                 if epoch_logs["epoch"] not in logged:
                     self.tracker.log_epoch(self.run_id, epoch_logs["epoch"], epoch_logs)
@@ -605,8 +604,6 @@ def config_digest(cfg: DictConfig) -> str:
 
 def _check_resumable(run: Run, cfg: DictConfig) -> None:
     """Refuse to resume a run from a checkpoint that cannot continue it, in one line."""
-    from convnets import trainer
-
     run_id = run.info.run_id
     if not cfg.trainer.checkpoint_every_epoch:
         raise TrackingError(
@@ -615,7 +612,7 @@ def _check_resumable(run: Run, cfg: DictConfig) -> None:
             "again as a new run"
         )
     checkpoint_dir = Path(run.data.tags["checkpoint_dir"])
-    state = trainer.read_checkpoint_state(checkpoint_dir)
+    state = checkpoints.read_state(checkpoint_dir)
     if state is None:
         return  # killed before its first epoch ended: it starts from epoch 1, nothing to splice
     owner = state.get("run_id")
@@ -623,7 +620,7 @@ def _check_resumable(run: Run, cfg: DictConfig) -> None:
         whose = f"run {owner}" if owner and owner != run_id else "another training"
         raise TrackingError(
             f"resume={run_id}: the checkpoint in {checkpoint_dir} belongs to {whose}, not to "
-            f"this run (its {trainer.STATE_FILE} says so); refusing to continue from it "
+            f"this run (its {checkpoints.STATE_FILE} says so); refusing to continue from it "
             f"(python train.py reproduce={run_id} trains the run again as a new run)"
         )
 

@@ -5,21 +5,7 @@ Knows nothing of Hydra or MLflow: it takes the config nodes (``TrainerConfig``,
 function to call after each epoch (the job's record), and hands back the model and a
 :class:`FitResult`.
 
-Checkpoint layout (``checkpoint_dir``), written only at epoch ends:
-
-- ``epoch-NNNN.weights.h5``: model + optimizer state after epoch NNNN (the last one kept)
-- ``best-NNNN.weights.h5``: the weights of the best epoch by ``val_accuracy``
-- ``state.json``: the commit record naming the two files above, the last completed epoch,
-  every completed epoch's logs and the ``identity`` the caller gave (the job: the MLflow run
-  id and the config digest, so a resume can refuse a checkpoint that is not its own). It is
-  replaced atomically *after* the files it names are complete, so a process killed at any
-  moment leaves a consistent last completed epoch.
-- ``model.keras`` + ``config.yaml``: the final model (the weights that were tested) and the
-  run's resolved config, written by :func:`save_final_model` once training is done, so
-  ``python evaluate.py checkpoint=<dir>/model.keras`` works without the MLflow store.
-
-A directory holds one training's checkpoint: a fresh fit never clears or overwrites one it
-finds there (it refuses), so two trainings cannot splice each other's weights.
+Checkpoints (their layout: :mod:`convnets.checkpoints`) are written only at epoch ends.
 """
 
 from __future__ import annotations
@@ -38,6 +24,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from convnets import checkpoints
 from convnets.config import Optimizer, Precision, Schedule
 from convnets.errors import ConfigError, TrainingFailed
 
@@ -46,9 +33,6 @@ log = logging.getLogger(__name__)
 PRECISIONS = tuple(p.value for p in Precision)
 OPTIMIZERS = tuple(o.value for o in Optimizer)
 SCHEDULES = tuple(s.value for s in Schedule)
-STATE_FILE = "state.json"
-FINAL_MODEL = "model.keras"
-FINAL_CONFIG = "config.yaml"  # the name evaluate.py looks for beside a .keras file
 # one_cycle: fraction of training spent rising when optimizer.warmup_epochs is 0, and the
 # starting lr as lr / ONE_CYCLE_DIV (PyTorch OneCycleLR's pct_start=0.3, div_factor=25).
 ONE_CYCLE_PCT_START = 0.3
@@ -208,10 +192,10 @@ def fit(
     stays); ``KeyboardInterrupt`` propagates, with the last completed epoch checkpointed.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    state = _read_state(checkpoint_dir)
+    state = checkpoints.read_state(checkpoint_dir)
     if not resume and state is not None:
         raise ConfigError(
-            f"{checkpoint_dir} already holds a checkpoint ({STATE_FILE}); a new training "
+            f"{checkpoint_dir} already holds a checkpoint ({checkpoints.STATE_FILE}); a new training "
             "needs its own checkpoint directory"
         )
     if resume and state is None:
@@ -307,17 +291,12 @@ def save_final_model(model: keras.Model, checkpoint_dir: str | Path, config_yaml
     atomically, so a killed process never leaves a half-written one."""
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    path = checkpoint_dir / FINAL_MODEL
-    tmp = checkpoint_dir / f".tmp-{FINAL_MODEL}"  # Keras wants the .keras suffix
+    path = checkpoint_dir / checkpoints.FINAL_MODEL
+    tmp = checkpoint_dir / f".tmp-{checkpoints.FINAL_MODEL}"  # Keras wants the .keras suffix
     model.save(tmp)
     os.replace(tmp, path)
-    _atomic_write_text(checkpoint_dir / FINAL_CONFIG, config_yaml)
+    checkpoints.atomic_write_text(checkpoint_dir / checkpoints.FINAL_CONFIG, config_yaml)
     return path
-
-
-def read_checkpoint_state(checkpoint_dir: str | Path) -> dict | None:
-    """The committed checkpoint record (``epoch``, ``history``, ``best_epoch``, ...) or None."""
-    return _read_state(Path(checkpoint_dir))
 
 
 # ---------------------------------------------------------------- helpers
@@ -352,22 +331,6 @@ def _prepare(dataset, num_classes: int, one_hot: bool, strategy):
 def _steps_per_epoch(dataset, num_examples: int, batch_size: int) -> int:
     steps = int(dataset.cardinality())
     return steps if steps > 0 else max(1, math.ceil(num_examples / batch_size))
-
-
-def _read_state(checkpoint_dir: Path) -> dict | None:
-    try:
-        return json.loads((checkpoint_dir / STATE_FILE).read_text())
-    except FileNotFoundError:
-        return None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 _FIRST_STEP_SEEN = False  # startup_s: only the process's first fit measures it
@@ -503,7 +466,9 @@ class _EpochState(keras.callbacks.Callback):
             "best_val_accuracy": self.best_val_accuracy,
             "history": self.history,
         }
-        _atomic_write_text(self.write_dir / STATE_FILE, json.dumps(state, indent=1))
+        checkpoints.atomic_write_text(
+            self.write_dir / checkpoints.STATE_FILE, json.dumps(state, indent=1)
+        )
         # Files the committed state no longer names are stale: drop them.
         keep = {self.last_file, self.best_file}
         for path in self.write_dir.glob("*.weights.h5"):

@@ -133,8 +133,9 @@ def test_a_run_without_epoch_checkpoints_is_not_resumable(tmp_path):
     run_id = run_id_of(result)
     client = MlflowClient(uri)
     client.set_terminated(run_id, "KILLED")  # as if it had been interrupted
-    refused = train_cli(f"resume={run_id}", f"tracking.uri={uri}")
+    refused = train_cli(f"resume={run_id}", f"tracking.uri={uri}", importtime=True)
     line = error_line(refused)
+    assert "tensorflow" not in imported(refused)  # refused before TensorFlow loads
     assert "trainer.checkpoint_every_epoch=false" in line
     assert f"python train.py reproduce={run_id}" in line
     assert client.get_run(run_id).info.status == "KILLED"

@@ -18,13 +18,13 @@ from multiworker_worker import digits_bundle, tiny_cnn
 from omegaconf import OmegaConf
 from tensorflow.python.framework import config as tf_config  # test isolation only
 
+from convnets.checkpoints import read_state
 from convnets.config import OptimizerConfig, TrainerConfig
 from convnets.errors import ConfigError, TrainingFailed
 from convnets.trainer import (
     build_optimizer,
     evaluate,
     fit,
-    read_checkpoint_state,
     set_precision,
 )
 
@@ -119,7 +119,7 @@ def test_deterministic_runs_are_bit_identical_and_keep_the_best(
     # restore_best: the returned model holds the best epoch's weights.
     best = int(np.argmax(r1.history["val_accuracy"])) + 1
     assert (r1.best_epoch, r1.best_val_accuracy) == (best, max(r1.history["val_accuracy"]))
-    state = read_checkpoint_state(tmp_path / "0" / "ckpt")
+    state = read_state(tmp_path / "0" / "ckpt")
     fresh = tiny_cnn()
     fresh.load_weights(tmp_path / "0" / "ckpt" / state["best"])
     for a, b in zip(fresh.get_weights(), m1.get_weights(), strict=True):
@@ -131,7 +131,7 @@ def test_interrupt_then_resume_covers_every_epoch_once(strategy, tmp_path):
     first, second = Recorder(), Recorder()
     with pytest.raises(KeyboardInterrupt):
         train(strategy, tmp_path, t, callbacks=[first, InterruptAfter(2)])
-    assert read_checkpoint_state(tmp_path / "ckpt")["epoch"] == 2
+    assert read_state(tmp_path / "ckpt")["epoch"] == 2
     # A kill during a later write leaves a partial temporary file behind: it must not matter.
     (tmp_path / "ckpt" / ".tmp-epoch-0003.weights.h5").write_bytes(b"partial")
 
@@ -142,7 +142,7 @@ def test_interrupt_then_resume_covers_every_epoch_once(strategy, tmp_path):
     assert (result.initial_epoch, result.epochs_completed) == (2, 4)
     assert len(result.history["loss"]) == 2
     assert int(model.optimizer.iterations) == 4 * STEPS  # optimizer state came back too
-    state = read_checkpoint_state(tmp_path / "ckpt")
+    state = read_state(tmp_path / "ckpt")
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4]
     # User callbacks (the tracker) see lr and the validation metrics in every epoch's logs.
     for _, logs in first.epochs + second.epochs:
@@ -155,7 +155,7 @@ def test_nan_loss_fails_naming_the_epoch_and_keeps_the_last_good_checkpoint(stra
     t = trainer_cfg(epochs=3)
     with pytest.raises(TrainingFailed, match=r"training loss became nan at epoch 3; lower optim"):
         train(strategy, tmp_path, t, callbacks=[PoisonAfter(2)])
-    state = read_checkpoint_state(tmp_path / "ckpt")
+    state = read_state(tmp_path / "ckpt")
     assert state["epoch"] == 2
     # The kept checkpoint is the good one: resuming from it finishes cleanly.
     _, result, _ = train(strategy, tmp_path, t, resume=True)
@@ -169,7 +169,7 @@ def test_absurd_learning_rate_fails_with_the_fix(strategy, tmp_path):
         TrainingFailed, match=r"at epoch 1; lower optimizer.lr \(now 1000000000000.0\)"
     ):
         train(strategy, tmp_path, trainer_cfg(epochs=2), o)
-    assert read_checkpoint_state(tmp_path / "ckpt") is None  # no good epoch to keep
+    assert read_state(tmp_path / "ckpt") is None  # no good epoch to keep
 
 
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
@@ -328,7 +328,7 @@ def test_checkpoint_every_epoch(strategy, tmp_path, every_epoch):
     )
     assert result.epochs_completed == 2
     per_epoch = [[f for f in names if f.startswith("epoch-")] for names in files.after_epoch]
-    state = read_checkpoint_state(tmp_path / "ckpt")
+    state = read_state(tmp_path / "ckpt")
     if every_epoch:
         assert per_epoch == [["epoch-0001.weights.h5"], ["epoch-0002.weights.h5"]]
         assert state["last"] == "epoch-0002.weights.h5"
