@@ -36,7 +36,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from convnets.cli import report_user_errors
+from convnets.cli import imports_without_gc, report_user_errors
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -157,11 +157,13 @@ class MlflowSweepCallback(Callback):
     @_stop_sweep_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from convnets.search import resumed_parent_run
-        from convnets.tracking import Tracker
 
-        resumed = resumed_parent_run(config)  # checks an Optuna search before any run exists
-        tracker = Tracker(config.tracking.uri, http_timeout_s=config.tracking.http_timeout_s)
-        tracker.check_store()  # first contact: sqlite creates its schema here, once
+        with imports_without_gc():  # MLflow and its store's modules
+            from convnets.tracking import Tracker
+
+            resumed = resumed_parent_run(config)  # checks an Optuna search before any run
+            tracker = Tracker(config.tracking.uri, http_timeout_s=config.tracking.http_timeout_s)
+            tracker.check_store()  # first contact: sqlite creates its schema here, once
         experiment_id = tracker.reopen_run(resumed) if resumed else None
         if experiment_id is not None:  # a resumed search: its jobs join the same parent
             run_id = resumed
