@@ -84,26 +84,28 @@ def import_tensorflow_quietly() -> None:
         import tensorflow as tf
 
         tf.config.list_physical_devices()  # CUDA initialisation logs here, once per process
+    # TensorFlow, Keras and MLflow (imported before it) leave about a million long-lived
+    # objects behind; every full collection would walk them again (Keras's
+    # clear_session(free_memory=True) between the jobs of a sweep collects each time: ~0.4 s a
+    # job here). Frozen once, here, they are skipped.
+    gc.freeze()
 
 
 @contextlib.contextmanager
 def imports_without_gc():
-    """Pause the cyclic garbage collector for a block of heavy imports, then freeze what they
-    left behind.
+    """Pause the cyclic garbage collector for a block of heavy imports.
 
     TensorFlow, Keras and MLflow create about a million long-lived objects while they import;
     the collector, triggered by allocation counts, walks them again and again meanwhile:
-    ``import tensorflow, mlflow`` took 6.3 s here with it running and 5.2 s paused. Frozen
-    afterwards (``gc.freeze``), they are skipped by every later collection too (Keras's
-    ``clear_session(free_memory=True)`` between the jobs of a sweep collects each time: ~0.4 s
-    a job here before). What the imports leave as garbage stays, once per process.
+    ``import tensorflow, mlflow`` took 6.3 s here with it running and 5.2 s paused. Nothing is
+    frozen here (a block may run once per sweep job, and freezing would keep that job's
+    garbage for good): :func:`import_tensorflow_quietly` freezes once, after the last of them.
     """
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
-        gc.freeze()
         if enabled:
             gc.enable()
 

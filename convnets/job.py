@@ -2,8 +2,8 @@
 
 ``train.py`` calls :func:`train` from ``@hydra.main``. Order matters: everything a user can
 get wrong (the stack, the data, the store, a run id) is checked before a run is recorded or
-a model built, so bad input costs seconds and leaves nothing half-written. The store and the
-run ids are checked before TensorFlow loads (~4 s here): this module imports TensorFlow-backed
+a model built, so bad input costs seconds and leaves nothing half-written. These checks run
+before TensorFlow loads (~4 s here): this module imports TensorFlow-backed
 modules (data, distribute, erf, model, plots, trainer, transfer) inside the steps that use
 them, after :func:`convnets.cli.import_tensorflow_quietly`.
 
@@ -29,7 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from convnets import architecture, checkpoints, checks, sweep, trials
-from convnets.cli import import_tensorflow_quietly, imports_without_gc
+from convnets.cli import import_tensorflow_quietly
 from convnets.config import RUNTIME_KEYS, TrackingConfig, TrainConfig, is_runtime_key
 from convnets.errors import ConfigError, ConvnetsError, TrackingError
 from convnets.tracking import (
@@ -313,8 +313,7 @@ class _Job:
         return self.tracker.experiment_id(sweep.experiment_name(cfg))
 
     def _open_tracker(self, cfg: DictConfig) -> Tracker:
-        with imports_without_gc():  # MLflow imports its store's modules (SQLAlchemy) here
-            return open_store(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
+        return open_store(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
 
     # ------------------------------------------------------------ the record
 

@@ -158,12 +158,12 @@ class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from convnets.search import resumed_parent_run
 
-        with imports_without_gc():  # MLflow and its store's modules
+        with imports_without_gc():  # MLflow
             from convnets.tracking import Tracker
 
-            resumed = resumed_parent_run(config)  # checks an Optuna search before any run
-            tracker = Tracker(config.tracking.uri, http_timeout_s=config.tracking.http_timeout_s)
-            tracker.check_store()  # first contact: sqlite creates its schema here, once
+        resumed = resumed_parent_run(config)  # checks an Optuna search before any run exists
+        tracker = Tracker(config.tracking.uri, http_timeout_s=config.tracking.http_timeout_s)
+        tracker.check_store()  # first contact: sqlite creates its schema here, once
         experiment_id = tracker.reopen_run(resumed) if resumed else None
         if experiment_id is not None:  # a resumed search: its jobs join the same parent
             run_id = resumed

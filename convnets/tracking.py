@@ -48,6 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 if TYPE_CHECKING:
     import pandas as pd
 
+from convnets.cli import imports_without_gc
 from convnets.errors import ConvnetsError, TrackingError
 
 CONFIG_ARTIFACT = "config.yaml"
@@ -190,8 +191,9 @@ class Tracker:
         self.http_timeout_s = http_timeout_s
         self.db_path = sqlite_path(uri)
         try:
-            # The client opens the store right away: a fresh SQLite schema is created here.
-            with self._store_lock():
+            # The client opens the store right away: a fresh SQLite schema is created here,
+            # and MLflow imports the store's modules (SQLAlchemy, alembic) the first time.
+            with self._store_lock(), imports_without_gc():
                 self.client = MlflowClient(tracking_uri=uri)
         except Exception as err:  # noqa: BLE001 - e.g. an unknown scheme, an unwritable path
             raise self._unusable(err) from err

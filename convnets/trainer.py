@@ -184,10 +184,10 @@ def fit(
     the same initial weights. ``resume=True`` restores the last committed epoch from
     ``checkpoint_dir`` (weights, optimizer state, best so far) and trains the remaining
     epochs; without a checkpoint it starts from epoch 1 (checking that the checkpoint is the
-    caller's is the caller's job: see ``identity`` in the module docstring). ``resume=False``
+    caller's is the caller's job: see ``identity`` in :mod:`convnets.checkpoints`). ``resume=False``
     refuses a ``checkpoint_dir`` that already holds a checkpoint. ``after_epoch(epoch, logs)``
-    runs at each epoch end once the epoch is committed (epochs numbered from 1; ``logs`` with
-    ``lr``); it returning True stops training. Raises
+    runs at each epoch end once the epoch is committed (a non-finite one, never committed,
+    too; epochs numbered from 1; ``logs`` with ``lr``); it returning True stops training. Raises
     :class:`TrainingFailed` when the loss becomes NaN/inf (the last good epoch's checkpoint
     stays); ``KeyboardInterrupt`` propagates, with the last completed epoch checkpointed.
     """
