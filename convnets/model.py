@@ -10,6 +10,16 @@ before :func:`build_model` for reproducible initial weights.
 Given a :class:`PixelScaling`, the model starts with its own input normalisation (a
 ``preprocess`` Rescaling layer), so it takes images as the dataset stores them (digits' 0..16,
 uint8 0..255) and a saved or served model needs no preprocessing code from this project.
+
+A strided 1x1 convolution is built as its two steps: ``block{i}_subsample`` (a 1x1 average
+pooling with the layer's stride, which keeps every ``stride``-th pixel unchanged) and then the
+1x1 convolution at unit stride; the same function, weights and output shape. TensorFlow 2.21's
+oneDNN kernel for the weight gradient of a strided 1x1 convolution corrupts memory on AVX-512
+CPUs for common shapes (odd batches, odd feature maps: heap corruption, aborts, or silently
+wrong gradients); oneDNN's own "reduce to unit stride" copy inside that kernel is what this
+builds explicitly, so the broken kernel is never reached. Capping oneDNN at AVX2 also avoids
+it but costs a quarter of the training throughput (``benchmarks/README.md``).
+tests/test_onednn.py re-checks the kernel on every run of the suite.
 """
 
 from __future__ import annotations
@@ -86,10 +96,15 @@ def build_model(
         if isinstance(padding, int):
             x = keras.layers.ZeroPadding2D(padding, name=f"{block}_pad")(x)
             padding = "valid"
+        stride = layer.stride
+        if _subsample_first(layer.kernel_size, stride):
+            # A 1x1 kernel needs no padding: "same" and "valid" both give ceil(size / stride).
+            x = keras.layers.AveragePooling2D(1, stride, name=f"{block}_subsample")(x)
+            stride, padding = 1, "valid"
         x = keras.layers.Conv2D(
             layer.filters,
             layer.kernel_size,
-            strides=layer.stride,
+            strides=stride,
             padding=padding,
             dilation_rate=layer.dilation,
             use_bias=not layer.batch_norm,
@@ -115,6 +130,11 @@ def build_model(
     x = keras.layers.Dense(num_classes, name="classifier")(x)
     outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name=name or stack.name)
+
+
+def _subsample_first(kernel_size, stride) -> bool:
+    """Whether the layer is a strided 1x1 convolution, built as subsampling + a 1x1 conv."""
+    return tuple(kernel_size) == (1, 1) and tuple(stride) != (1, 1)
 
 
 def feature_map_layers(model: keras.Model) -> list[str]:

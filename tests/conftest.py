@@ -13,6 +13,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Under CI (CI=true) property tests draw the same examples on every run, so a CI result
+# reproduces; locally they stay random and keep finding new cases.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI", "").lower() in ("1", "true"):
+    settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parents[1]
 # Quiet TensorFlow, and make the package importable from a subprocess whatever the cwd.

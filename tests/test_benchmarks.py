@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ("pipeline.py", "overhead.py", "sweep.py", "roofline.py", "failfast.py", "search.py")
+SCRIPTS = (
+    "pipeline.py",
+    "overhead.py",
+    "sweep.py",
+    "roofline.py",
+    "failfast.py",
+    "search.py",
+    "onednn.py",
+)
 
 
 def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
