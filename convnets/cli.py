@@ -38,20 +38,12 @@ import logging
 import os
 import re
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from convnets.errors import ConfigError, ConvnetsError
 
 log = logging.getLogger("convnets")
-# Read when an entry point imports this module, before anything here sets it.
-# Set beside TF_CPP_MIN_LOG_LEVEL when this module set it, so that the processes a sweep starts
-# (they inherit the environment) do not take it for the user's choice.
-_TF_LOG_LEVEL_SET_HERE = "CONVNETS_SET_TF_CPP_MIN_LOG_LEVEL"
-_TF_LOG_LEVEL_FROM_USER = "TF_CPP_MIN_LOG_LEVEL" in os.environ and (
-    _TF_LOG_LEVEL_SET_HERE not in os.environ
-)
 
 
 def quiet_library_logs() -> None:
@@ -62,33 +54,7 @@ def quiet_library_logs() -> None:
     ``TF_CPP_MIN_LOG_LEVEL`` when it loads (2: errors only). A value the user set wins.
     """
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-        os.environ[_TF_LOG_LEVEL_SET_HERE] = "1"
-
-
-def import_tensorflow_quietly() -> None:
-    """Import TensorFlow and enumerate its devices with the process's stderr (fd 2) silenced.
-
-    TensorFlow's native code logs through absl before absl's logging is initialised, so
-    ``TF_CPP_MIN_LOG_LEVEL`` cannot hold back lines such as "Could not find cuda drivers" and
-    "failed call to cuInit" on a machine without a GPU; only the file descriptor can. Python
-    exceptions are unaffected (they are printed after fd 2 is restored). A user who sets
-    ``TF_CPP_MIN_LOG_LEVEL`` themselves sees TensorFlow's own output, unchanged.
-    """
-    quiet_library_logs()
-    if "tensorflow" in sys.modules:
-        return  # a later job of a sweep in this process
-    silenced = contextlib.nullcontext() if _TF_LOG_LEVEL_FROM_USER else _silenced_fd(2)
-    with silenced, imports_without_gc():
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()  # CUDA initialisation logs here, once per process
-    # TensorFlow, Keras and MLflow (imported before it) leave about a million long-lived
-    # objects behind; every full collection would walk them again (Keras's
-    # clear_session(free_memory=True) between the jobs of a sweep collects each time: ~0.4 s a
-    # job here). Frozen once, here, they are skipped.
-    gc.freeze()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 @contextlib.contextmanager
@@ -96,10 +62,8 @@ def imports_without_gc():
     """Pause the cyclic garbage collector for a block of heavy imports.
 
     TensorFlow, Keras and MLflow create about a million long-lived objects while they import;
-    the collector, triggered by allocation counts, walks them again and again meanwhile:
-    ``import tensorflow, mlflow`` took 6.3 s here with it running and 5.2 s paused. Nothing is
-    frozen here (a block may run once per sweep job, and freezing would keep that job's
-    garbage for good): :func:`import_tensorflow_quietly` freezes once, after the last of them.
+    the collector, triggered by allocation counts, walks them again and again meanwhile
+    (``benchmarks/README.md``). A process-wide setting: entry points only, never the library.
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -108,21 +72,6 @@ def imports_without_gc():
     finally:
         if enabled:
             gc.enable()
-
-
-@contextlib.contextmanager
-def _silenced_fd(fd: int):
-    sys.stderr.flush()
-    saved = os.dup(fd)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, fd)
-        os.close(saved)
-        os.close(devnull)
 
 
 _FROM_TASK = "_convnets_raised_by_task"  # set on every exception that leaves a wrapped task
@@ -140,81 +89,40 @@ def run_main(main: Callable[[], Any]) -> None:
     try:
         main()
     except Exception as err:  # what Hydra raises outside run_and_report (e.g. --info, --help)
-        message = _config_error_line(err)
+        message = config_error_line(err)
         if message is None or _full_error():
             raise
         _exit(message, ConfigError.exit_code)
-    exit_without_teardown()
-
-
-def exit_without_teardown() -> None:
-    """End a finished command now, skipping the interpreter's teardown of TensorFlow.
-
-    After the last line is printed and every record is written, a normal exit still spends
-    1.5-2 s here (2 cores) freeing TensorFlow's native runtime and tens of thousands of module
-    objects, which nobody needs once the process ends; a hand-written Keras script pays it too.
-    What an exit must still do is done first: Python's ``atexit`` handlers (logging's flush and
-    close, MLflow's), then stdout/stderr are flushed. The normal exit is kept whenever something
-    may still need it: other non-daemon threads (Python would join them), child processes (a
-    joblib launcher's workers), and multi-worker training (``TF_CONFIG``: workers shut their
-    collective runtime down together).
-    """
-    import atexit
-
-    if teardown_needed():
-        return
-    atexit._run_exitfuncs()  # noqa: SLF001 - CPython's own exit runs these the same way
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def teardown_needed() -> bool:
-    """Whether this process must end through Python's normal exit (see
-    :func:`exit_without_teardown`): another non-daemon thread is alive, a child process is
-    (multiprocessing's resource tracker aside), or training is multi-worker (``TF_CONFIG``)."""
-    import psutil
-
-    others = [
-        thread
-        for thread in threading.enumerate()
-        if thread is not threading.main_thread() and not thread.daemon and thread.is_alive()
-    ]
-    children = [child for child in psutil.Process().children() if not _resource_tracker(child)]
-    return bool(others or children or os.environ.get("TF_CONFIG"))
-
-
-def _resource_tracker(process) -> bool:
-    """multiprocessing's resource tracker, which any spawn-based launcher starts once (ours,
-    joblib's): it ends by itself when this process's end closes its pipe."""
-    try:
-        return "multiprocessing.resource_tracker" in " ".join(process.cmdline())
-    except Exception:  # noqa: BLE001 - gone already, or not ours to read
-        return False
 
 
 _USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/@\s]+@")  # scheme://user:password@
 
 
-def refuse_credentials(argv: Sequence[str]) -> None:
-    """Exit with one ``error:`` line (exit 2) when an argument puts ``user:password@`` in a URI.
+def credentials_in(args: Sequence[str]) -> str | None:
+    """The refusal for the first argument that puts ``user:password@`` in a URI, or None.
 
-    Runs before Hydra: Hydra writes every override into the run dir (``.hydra/overrides.yaml``,
-    ``config.yaml``, ``hydra.yaml``) before the task starts, even one that is then refused, and
-    MLflow prints the tracking URI; a password given there would reach disk and the console.
-    MLflow takes credentials from the environment instead. The line never repeats the value.
+    Checked before Hydra composes: Hydra writes every override into the run dir
+    (``.hydra/overrides.yaml``, ``config.yaml``, ``hydra.yaml``) before the task starts, even
+    one that is then refused, and MLflow prints the tracking URI; a password given there would
+    reach disk and the console. MLflow takes credentials from the environment instead. The
+    message never repeats the value.
     """
-    for arg in argv:
+    for arg in args:
         if _USERINFO.search(arg):
             key = arg.split("=", 1)[0] if "=" in arg else "an argument"
-            print(
-                f"error: {key}: a URI with user:password@ would be written to the run's files "
+            return (
+                f"{key}: a URI with user:password@ would be written to the run's files "
                 "and printed; drop the credentials from the URI and set "
-                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead",
-                file=sys.stderr,
-                flush=True,
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead"
             )
-            sys.exit(ConfigError.exit_code)
+    return None
+
+
+def refuse_credentials(argv: Sequence[str]) -> None:
+    """Exit with one ``error:`` line (exit 2) when :func:`credentials_in` refuses ``argv``."""
+    message = credentials_in(argv)
+    if message is not None:
+        _exit(message, ConfigError.exit_code)
 
 
 def report_user_errors(task: Callable[..., Any]) -> Callable[..., Any]:
@@ -263,7 +171,7 @@ def one_line_config_errors() -> None:
         try:
             return func()
         except Exception as err:
-            message = _config_error_line(err)
+            message = config_error_line(err)
             if message is None or _full_error():
                 return original(functools.partial(_reraise, err))
             _exit(message, ConfigError.exit_code)
@@ -311,7 +219,7 @@ def _keyless_override(args: list[str]) -> str | None:
     return None
 
 
-def _config_error_line(err: BaseException) -> str | None:
+def config_error_line(err: BaseException) -> str | None:
     """One line for a composition error; None for anything else (e.g. raised by the task)."""
     from hydra.errors import HydraException, MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException

@@ -35,7 +35,6 @@ from urllib.parse import urlparse
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from convnets.cli import imports_without_gc
 from convnets.config import DatasetConfig
 from convnets.errors import ConfigError, DataError
 
@@ -244,8 +243,7 @@ def split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
     Stratified by label (sklearn) whenever every class can appear on both sides; a plain seeded
     split otherwise (tiny data). The held-out part has ``ceil(fraction * n)`` examples.
     """
-    with imports_without_gc():  # scikit-learn loads SciPy: a third of its 0.9 s was collections
-        from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split
 
     index = np.arange(len(labels))
     if fraction == 0.0:
@@ -317,8 +315,7 @@ def _image_size(cfg: DictConfig) -> tuple[int, int]:
 
 
 def _load_digits(cfg: DictConfig) -> _Splits:
-    with imports_without_gc():  # as in split_indices
-        from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = digits.images.astype(np.uint8)[..., np.newaxis]  # 0..16, exact
@@ -337,11 +334,7 @@ def _load_digits(cfg: DictConfig) -> _Splits:
 
 
 def _tfds_builder(cfg: DictConfig):
-    from convnets.cli import import_tensorflow_quietly
-
-    import_tensorflow_quietly()  # TFDS imports TensorFlow: without its start-up chatter
-    with imports_without_gc():
-        import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds
 
     name = cfg.tfds_name or cfg.name
     data_dir = os.path.expanduser(cfg.data_dir) if cfg.data_dir else None

@@ -92,6 +92,23 @@ def make_strategy(dist_cfg) -> tf.distribute.Strategy:
     return tf.distribute.OneDeviceStrategy(devices[0]) if devices else _single_device()
 
 
+def describe(strategy: tf.distribute.Strategy) -> str:
+    """One line naming the devices a run trains on, e.g. ``1 replica on /device:CPU:0``."""
+    devices = [d.rsplit("/", 1)[-1] if "/device:" in d else d for d in _worker_devices(strategy)]
+    replicas = strategy.num_replicas_in_sync
+    text = f"{replicas} replica{'s' if replicas > 1 else ''} on {', '.join(devices)}"
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        text += " per worker"
+    return text
+
+
+def _worker_devices(strategy: tf.distribute.Strategy) -> list[str]:
+    if strategy is tf.distribute.get_strategy() and not tf.distribute.has_strategy():
+        gpus = tf.config.list_logical_devices("GPU")
+        return [gpus[0].name if gpus else tf.config.list_logical_devices("CPU")[0].name]
+    return list(strategy.extended.worker_devices)
+
+
 def _single_device() -> tf.distribute.Strategy:
     """TensorFlow's default strategy: what hand-written Keras runs under (GPU:0 when there is
     one, else the CPU). OneDeviceStrategy would cost ~55% of throughput on the same work:

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
-from convnets import compare
-from convnets.cli import import_tensorflow_quietly
+from convnets import comparison
 from convnets.errors import ConfigError
 from convnets.tracking import Tracker
 
@@ -25,7 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, default_out_dir: str | Path) -> EvalReport | compare.CompareReport:
+def run(cfg: DictConfig, default_out_dir: str | Path) -> EvalReport | comparison.CompareReport:
     """Evaluate ``run_id``'s logged model or the ``checkpoint`` file, or compare the runs of
     ``compare`` (an experiment name or a sweep's parent run id). Files go to ``output_dir``
     (default ``default_out_dir``, Hydra's run directory): ``evaluation/*.png`` or the
@@ -52,7 +51,7 @@ def run(cfg: DictConfig, default_out_dir: str | Path) -> EvalReport | compare.Co
     tracker = Tracker(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
     tracker.check_store()
     if cfg.compare:
-        return compare.compare(tracker, str(cfg.compare), out_dir)
+        return comparison.compare(tracker, str(cfg.compare), out_dir)
     run_id = str(cfg.run_id)
     tracker.get_run(run_id)  # an unknown id is refused here, before TensorFlow loads
     evaluation = _evaluation()
@@ -64,8 +63,7 @@ def run(cfg: DictConfig, default_out_dir: str | Path) -> EvalReport | compare.Co
 
 
 def _evaluation():
-    """:mod:`convnets.evaluation`, imported after TensorFlow loaded quietly."""
-    import_tensorflow_quietly()
+    """:mod:`convnets.evaluation` (TensorFlow), imported only to evaluate a model."""
     from convnets import evaluation
 
     return evaluation

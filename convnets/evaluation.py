@@ -3,7 +3,7 @@
 :func:`evaluate_run` / :func:`evaluate_checkpoint` evaluate a model on its test split and draw
 the figures (confusion matrix, misclassified examples, filters, feature maps, the effective
 receptive field). :mod:`convnets.evaluate_job` decides which one ``python evaluate.py``
-runs (``compare=`` goes to :mod:`convnets.compare` without this module or TensorFlow).
+runs (``compare=`` goes to :mod:`convnets.comparison` without this module or TensorFlow).
 """
 
 from __future__ import annotations

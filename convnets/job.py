@@ -1,11 +1,15 @@
 """One training job: config -> checks -> MLflow run -> data, strategy, fit -> the full record.
 
-``train.py`` calls :func:`train` from ``@hydra.main``. Order matters: everything a user can
-get wrong (the stack, the data, the store, a run id) is checked before a run is recorded or
-a model built, so bad input costs seconds and leaves nothing half-written. These checks run
-before TensorFlow loads (~4 s here): this module imports TensorFlow-backed
-modules (data, distribute, erf, model, plots, trainer, transfer) inside the steps that use
-them, after :func:`convnets.cli.import_tensorflow_quietly`.
+:func:`train` takes a composed config and a :class:`JobContext` (the overrides, the output
+folder, the sweep and search the job belongs to) and returns a :class:`Run`. Its callers own
+the process and Hydra: ``python train.py`` (from ``@hydra.main``, the context read from Hydra's
+state) and :func:`convnets.train` (its own composition). Nothing here reads Hydra's globals.
+
+Order matters: everything a user can get wrong (the stack, the data, the store, a run id) is
+checked before a run is recorded or a model built, so bad input costs seconds and leaves
+nothing half-written. These checks run before TensorFlow loads: this module imports
+TensorFlow-backed modules (data, distribute, erf, model, plots, trainer, transfer) inside the
+steps that use them.
 
 Epochs are numbered from 1 in MLflow (metric step = epoch), as in Keras's progress output.
 """
@@ -20,22 +24,18 @@ import math
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from convnets import architecture, checkpoints, checks, sweep, trials
-from convnets.cli import import_tensorflow_quietly
+from convnets import architecture, checkpoints, checks, sweep
 from convnets.config import RUNTIME_KEYS, TrackingConfig, TrainConfig, is_runtime_key
 from convnets.errors import ConfigError, ConvnetsError, TrackingError
 from convnets.tracking import (
     CONFIG_ARTIFACT,
     MODEL_URI_TAG,
-    Run,
     Tracker,
     failure_reason,
     flatten,
@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     import keras
 
     from convnets import data, trainer, transfer
+    from convnets.tracking import Run as MlflowRun
+    from convnets.trials import TrialLink
 
 log = logging.getLogger(__name__)
 
@@ -66,32 +68,72 @@ _NOT_IN_NAME += ("tracking", "trainer.verbose")
 # ---------------------------------------------------------------- entry
 
 
-def train(cfg: DictConfig) -> float:
-    """Train and record one run; return its validation accuracy (the sweep objective).
+@dataclass(frozen=True)
+class JobContext:
+    """Where a job runs, given by its caller: the overrides it was composed with (they name
+    the run and are recorded), the folder for its checkpoints and final model, and in a
+    multirun its sweep (parent run) and search trial."""
 
-    The best epoch's ``val_accuracy`` when ``trainer.restore_best`` (those weights are the
-    ones tested and logged), else the last epoch's; ``nan`` without validation data.
+    overrides: tuple[str, ...] = ()
+    output_dir: Path | None = None  # None: a new temporary folder
+    multirun: bool = False
+    sweep: sweep.SweepContext | None = None
+    trial: TrialLink | None = None
 
-    In a Hydra multirun a failing job is recorded FAILED, reported in one line, and returns
-    ``nan`` so the other jobs still run. Ctrl-C ends the run KILLED and exits with 130.
+
+@dataclass(frozen=True)
+class Run:
+    """A finished training run, as recorded in MLflow.
+
+    ``objective``: the validation accuracy a sweep optimises, the restored best epoch's
+    when ``trainer.restore_best``, else the last epoch's (``nan`` without validation data).
+    ``model_path``: the final model beside the checkpoints (evaluable without the store);
+    ``model_uri``: the logged MLflow model (``None`` with ``tracking.log_model=false``).
     """
-    job = _Job(cfg)
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    metrics: dict[str, float]
+    params: dict[str, str]
+    model_path: Path | None
+    model_uri: str | None
+    ui_url: str
+    objective: float
+    pruned: bool = False
+    tags: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def test_accuracy(self) -> float:
+        return self.metrics["test_accuracy"]
+
+
+def train(cfg: DictConfig, context: JobContext | None = None) -> Run | None:
+    """Train and record one run; return it.
+
+    In a multirun a failing job is recorded FAILED, reported in one ``error:`` line, and
+    returns ``None`` so the other jobs still run; otherwise the error propagates (a
+    :class:`ConvnetsError` for anything the user can fix). Ctrl-C ends the run KILLED, says
+    how to continue it, and re-raises ``KeyboardInterrupt``.
+    """
+    context = context or JobContext()
+    job = _Job(cfg, context)
     try:
         return job.run()
     except KeyboardInterrupt:
         where = f"; checkpoint kept in {job.checkpoint_dir}" if job.checkpoint_dir else ""
         hint = f"; continue with: {job.resume_command()}" if job.run_id else ""
         print(f"interrupted: run {job.run_id} recorded KILLED{where}{hint}", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise
     except Exception as err:
-        if not _multirun():
+        if not context.multirun:
             raise
         job.record_failure(err)
         log.error(
             "job failed: %s", failure_reason(err), exc_info=not isinstance(err, ConvnetsError)
         )
         print(f"error: {failure_reason(err)}", file=sys.stderr, flush=True)
-        return float("nan")
+        return None
 
 
 # ---------------------------------------------------------------- the job
@@ -102,7 +144,7 @@ class _Source:
     """The run that ``reproduce=`` or ``resume=`` points at."""
 
     key: str  # "reproduce" | "resume"
-    run: Run
+    run: MlflowRun
 
     @property
     def run_id(self) -> str:
@@ -110,11 +152,12 @@ class _Source:
 
 
 class _Job:
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, context: JobContext):
         self.cfg = cfg
-        self.overrides = _task_overrides()
-        self.sweep = sweep.sweep_context()  # sweep hook: set in a multirun (convnets.sweep)
-        self.trial = trials.current()  # search hook: its Optuna trial (convnets.search)
+        self.context = context
+        self.overrides = list(context.overrides)
+        self.sweep = context.sweep  # set in a multirun (convnets.sweep)
+        self.trial = context.trial  # set in a search: its Optuna trial (convnets.search)
         self.tracker: Tracker | None = None
         self.source: _Source | None = None
         self.run_id: str | None = None
@@ -125,11 +168,11 @@ class _Job:
 
     # ------------------------------------------------------------ steps
 
-    def run(self) -> float:
+    def run(self) -> Run:
         cfg = self._resolve_source()  # 1. reproduce= / resume=: the recorded run and config
         stack, input_shape, num_classes, analysis = _check_architecture_and_data(cfg)  # 2.
         experiment_id = self._prepare_store(cfg)  # 3. the store (and init_from's run)
-        import_tensorflow_quietly()  # 4. only now: the checks above fail in ~2 s, not ~7
+        # 4. only now TensorFlow: the checks above fail in ~2 s, not ~7
         from convnets import data, distribute, trainer, transfer
         from convnets.model import PixelScaling, build_model
 
@@ -137,6 +180,7 @@ class _Job:
         trainer.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
         trainer.set_precision(cfg.trainer.precision)
         strategy = distribute.make_strategy(cfg.distribute)
+        print(f"devices: {distribute.describe(strategy)}", flush=True)
         bundle = data.load_data(
             cfg.dataset,
             batch_size=cfg.trainer.batch_size,
@@ -181,7 +225,7 @@ class _Job:
             self.experiment_id = active.info.experiment_id
             if not resuming:
                 # Keyed by the run id: runs sharing a Hydra run dir never touch each other's.
-                self.checkpoint_dir = _output_dir() / "checkpoints" / self.run_id
+                self.checkpoint_dir = self._output_dir() / "checkpoints" / self.run_id
                 self.tracker.set_tags({"checkpoint_dir": str(self.checkpoint_dir)})
                 self._log_definition(cfg, analysis, bundle)
             if self.trial is not None:
@@ -193,19 +237,46 @@ class _Job:
                 identity={"run_id": self.run_id, "config_digest": config_digest(cfg)},
             )
             if self.trial is not None and self.trial.pruned:
-                return self._record_pruned(analysis, result)
+                self._record_pruned(analysis, result)
+                return self._recorded(cfg, result, None, pruned=True)
             test = self._log_results(cfg, model, bundle, analysis, result)
             if cfg.tracking.log_model:  # after the results: MLflow links them to the model
                 self._log_model(cfg, model, bundle, active.info.run_name)
             final = trainer.save_final_model(
                 model, self.checkpoint_dir, OmegaConf.to_yaml(_recordable(cfg))
             )
-        val_accuracy = _objective(cfg, result)
         print(f"model: {final} (python evaluate.py checkpoint={final})", flush=True)
         self._print_summary(cfg, test, analysis, result)  # 7.
-        return val_accuracy
+        return self._recorded(cfg, result, final)
 
-    def _record_pruned(self, analysis: architecture.Analysis, result) -> float:
+    def _recorded(self, cfg: DictConfig, result, final: Path | None, pruned=False) -> Run:
+        """The finished run as the store has it now (metrics, params and tags read back)."""
+        recorded = self.tracker.get_run(self.run_id)
+        return Run(
+            run_id=self.run_id,
+            experiment_id=self.experiment_id,
+            tracking_uri=self.tracker.shown_uri,
+            metrics=dict(recorded.data.metrics),
+            params=dict(recorded.data.params),
+            model_path=final,
+            model_uri=recorded.data.tags.get(MODEL_URI_TAG),
+            ui_url=self._ui_url(),
+            objective=_objective(cfg, result),
+            pruned=pruned,
+            tags=dict(recorded.data.tags),
+        )
+
+    def _ui_url(self) -> str:
+        uri = self.tracker.shown_uri
+        base = LOCAL_UI if uri.startswith("sqlite:") else uri.rstrip("/")
+        return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+    def _output_dir(self) -> Path:
+        if self.context.output_dir is not None:
+            return Path(self.context.output_dir).resolve()
+        return Path(tempfile.mkdtemp(prefix="convnets-"))
+
+    def _record_pruned(self, analysis: architecture.Analysis, result) -> None:
         """A trial the search's pruner stopped: a FINISHED run tagged ``pruned=true`` with the
         epochs it completed, and no test metrics (the model is not a final one). Returns the
         best val_accuracy it reached (the sweeper records the trial PRUNED either way)."""
@@ -224,9 +295,8 @@ class _Job:
             f"run={self.run_id}",
             flush=True,
         )
-        return _objective(self.cfg, result)
 
-    def _run_unrecorded_worker(self, cfg, fit, bundle) -> float:
+    def _run_unrecorded_worker(self, cfg, fit, bundle) -> Run | None:
         """A MultiWorkerMirroredStrategy worker other than the chief: it trains, evaluates and
         saves in lockstep with the chief (those steps are collective) but records nothing, so
         one training is one MLflow run, written by the chief. Only the chief knows the run id,
@@ -254,7 +324,7 @@ class _Job:
             "the chief records the run",
             flush=True,
         )
-        return _objective(cfg, result)
+        return None
 
     def _resolve_source(self) -> DictConfig:
         """The config to train: the command line's, or the recorded one of reproduce=/resume=."""
@@ -320,6 +390,8 @@ class _Job:
     def _run_name(self, cfg: DictConfig) -> str:
         if self.source is not None:
             return f"{self.source.run.info.run_name}-reproduce"
+        if cfg.tracking.run_name:
+            return redact(str(cfg.tracking.run_name))[:RUN_NAME_LIMIT]
         return run_name(cfg.model.name, cfg.dataset.name, self.overrides)
 
     def _tags(self, cfg: DictConfig, resuming: bool) -> dict[str, str]:
@@ -480,8 +552,8 @@ class _Job:
         experiment's runs table (MLflow 3 opens an experiment on its GenAI overview page)."""
         uri = self.tracker.shown_uri
         local = uri.startswith("sqlite:")
-        experiment = f"{LOCAL_UI if local else uri.rstrip('/')}/#/experiments/{self.experiment_id}"
-        where = f"{experiment}/runs/{self.run_id}; all runs: {experiment}/runs"
+        experiment = self._ui_url().rsplit("/runs/", 1)[0]
+        where = f"{self._ui_url()}; all runs: {experiment}/runs"
         if local:
             where = f"mlflow ui --backend-store-uri {uri}, then {where}"
         print(
@@ -601,7 +673,7 @@ def config_digest(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(trained, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _check_resumable(run: Run, cfg: DictConfig) -> None:
+def _check_resumable(run: MlflowRun, cfg: DictConfig) -> None:
     """Refuse to resume a run from a checkpoint that cannot continue it, in one line."""
     run_id = run.info.run_id
     if not cfg.trainer.checkpoint_every_epoch:
@@ -649,22 +721,8 @@ def _objective(cfg: DictConfig, result: trainer.FitResult) -> float:
     return float(values[-1]) if values else float("nan")
 
 
-def _task_overrides() -> list[str]:
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
 def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
-
-
-def _multirun() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def _output_dir() -> Path:
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir).resolve()
-    return Path(tempfile.mkdtemp(prefix="convnets-"))
 
 
 def _warn(message: str) -> None:

@@ -36,7 +36,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from convnets.cli import imports_without_gc, report_user_errors
+from convnets.cli import report_user_errors
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -89,13 +89,9 @@ class SweepContext:
         }
 
 
-def sweep_context() -> SweepContext | None:
-    """The sweep this job belongs to, or ``None`` outside a multirun (a single run)."""
-    if not HydraConfig.initialized():
-        return None
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return None
+def sweep_context(hydra_cfg: DictConfig) -> SweepContext | None:
+    """The sweep a multirun job belongs to (``hydra_cfg``: the job's ``hydra`` config node, as
+    the entry point has it), or ``None`` when its ``mlflow_sweep.json`` is missing."""
     path = Path(hydra_cfg.sweep.dir) / SWEEP_FILE
     if not path.is_file():
         log.warning("%s not found: this job is recorded on its own, not under a sweep", path)
@@ -157,9 +153,7 @@ class MlflowSweepCallback(Callback):
     @_stop_sweep_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from convnets.search import resumed_parent_run
-
-        with imports_without_gc():  # MLflow
-            from convnets.tracking import Tracker
+        from convnets.tracking import Tracker
 
         resumed = resumed_parent_run(config)  # checks an Optuna search before any run exists
         tracker = Tracker(config.tracking.uri, http_timeout_s=config.tracking.http_timeout_s)
@@ -301,7 +295,7 @@ def summarize(context: SweepContext, out_dir: Path, http_timeout_s: float = 10.0
     """
     import pandas as pd
 
-    from convnets.compare import summary_figures
+    from convnets.comparison import summary_figures
     from convnets.tracking import Tracker
 
     tracker = Tracker(context.tracking_uri, http_timeout_s=http_timeout_s)

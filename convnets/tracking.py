@@ -48,7 +48,6 @@ from omegaconf import DictConfig, OmegaConf
 if TYPE_CHECKING:
     import pandas as pd
 
-from convnets.cli import imports_without_gc
 from convnets.errors import ConvnetsError, TrackingError
 
 CONFIG_ARTIFACT = "config.yaml"
@@ -193,7 +192,7 @@ class Tracker:
         try:
             # The client opens the store right away: a fresh SQLite schema is created here,
             # and MLflow imports the store's modules (SQLAlchemy, alembic) the first time.
-            with self._store_lock(), imports_without_gc():
+            with self._store_lock():
                 self.client = MlflowClient(tracking_uri=uri)
         except Exception as err:  # noqa: BLE001 - e.g. an unknown scheme, an unwritable path
             raise self._unusable(err) from err

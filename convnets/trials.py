@@ -18,9 +18,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-
 from convnets import search
 
 
@@ -63,12 +60,10 @@ class TrialLink:
         self.trial.set_user_attr(search.METRICS_ATTR, wanted)
 
 
-def current() -> TrialLink | None:
-    """The trial of this job, or None (a single run, or another sweeper's job)."""
-    if not HydraConfig.initialized():
-        return None
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN or not search.is_search(hydra_cfg.sweeper):
+def current(hydra_cfg) -> TrialLink | None:
+    """The trial of a multirun job (``hydra_cfg``: the job's ``hydra`` config node, as the
+    entry point has it), or None (another sweeper's job)."""
+    if not search.is_search(hydra_cfg.sweeper):
         return None
     spec = search.TrialFile.read(Path(hydra_cfg.sweep.dir).resolve(), hydra_cfg.job.num)
     return TrialLink(spec) if spec is not None else None

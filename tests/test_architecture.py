@@ -46,7 +46,7 @@ def stack_of(layers, defaults=None, head=None, width=1.0):
 
 def test_importing_architecture_does_not_load_tensorflow():
     loaded = heavy_modules_loaded(
-        "convnets.architecture, convnets.inspect", ("tensorflow", "keras")
+        "convnets.architecture, convnets.inspection", ("tensorflow", "keras")
     )
     assert not loaded, loaded
 

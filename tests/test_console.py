@@ -1,5 +1,8 @@
-"""What a newcomer's first ``python train.py`` prints: the progress and the ``done:`` line, not
-library start-up chatter (CUDA stubs, absl, MLflow's schema creation, matplotlib)."""
+"""What a newcomer's first ``python train.py`` prints: the devices, the progress and the
+``done:`` line, not the libraries' start-up chatter (MLflow's schema creation, matplotlib's font
+cache, Python-level INFO logs). TensorFlow's native start-up lines are its own to print: they
+are written before its log level applies, and hiding them (stderr to /dev/null) would also hide
+a broken CUDA set-up on a GPU machine."""
 
 from __future__ import annotations
 
@@ -10,7 +13,9 @@ import sys
 import pytest
 from conftest import CLI_ENV, REPO
 
-NOISE = ("absl", "cudart", "cuInit", "cpu_feature_guard", "INFO", "database tables", "font cache")
+NOISE = ("INFO", "database tables", "font cache", "cpu_feature_guard")
+# What TensorFlow 2.21 writes natively before its log level applies (absl not yet initialised).
+TENSORFLOW_NATIVE = ("absl::InitializeLog", "I0000 ", "W0000 ", "E0000 ")
 
 
 @pytest.mark.slow
@@ -36,7 +41,10 @@ def test_a_first_run_prints_only_progress_and_the_done_line(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "mlflow.db").is_file()
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-    noisy = [line for line in lines if any(word in line for word in NOISE)]
+    native = [line for line in lines if any(word in line for word in TENSORFLOW_NATIVE)]
+    ours = [line for line in lines if line not in native]
+    noisy = [line for line in ours if any(word in line for word in NOISE)]
     assert not noisy, noisy
-    assert lines[-1].startswith("done: test_accuracy="), lines
-    assert any(line.startswith("1/1") or "accuracy:" in line for line in lines[:-1]), lines
+    assert ours[0].startswith("devices: 1 replica on ") and "CPU:0" in ours[0], ours
+    assert ours[-1].startswith("done: test_accuracy="), ours
+    assert any(line.startswith("1/1") or "accuracy:" in line for line in ours[:-1]), ours

@@ -17,7 +17,7 @@ from conftest import imported
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from convnets import compare, evaluate_job
+from convnets import comparison, evaluate_job
 from convnets.config import EvaluateConfig, TrackingConfig
 from convnets.errors import ConfigError, TrackingError
 from convnets.tracking import Tracker
@@ -141,7 +141,7 @@ def test_compare_sweep_parent_writes_plots_csv_and_logs_them(store, tmp_path):
 
 def test_compare_experiment_name_leaves_out_the_sweep_parent(store, tmp_path):
     uri, parent, children, _ = store
-    report = compare.compare(Tracker(uri), EXPERIMENT, tmp_path)
+    report = comparison.compare(Tracker(uri), EXPERIMENT, tmp_path)
     assert set(report.table["run_id"]) == set(children["run_id"])
     assert report.parent_run_id is None
     # The Pareto flags in runs.csv, against a brute force over its rows: a run is on the front

@@ -1,4 +1,4 @@
-"""Unit tests of convnets.erf, convnets.compare and convnets.plots on tiny hand-built models."""
+"""Unit tests of convnets.erf, convnets.comparison and convnets.plots on tiny hand-built models."""
 
 import os
 from pathlib import Path
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from convnets import plots
 from convnets.architecture import analyze, resolve_stack
-from convnets.compare import pareto_front, summary_figures
+from convnets.comparison import pareto_front, summary_figures
 from convnets.erf import effective_receptive_field, erf_square, theoretical_rf_box
 from convnets.model import build_model
 
@@ -204,7 +204,7 @@ def test_summary_figures_mark_the_front(tmp_path):
 
 
 def test_sweep_labels_keep_only_the_design_choices_that_differ():
-    from convnets.compare import _point_labels, runs_table
+    from convnets.comparison import _point_labels, runs_table
 
     runs = pd.DataFrame(  # mlflow.search_runs output of a sweep's jobs, as summarize reads it
         {

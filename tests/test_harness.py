@@ -2,6 +2,7 @@
 segfault) fails the run at once, naming the test, instead of hanging it."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -54,5 +55,5 @@ def test_a_crashed_worker_fails_the_run_promptly():
     assert "crashed while running 'tests/test_harness.py::test_worker_crash" in result.stdout
     assert elapsed < 60
     tail = result.stdout.strip().splitlines()[-1]
-    assert "1 failed" in tail, tail
-    assert "4 passed" in tail or "7 passed" in tail, tail
+    # the other worker's tests ran; which ones it had depends on the scheduling
+    assert re.search(r"1 failed, [1-7] passed", tail), tail

@@ -167,8 +167,12 @@ def test_context_tags_place_the_job_in_the_sweep():
     assert ctx.tags() == {"sweep_job": "3", "sweep_overrides": "a=1 b=2"}
 
 
-def test_no_sweep_context_outside_hydra():
-    assert sweep.sweep_context() is None
+def test_a_job_without_the_sweep_file_is_recorded_on_its_own(tmp_path):
+    from omegaconf import OmegaConf
+
+    hydra_cfg = OmegaConf.create({"sweep": {"dir": str(tmp_path)}, "job": {"num": 0}})
+    hydra_cfg.overrides = {"task": ["a=1"]}
+    assert sweep.sweep_context(hydra_cfg) is None
 
 
 # ---------------------------------------------------------------- through the CLI

@@ -359,3 +359,35 @@ def test_default_config_reaches_95_percent_on_digits(tmp_path):
     run = MlflowClient(store_uri(tmp_path)).get_run(run_id_of(result))
     print(f"default run: test_accuracy={run.data.metrics['test_accuracy']:.4f} in {elapsed:.0f}s")
     assert run.data.metrics["test_accuracy"] >= 0.95
+
+
+@pytest.mark.slow
+def test_a_profiled_run_leaves_a_loadable_profile(tmp_path):
+    """A command ends through Python's normal exit: a profiler (or any wrapper) around it
+    writes its result, and the exit status is the command's."""
+    import pstats
+
+    profile = tmp_path / "prof.out"
+    result = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(profile), "train.py", TINY]
+        + ["trainer.epochs=1", "trainer.verbose=0", "tracking.log_model=false"]
+        + [f"tracking.uri={store_uri(tmp_path)}", f"hydra.run.dir={tmp_path / 'out'}"],
+        cwd=REPO,
+        env=CLI_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    run_id_of(result)
+    stats = pstats.Stats(str(profile))
+    assert any("job.py" in filename for filename, _, _ in stats.stats)
+    refused = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(tmp_path / "refused.out"), "train.py"]
+        + ["trainer.epochs=0", f"hydra.run.dir={tmp_path / 'out2'}"],
+        cwd=REPO,
+        env=CLI_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2 and error_lines(refused)

@@ -26,7 +26,6 @@ launcher: running jobs record their runs KILLED (bounded by ``stop_grace_s``), e
 
 from __future__ import annotations
 
-import atexit
 import collections
 import contextlib
 import logging
@@ -250,14 +249,10 @@ def _join(workers: list[Any], timeout_s: float) -> None:
 
 # ---------------------------------------------------------------- in the job's process
 
-_job_returned = False  # set in the worker once the job has run: the exit may skip teardown
-
 
 def _run_in_this_process(shared: bytes, idx: int, overrides: list[str]) -> bytes:
     """The job, in its worker: as ``hydra_joblib_launcher._core.execute_job``; the JobReturn
     goes back pickled."""
-    global _job_returned
-    atexit.register(_exit_without_teardown)  # before TF and MLflow load: runs after theirs
     import cloudpickle
 
     hydra_context, config, task_function, singleton_state = cloudpickle.loads(shared)
@@ -268,17 +263,14 @@ def _run_in_this_process(shared: bytes, idx: int, overrides: list[str]) -> bytes
         sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{idx}"
         sweep_config.hydra.job.num = idx
     HydraConfig.instance().set_config(sweep_config)
-    try:
-        ret = run_job(
-            hydra_context=hydra_context,
-            config=sweep_config,
-            task_function=task_function,
-            job_dir_key="hydra.sweep.dir",
-            job_subdir_key="hydra.sweep.subdir",
-        )
-        return _pickled(ret)
-    finally:
-        _job_returned = True
+    ret = run_job(
+        hydra_context=hydra_context,
+        config=sweep_config,
+        task_function=task_function,
+        job_dir_key="hydra.sweep.dir",
+        job_subdir_key="hydra.sweep.subdir",
+    )
+    return _pickled(ret)
 
 
 def _pickled(ret: JobReturn) -> bytes:
@@ -295,23 +287,3 @@ def _pickled(ret: JobReturn) -> bytes:
         value = ret._return_value
         ret.return_value = RuntimeError(f"{type(value).__name__}: {value} (unpicklable: {err})")
         return cloudpickle.dumps(ret)
-
-
-def _exit_without_teardown() -> None:
-    """The last exit handler of a worker whose job returned: end the process now.
-
-    By then the pool has sent the result, Python has joined the worker's threads, and every
-    other exit handler (MLflow's, registered later) has run; what is left is the interpreter's
-    teardown of TensorFlow (1.5-2 s here), which would delay the next job's start. The normal
-    exit is kept when ``convnets.cli.teardown_needed`` says so (multi-worker training, child
-    processes). ``convnets.cli.exit_without_teardown`` itself cannot be used: it runs the exit
-    handlers, and this is one of them.
-    """
-    from convnets.cli import teardown_needed
-
-    if not _job_returned or teardown_needed():
-        return
-    logging.shutdown()  # registered before this handler: it would not run
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

@@ -1,0 +1,140 @@
+"""convnets from Python: the commands as functions that return values and raise errors.
+
+    import convnets
+    run = convnets.train(["trainer.epochs=2", "model.width=0.5"])
+    run.test_accuracy, run.run_id, run.ui_url
+    convnets.evaluate(run_id=run.run_id)
+    convnets.compare("digits").table
+    convnets.inspect(["model=vgg_small", "dataset=cifar10"]).receptive_field
+
+Each call composes the same configs as the command line (the package's ``configs/``, your
+own through ``hydra.searchpath=[file://DIR]`` among the overrides), runs the same checks and
+leaves the same MLflow record. A refusal raises the project's typed errors
+(:class:`convnets.ConfigError`, :class:`convnets.DataError`, :class:`convnets.TrackingError`)
+instead of exiting; nothing is recorded for a refused config. Calls do not share state: each
+composes afresh, and a training run clears the previous one's Keras state first. What stays
+process-wide is TensorFlow's own (e.g. ``distribute.cpu_replicas`` applies in a process that
+has not run a TensorFlow op yet). Multiruns (``-m``: sweeps, searches) are command-line only.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from convnets.errors import ConfigError
+
+if TYPE_CHECKING:
+    from convnets.architecture import Analysis
+    from convnets.comparison import CompareReport
+    from convnets.evaluation import EvalReport
+    from convnets.job import Run
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def train(overrides: Sequence[str] = (), *, output_dir: str | Path | None = None) -> Run:
+    """Train and record one run, as ``python train.py OVERRIDES`` does; return it.
+
+    ``output_dir``: where the checkpoints and the final model go (default: the config's
+    ``hydra.run.dir``, ``outputs/<date>/<time>`` under the working folder).
+    """
+    from convnets.checks import check_config
+
+    cfg, hydra_cfg = _compose("train", overrides)
+    check_config(cfg)  # before the store is touched: a refused config records nothing
+    from convnets import job
+
+    if "keras" in sys.modules:  # a previous run in this process: its graphs and layer names
+        sys.modules["keras"].utils.clear_session(free_memory=True)
+    folder = Path(output_dir) if output_dir is not None else Path(hydra_cfg.run.dir)
+    _save_config(folder, cfg, overrides)
+    context = job.JobContext(overrides=tuple(overrides), output_dir=folder)
+    return job.train(cfg, context)
+
+
+def evaluate(overrides: Sequence[str] = (), **keys: Any) -> EvalReport:
+    """Evaluate a logged run's model or a local ``.keras`` file, as ``python evaluate.py``:
+    ``evaluate(run_id=...)`` or ``evaluate(checkpoint="model.keras")``, any other key of
+    ``configs/evaluate.yaml`` as a keyword or an override. Returns the metrics and figures."""
+    from convnets import evaluate_job
+
+    cfg, hydra_cfg = _compose("evaluate", [*overrides, *_as_overrides(keys)])
+    if cfg.compare:
+        raise ConfigError("compare=: use convnets.compare(target) for a comparison")
+    return evaluate_job.run(cfg, hydra_cfg.run.dir)
+
+
+def compare(target: str, overrides: Sequence[str] = (), **keys: Any) -> CompareReport:
+    """The comparison of an experiment's runs (its name) or a sweep's jobs (the parent run
+    id), as ``python evaluate.py compare=TARGET``: ``.table`` (a DataFrame, one row a run),
+    ``.csv`` and ``.figures`` (paths); e.g. ``compare("digits", tracking_uri=...)``."""
+    from convnets import evaluate_job
+
+    keys = {"compare": target, **keys}
+    if "tracking_uri" in keys:
+        keys["tracking.uri"] = keys.pop("tracking_uri")
+    cfg, hydra_cfg = _compose("evaluate", [*overrides, *_as_overrides(keys)])
+    return evaluate_job.run(cfg, hydra_cfg.run.dir)
+
+
+def inspect(overrides: Sequence[str] = (), *, quiet: bool = True) -> Analysis:
+    """The analysis of a model config (shapes, params, MACs, receptive field per layer), as
+    ``python -m convnets.inspect OVERRIDES``, without TensorFlow; ``quiet=False`` also prints
+    the table."""
+    from convnets.architecture import analyze, format_table, resolve_stack
+    from convnets.inspection import input_shape_and_classes
+
+    cfg, _ = _compose("inspect", overrides)
+    stack = resolve_stack(cfg.model)
+    analysis = analyze(stack, *input_shape_and_classes(cfg))
+    if not quiet:
+        print(format_table(analysis))
+    return analysis
+
+
+# ---------------------------------------------------------------- composition
+
+
+def _compose(config_name: str, overrides: Sequence[str]) -> tuple[DictConfig, DictConfig]:
+    """``(cfg, hydra)``: the config the command would get, and its ``hydra`` node apart."""
+    from hydra import compose, initialize_config_dir
+
+    import convnets.config  # noqa: F401  (registers the schemas)
+    from convnets.cli import config_error_line, credentials_in
+
+    overrides = [str(o) for o in overrides]
+    refused = credentials_in(overrides)
+    if refused is not None:
+        raise ConfigError(refused)
+    if any(o.lstrip().startswith("-") for o in overrides):
+        flags = [o for o in overrides if o.lstrip().startswith("-")]
+        raise ConfigError(f"{' '.join(flags)}: flags are for the command line; pass overrides only")
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3", job_name=config_name):
+            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    except Exception as err:
+        line = config_error_line(err)
+        if line is None:
+            raise
+        raise ConfigError(line) from err
+    hydra_cfg = cfg.hydra
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, hydra_cfg
+
+
+def _as_overrides(keys: dict[str, Any]) -> list[str]:
+    return [f"{key}={value}" for key, value in keys.items() if value is not None]
+
+
+def _save_config(folder: Path, cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """The composed config and the overrides beside the run's files, as Hydra's ``.hydra/``."""
+    hydra_dir = folder / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(list(overrides)))

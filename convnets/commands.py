@@ -1,0 +1,83 @@
+"""The command-line entry points: ``python train.py`` / ``convnets-train``, ``python
+evaluate.py`` / ``convnets-evaluate``, ``python -m convnets.inspect`` / ``convnets-inspect``.
+
+Each is a ``@hydra.main`` over the package's ``configs/`` (a user's own through
+``hydra.searchpath``) that owns the process: it reads Hydra's state (overrides, output folder,
+sweep and trial) and passes it to the library as a :class:`convnets.job.JobContext`, prints
+user errors as one ``error:`` line with a non-zero exit (:func:`convnets.cli.run_main`), and
+turns Ctrl-C into exit status 130. The same work from Python: :mod:`convnets.api`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
+from convnets.cli import imports_without_gc, report_user_errors, run_main
+
+CONFIG_PATH = "configs"  # beside this file: package data
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
+@report_user_errors
+def _train(cfg: DictConfig) -> float:
+    """One job; returns its objective (validation accuracy) for Hydra's sweepers."""
+    from convnets.checks import check_config
+
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if not multirun:  # a sweep records a bad point as FAILED instead
+        check_config(cfg)  # pure: refused before TensorFlow loads or a run is recorded
+    with imports_without_gc():  # MLflow, with the job module
+        from convnets import job, sweep, trials
+
+    context = job.JobContext(
+        overrides=tuple(hydra_cfg.overrides.task),
+        output_dir=Path(hydra_cfg.runtime.output_dir),
+        multirun=multirun,
+        sweep=sweep.sweep_context(hydra_cfg) if multirun else None,
+        trial=trials.current(hydra_cfg) if multirun else None,
+    )
+    try:
+        run = job.train(cfg, context)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None  # the run is recorded KILLED; the line is printed
+    return run.objective if run is not None else float("nan")
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="evaluate", version_base="1.3")
+@report_user_errors
+def _evaluate(cfg: DictConfig) -> float | None:
+    with imports_without_gc():  # MLflow, with the command's module
+        from convnets import evaluate_job
+
+    report = evaluate_job.run(cfg, HydraConfig.get().runtime.output_dir)
+    return None if cfg.compare else report.metrics["eval_accuracy"]
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="inspect", version_base="1.3")
+@report_user_errors
+def _inspect(cfg: DictConfig) -> None:
+    from convnets import inspection
+
+    inspection.run(cfg)
+
+
+def train() -> None:
+    """``convnets-train`` (``python train.py``)."""
+    run_main(_train)
+
+
+def evaluate() -> None:
+    """``convnets-evaluate`` (``python evaluate.py``)."""
+    run_main(_evaluate)
+
+
+def inspect() -> None:
+    """``convnets-inspect`` (``python -m convnets.inspect``)."""
+    run_main(_inspect)

@@ -1,0 +1,1 @@
+"""The config groups Hydra composes (package data: ``pkg://convnets.configs``)."""

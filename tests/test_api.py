@@ -1,0 +1,95 @@
+"""``convnets.train / evaluate / compare / inspect`` in this process: the same composition,
+checks and MLflow record as the commands, errors raised as typed exceptions."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+import convnets  # noqa: E402
+
+TINY = "model.layers=[{filters:8},{filters:8,pool:max}]"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("api")
+    return folder, f"sqlite:///{folder / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def two_runs(store):
+    folder, uri = store
+    common = [TINY, "trainer.verbose=0", f"tracking.uri={uri}", "trainer.epochs=2"]
+    first = convnets.train(common, output_dir=folder / "first")
+    second = convnets.train(
+        [*common, "model.width=0.5", "tracking.run_name=half width"], output_dir=folder / "second"
+    )
+    return first, second
+
+
+@pytest.mark.xdist_group("api")
+def test_a_run_is_a_value_equal_to_its_record(store, two_runs):
+    _, uri = store
+    run, other = two_runs
+    recorded = MlflowClient(uri).get_run(run.run_id)
+    assert run.test_accuracy == recorded.data.metrics["test_accuracy"]
+    assert run.metrics == recorded.data.metrics and run.params == recorded.data.params
+    assert run.params["trainer.epochs"] == "2"
+    assert run.model_path.is_file() and run.model_path.name == "model.keras"
+    assert run.model_uri == recorded.data.tags["model_uri"]
+    assert run.ui_url.endswith(f"/#/experiments/{run.experiment_id}/runs/{run.run_id}")
+    assert run.objective == recorded.data.metrics["best_val_accuracy"]
+    # a second call is a second run, with its own overrides and nothing of the first's
+    assert other.run_id != run.run_id
+    assert other.params["model.width"] == "0.5" and run.params["model.width"] == "1.0"
+    assert other.tags["mlflow.runName"] == "half width"  # tracking.run_name names the run
+    assert recorded.data.tags["hydra_overrides"].startswith("model.layers=")
+
+
+@pytest.mark.xdist_group("api")
+def test_evaluate_and_compare_in_process(store, two_runs):
+    folder, uri = store
+    run, other = two_runs
+    report = convnets.evaluate(
+        run_id=run.run_id, output_dir=folder / "eval", **{"tracking.uri": uri}
+    )
+    assert report.metrics["eval_accuracy"] == pytest.approx(run.test_accuracy, abs=1e-6)
+    comparison = convnets.compare("digits", tracking_uri=uri, output_dir=folder / "compare")
+    assert isinstance(comparison.table, pd.DataFrame)
+    assert {run.run_id, other.run_id} <= set(comparison.table["run_id"])
+    assert comparison.csv.is_file() and all(p.is_file() for p in comparison.figures.values())
+
+
+def test_a_refused_config_raises_and_records_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(convnets.ConfigError, match=r"trainer\.epochz: unknown key"):
+        convnets.train(["trainer.epochz=2", f"tracking.uri={uri}"])
+    with pytest.raises(convnets.ConfigError, match=r"model\.layers\[0\]"):
+        convnets.train(
+            ["model.layers=[{filters:8,kernel_size:9,padding:valid}]", f"tracking.uri={uri}"]
+        )
+    with pytest.raises(convnets.ConfigError, match="MLFLOW_TRACKING_USERNAME") as refused:
+        convnets.train(["tracking.uri=http://alice:s3cret@127.0.0.1:1"])
+    assert "s3cret" not in str(refused.value)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_inspect_returns_the_analysis():
+    analysis = convnets.inspect(["model=vgg_small", "dataset=cifar10"])
+    assert analysis.param_count > 0 and analysis.receptive_field > 0
+    assert analysis.feature_shape[-1] > 0
+    with pytest.raises(convnets.ConfigError, match="Could not find 'model/nope'"):
+        convnets.inspect(["model=nope"])
+
+
+def test_importing_convnets_loads_neither_tensorflow_nor_mlflow():
+    from conftest import heavy_modules_loaded
+
+    assert heavy_modules_loaded("convnets", ("tensorflow", "keras", "mlflow", "optuna")) == []
