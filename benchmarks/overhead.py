@@ -78,14 +78,10 @@ def framework_child(num_train: int, overrides: list[str]) -> None:
     sys.argv = [str(ROOT / "train.py"), *overrides]
     with contextlib.ExitStack() as stack:
         if "dataset=mnist" in overrides:  # TFDS only where train.py would import it too
-            from convnets.cli import import_tensorflow_quietly, imports_without_gc
-
             # Imported as train.py imports them for a TFDS dataset (convnets.data), only
             # earlier, so that the mock is in place before train.py runs.
-            import_tensorflow_quietly()
-            with imports_without_gc():
-                import tensorflow_datasets as tfds
             import tensorflow as tf
+            import tensorflow_datasets as tfds
 
             def as_dataset(self, *args, split="train", **kwargs):
                 images, labels = synthetic_arrays(num_train, str(split))

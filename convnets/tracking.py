@@ -5,7 +5,7 @@ and write through :class:`Tracker`, so every call gets the same store handling (
 bounded HTTP probe, redaction). It stays free of TensorFlow so that a sweep's launcher process
 can prepare the store cheaply (``log_model`` imports it only when a model is logged).
 
-Store handling (issue 5):
+Store handling:
 
 - A remote store is probed once with MLflow's HTTP retries switched off and a bounded timeout:
   by default the client retries for minutes, so an unreachable server would look like a hang.

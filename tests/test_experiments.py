@@ -22,7 +22,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 SEARCHES = sorted(p.stem for p in (CONFIGS / "hparams_search").glob("*.yaml"))
 INPUT_SHAPES = {"digits": [8, 8, 1], "mnist": [28, 28, 1], "cifar10": [32, 32, 3]}
-SEARCH_SPACE = {  # what every single-objective Optuna search tunes (issue 6)
+SEARCH_SPACE = {  # what every single-objective Optuna search tunes
     "optimizer.lr",
     "model.layer_defaults.dropout",
     "model.layer_defaults.kernel_size",
