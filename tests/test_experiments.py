@@ -167,3 +167,23 @@ def test_local_config_is_read_last_and_optional(hydra_compose, tmp_path):
     assert cfg.tracking.uri == "sqlite:///elsewhere.db" and cfg.dataset.data_dir == "/data/tfds"
     assert cfg.tracking.experiment == "rf_vs_accuracy"  # the experiment's keys are kept
     assert wins.tracking.uri == "sqlite:///cli.db"
+
+
+@pytest.mark.parametrize("group", ["optimizer", "trainer", "tracking", "distribute"])
+def test_option_files_state_only_what_differs_from_the_schema(group):
+    """Defaults live once, in the schema (convnets/config.py); an option file that restated one
+    would silently keep the old value when the schema's changes."""
+    import typing
+    from dataclasses import MISSING, fields
+
+    from omegaconf import OmegaConf
+
+    from convnets.config import TrainConfig
+
+    schema = typing.get_type_hints(TrainConfig)[group]
+    defaults = {f.name: f.default for f in fields(schema) if f.default is not MISSING}
+    for path in sorted((CONFIGS / group).glob("*.yaml")):
+        stated = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        stated.pop("name", None), stated.pop("strategy", None)  # the option's own name
+        restated = [k for k, v in stated.items() if k in defaults and v == defaults[k]]
+        assert not restated, f"{path.name} restates the schema's defaults: {restated}"
