@@ -41,7 +41,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from convnets.errors import ConfigError, ConvnetsError
+from convnets.errors import ConfigError, ConvnetsError, Interrupted
 
 log = logging.getLogger("convnets")
 
@@ -87,12 +87,50 @@ def run_main(main: Callable[[], Any]) -> None:
     if message is not None and not _full_error():
         _exit(message, ConfigError.exit_code)
     try:
-        main()
+        with stop_signals_interrupt():
+            main()
+    except KeyboardInterrupt as err:  # outside a training run (that one says more itself)
+        print(f"interrupted ({err or 'KeyboardInterrupt'})", file=sys.stderr, flush=True)
+        sys.exit(exit_status(err))
     except Exception as err:  # what Hydra raises outside run_and_report (e.g. --info, --help)
         message = config_error_line(err)
         if message is None or _full_error():
             raise
         _exit(message, ConfigError.exit_code)
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # what Slurm, Kubernetes and a closed terminal send
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt():
+    """While the block runs, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread,
+    so a preempted command stops as on Ctrl-C (the run ends KILLED, its checkpoint kept, the
+    resume command printed) instead of dying with the run left RUNNING. Python's default for
+    them is to die at once. The exit status is then 128 + the signal's number, as a shell
+    reports a process killed by it."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {}
+    for name in STOP_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None:
+            previous[number] = signal.signal(number, interrupt)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def exit_status(err: KeyboardInterrupt) -> int:
+    """128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
+    import signal
+
+    return 128 + getattr(err, "signum", signal.SIGINT)
 
 
 _USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/@\s]+@")  # scheme://user:password@

@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
-from convnets.cli import imports_without_gc, report_user_errors, run_main
+from convnets.cli import exit_status, imports_without_gc, report_user_errors, run_main
 
 CONFIG_PATH = "configs"  # beside this file: package data
 
@@ -45,8 +45,8 @@ def _train(cfg: DictConfig) -> float:
     )
     try:
         run = job.train(cfg, context)
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None  # the run is recorded KILLED; the line is printed
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP: the run is recorded KILLED
+        raise SystemExit(exit_status(err)) from None
     return run.objective if run is not None else float("nan")
 
 

@@ -28,3 +28,15 @@ class TrackingError(ConvnetsError):
 
 class TrainingFailed(ConvnetsError):
     """Training stopped for a recorded reason (e.g. NaN loss)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal other than Ctrl-C (SIGTERM, SIGHUP: what Slurm, Kubernetes and a closed
+    terminal send), raised where the program is so that it is handled exactly like Ctrl-C:
+    the last epoch's checkpoint kept, the run ended KILLED with the signal's name."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from convnets import architecture, checkpoints, checks, sweep
 from convnets.config import RUNTIME_KEYS, TrackingConfig, TrainConfig, is_runtime_key
-from convnets.errors import ConfigError, ConvnetsError, TrackingError
+from convnets.errors import ConfigError, ConvnetsError, Interrupted, TrackingError
 from convnets.tracking import (
     CONFIG_ARTIFACT,
     MODEL_URI_TAG,
@@ -120,10 +120,11 @@ def train(cfg: DictConfig, context: JobContext | None = None) -> Run | None:
     job = _Job(cfg, context)
     try:
         return job.run()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         where = f"; checkpoint kept in {job.checkpoint_dir}" if job.checkpoint_dir else ""
         hint = f"; continue with: {job.resume_command()}" if job.run_id else ""
-        print(f"interrupted: run {job.run_id} recorded KILLED{where}{hint}", file=sys.stderr)
+        by = f" by {err}" if isinstance(err, Interrupted) else ""
+        print(f"interrupted{by}: run {job.run_id} recorded KILLED{where}{hint}", file=sys.stderr)
         raise
     except Exception as err:
         if not context.multirun:
@@ -223,7 +224,9 @@ class _Job:
         ) as active:  # 6.
             self.run_id = active.info.run_id
             self.experiment_id = active.info.experiment_id
-            if not resuming:
+            if resuming:
+                self.tracker.clear_failure_reason(self.run_id)
+            else:
                 # Keyed by the run id: runs sharing a Hydra run dir never touch each other's.
                 self.checkpoint_dir = self._output_dir() / "checkpoints" / self.run_id
                 self.tracker.set_tags({"checkpoint_dir": str(self.checkpoint_dir)})

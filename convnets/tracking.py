@@ -48,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 if TYPE_CHECKING:
     import pandas as pd
 
-from convnets.errors import ConvnetsError, TrackingError
+from convnets.errors import ConvnetsError, Interrupted, TrackingError
 
 CONFIG_ARTIFACT = "config.yaml"
 MODEL_URI_TAG = "model_uri"  # the logged model's runs:/<run_id>/<name> URI, on its run
@@ -367,8 +367,8 @@ class Tracker:
         )
         try:
             yield active
-        except KeyboardInterrupt:
-            self._end(active.info.run_id, "KILLED", "interrupted (KeyboardInterrupt)")
+        except KeyboardInterrupt as err:
+            self._end(active.info.run_id, "KILLED", f"interrupted ({_signal_name(err)})")
             raise
         except BaseException as err:
             self._end(active.info.run_id, "FAILED", failure_reason(err))
@@ -575,6 +575,11 @@ class Tracker:
     def log_artifacts_to(self, run_id: str, folder: str | Path, artifact_path: str | None = None):
         self.client.log_artifacts(run_id, str(folder), artifact_path)
 
+    def clear_failure_reason(self, run_id: str) -> None:
+        """Drop a reopened run's ``failure_reason``: it ended for that reason, and goes on now."""
+        if "failure_reason" in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, "failure_reason")
+
     def end_run(self, run_id: str, status: str, reason: str | None = None) -> None:
         """End a run by id (not the active one), with ``failure_reason`` when not FINISHED."""
         if reason:
@@ -595,6 +600,11 @@ def _cut_at_word(text: str, limit: int) -> str:
         return text
     cut = text[: limit - 3].rsplit(" ", 1)[0].rstrip(" ,;:(")
     return f"{cut}..."
+
+
+def _signal_name(err: KeyboardInterrupt) -> str:
+    """``SIGTERM`` / ``SIGHUP`` for :class:`~convnets.errors.Interrupted`, else Ctrl-C's."""
+    return str(err) if isinstance(err, Interrupted) else "KeyboardInterrupt"
 
 
 def failure_reason(err: BaseException) -> str:

@@ -1,0 +1,58 @@
+"""Preemption through the real CLI: SIGTERM and SIGHUP (what Slurm, Kubernetes and a closed
+terminal send) stop a run as Ctrl-C does: the checkpoint kept, the run KILLED with the signal's
+name, the resume command printed, exit status 128 + the signal; resume then finishes it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CLI_ENV, REPO, train_cli, wait_for_epochs
+from mlflow.tracking import MlflowClient
+
+TINY = "model.layers=[{filters:8},{filters:8,pool:max}]"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_ends_the_run_killed_and_resume_finishes_it(tmp_path, stop):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", TINY, "trainer.epochs=30", "trainer.verbose=0",
+         f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'out'}"],
+        cwd=REPO, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    client = MlflowClient(uri)
+    try:
+        run_id = wait_for_epochs(proc, client, 2)
+        proc.send_signal(stop)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + stop, stderr[-3000:]
+    assert "Traceback" not in stderr
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["failure_reason"] == f"interrupted ({stop.name})"
+    checkpoint = Path(run.data.tags["checkpoint_dir"])
+    epoch = json.loads((checkpoint / "state.json").read_text())["epoch"]
+    assert epoch >= 2
+    [line] = [x for x in stderr.splitlines() if x.startswith("interrupted")]
+    assert line == (
+        f"interrupted by {stop.name}: run {run_id} recorded KILLED; checkpoint kept in "
+        f"{checkpoint}; continue with: python train.py resume={run_id} tracking.uri={uri}"
+    )
+    if stop != signal.SIGTERM:
+        return
+    resumed = train_cli(f"resume={run_id}", f"tracking.uri={uri}", "trainer.verbose=0")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert "failure_reason" not in run.data.tags  # the reason it stopped no longer holds
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert sorted(steps) == list(range(1, 31))  # every epoch once: the resume went on
