@@ -72,6 +72,11 @@ RULES: tuple[_Rule, ...] = (
         "must be [H, W] with positive sides, or null",
     ),
     ("tracking.http_timeout_s", _positive, "must be > 0"),
+    (
+        "tracking.uri",
+        lambda v: bool(v and str(v).strip()),
+        "is empty: give a store, e.g. sqlite:///mlflow.db (the default) or http://host:5000",
+    ),
     ("trainer.freeze_layers", _at_least(0), "must be >= 0"),
 )
 
@@ -101,7 +106,47 @@ def check_config(cfg: DictConfig) -> None:
         )
     if cfg.dataset.source == "sklearn" and cfg.dataset.test_fraction == 0:
         raise ConfigError("dataset.test_fraction=0 leaves digits no test split: use e.g. 0.2")
+    if cfg.dataset.input_shape is not None:  # known without the data: digits, TFDS sets
+        check_channel_stats(cfg.dataset, int(cfg.dataset.input_shape[-1]))
+    replicas, which = _replicas_from_config(cfg.distribute)
+    if replicas:
+        check_batch_split(cfg.trainer.batch_size, replicas, which)
     check_stack(cfg.model, cfg.dataset)
+
+
+def check_channel_stats(dataset: DictConfig, channels: int) -> None:
+    """``dataset.mean`` / ``dataset.std``: one value, or one per channel of the images."""
+    for key in ("mean", "std"):
+        count = len(dataset[key])
+        if count not in (1, channels):
+            raise ConfigError(
+                f"dataset.{key} has {count} values but the {dataset.name} images have "
+                f"{channels} channel{'s' if channels > 1 else ''}: give one value or one per "
+                "channel"
+            )
+
+
+def check_batch_split(batch_size: int, replicas: int, which: str) -> None:
+    """The global batch must split evenly over the replicas (Keras gives each an equal share;
+    an uneven split fails deep in TensorFlow's all-reduce)."""
+    if batch_size % replicas == 0:
+        return
+    lower = batch_size - batch_size % replicas
+    options = f"{lower} or {lower + replicas}" if lower else str(replicas)
+    raise ConfigError(
+        f"trainer.batch_size={batch_size} (the global batch) does not split evenly over "
+        f"{replicas} replicas ({which}): use a multiple of {replicas}, e.g. {options}"
+    )
+
+
+def _replicas_from_config(distribute: DictConfig) -> tuple[int, str]:
+    """How many replicas the config alone fixes (0: known only once TensorFlow sees the
+    devices), and the key that says so."""
+    if distribute.strategy in ("mirrored", "one_device") and distribute.devices:
+        return len(distribute.devices), f"distribute.devices has {len(distribute.devices)}"
+    if distribute.strategy == "mirrored" and distribute.cpu_replicas:
+        return distribute.cpu_replicas, f"distribute.cpu_replicas={distribute.cpu_replicas}"
+    return 0, ""
 
 
 def unknown_keys(node: Any, path: str = "") -> Iterator[str]:

@@ -275,6 +275,9 @@ def config_error_line(err: BaseException) -> str | None:
         return f"{line}; available: {', '.join(err.options)}" if err.options else line
     if isinstance(err, OverrideParseException):
         return f"{err.override}: {err.message.strip().splitlines()[0]}"
+    past_end = _index_past_end(cause)
+    if past_end is not None:
+        return past_end
     key = getattr(cause, "full_key", None)
     override = re.search(r"override '?([^=' ]+)", str(err).splitlines()[0])
     if override and key and not _dotted(key).startswith(_dotted(override.group(1))):
@@ -282,6 +285,22 @@ def config_error_line(err: BaseException) -> str | None:
     if isinstance(cause, ConfigAttributeError | ConfigKeyError) and key:
         return f"{key}: unknown key ({first}); check the spelling (--cfg job prints every key)"
     return f"{key}: {first}" if key else first
+
+
+def _index_past_end(err: BaseException) -> str | None:
+    """``model.layers.5.filters=8`` on a 4-layer stack: OmegaConf reports a type error on an
+    empty entry; say which index, how long the list is, and how to add one."""
+    from omegaconf import ListConfig
+
+    parent, index = getattr(err, "parent_node", None), getattr(err, "key", None)
+    if not isinstance(parent, ListConfig) or not isinstance(index, int) or index < len(parent):
+        return None
+    where = _dotted(str(getattr(err, "full_key", ""))).rsplit(".", 1)[0]
+    size = len(parent)
+    return (
+        f"{where}.{index}: there is no entry {index}: {where} has {size} "
+        f"(indices 0-{size - 1}); to add one, give the whole list ({where}=[...])"
+    )
 
 
 def _dotted(key: str) -> str:

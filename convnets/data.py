@@ -288,17 +288,13 @@ def _check_fractions(cfg: DictConfig) -> None:
 
 
 def _channel_stats(cfg: DictConfig, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    from convnets.checks import check_channel_stats
+
+    check_channel_stats(cfg, channels)  # image folders: the channels are known from the files
     stats = []
     for key in ("mean", "std"):
         values = [float(v) for v in cfg[key]]
-        if len(values) == 1:
-            values *= channels
-        if len(values) != channels:
-            raise ConfigError(
-                f"dataset.{key} has {len(values)} values but the images have {channels} "
-                "channels: give one value or one per channel"
-            )
-        stats.append(tuple(values))
+        stats.append(tuple(values * channels if len(values) == 1 else values))
     if min(stats[1]) <= 0 or cfg.max_pixel_value <= 0:
         raise ConfigError("dataset.std and dataset.max_pixel_value must be positive")
     return stats[0], stats[1]

@@ -1,0 +1,54 @@
+"""Mistakes that used to reach TensorFlow (a traceback after seconds) or say too little, each
+refused through the real CLI in one ``error:`` line, exit 2, before a store file exists."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import CLI_ENV, REPO
+
+CASES = {
+    "list index past the end": (
+        ["model.layers.5.filters=8"],
+        "error: model.layers.5: there is no entry 5: model.layers has 4 (indices 0-3); to add "
+        "one, give the whole list (model.layers=[...])",
+    ),
+    "channel statistics": (
+        ["dataset.mean=[0.1,0.2]"],
+        "error: dataset.mean has 2 values but the digits images have 1 channel: give one value "
+        "or one per channel",
+    ),
+    "empty store": (
+        ["tracking.uri="],
+        "error: tracking.uri= is empty: give a store, e.g. sqlite:///mlflow.db (the default) or "
+        "http://host:5000",
+    ),
+    "uneven batch split": (
+        ["distribute=mirrored", "distribute.cpu_replicas=3"],
+        "error: trainer.batch_size=64 (the global batch) does not split evenly over 3 replicas "
+        "(distribute.cpu_replicas=3): use a multiple of 3, e.g. 63 or 66",
+    ),
+    "batch smaller than the replicas": (
+        ["distribute=mirrored", "distribute.devices=[/cpu:0,/cpu:1]", "trainer.batch_size=1"],
+        "error: trainer.batch_size=1 (the global batch) does not split evenly over 2 replicas "
+        "(distribute.devices has 2): use a multiple of 2, e.g. 2",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_refused_in_one_line_before_anything_exists(tmp_path, case):
+    overrides, line = CASES[case]
+    result = subprocess.run(  # from an empty folder: whatever a store would leave shows
+        [sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={tmp_path / 'out'}"],
+        cwd=tmp_path,
+        env=CLI_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [line]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
