@@ -4,7 +4,8 @@ Layout (``checkpoint_dir``), written by :mod:`convnets.trainer` only at epoch en
 
 - ``epoch-NNNN.weights.h5``: model + optimizer state after epoch NNNN (the last one kept)
 - ``best-NNNN.weights.h5``: the weights of the best epoch by ``val_accuracy``
-- ``state.json``: the commit record naming the two files above, the last completed epoch,
+- ``state.json``: the commit record naming the two files above (bare names of that pattern,
+  each with its sha256, checked by :func:`verify` before anything is loaded), the last completed epoch,
   every completed epoch's logs and the ``identity`` the caller gave (the job: the MLflow run
   id and the config digest, so a resume can refuse a checkpoint that is not its own). It is
   replaced atomically *after* the files it names are complete, so a process killed at any
@@ -21,9 +22,13 @@ commit record needs no TensorFlow, so a resume is checked before it loads.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
+
+from convnets.errors import CheckpointError
 
 STATE_FILE = "state.json"
 FINAL_MODEL = "model.keras"
@@ -36,6 +41,44 @@ def read_state(checkpoint_dir: str | Path) -> dict | None:
         return json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())
     except FileNotFoundError:
         return None
+
+
+WEIGHTS_NAME = re.compile(r"(epoch|best)-\d{4}\.weights\.h5")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(checkpoint_dir: str | Path, state: dict) -> None:
+    """Refuse, in one line, a committed state whose weights files cannot be trusted: a name
+    that is not a bare ``epoch-NNNN.weights.h5`` / ``best-NNNN.weights.h5`` (an absolute path
+    or ``..`` would read outside the folder), a missing file, or one whose sha256 differs from
+    the recorded one (swapped in from another run, or changed). Records written before
+    digests were kept are checked by name only."""
+    folder = Path(checkpoint_dir)
+    digests = state.get("sha256") or {}
+    for key in ("last", "best"):
+        name = state.get(key)
+        if name is None:
+            continue
+        if not isinstance(name, str) or not WEIGHTS_NAME.fullmatch(name):
+            raise CheckpointError(
+                f"{folder / STATE_FILE}: {key}={name!r} is not a weights file of this folder "
+                "(expected e.g. epoch-0003.weights.h5); refusing to load it"
+            )
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: named by {STATE_FILE} but missing; cannot continue")
+        if name in digests and sha256(path) != digests[name]:
+            raise CheckpointError(
+                f"{path}: its sha256 differs from the one {STATE_FILE} recorded (the file was "
+                "replaced or changed after the epoch was committed); refusing to load it"
+            )
 
 
 def atomic_write_text(path: Path, text: str) -> None:

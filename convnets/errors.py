@@ -26,6 +26,11 @@ class TrackingError(ConvnetsError):
     """The MLflow store is unreachable or invalid, or a run id is unknown."""
 
 
+class CheckpointError(ConvnetsError):
+    """A checkpoint folder that cannot be trusted: a weights file swapped, changed, missing, or
+    named outside the folder."""
+
+
 class TrainingFailed(ConvnetsError):
     """Training stopped for a recorded reason (e.g. NaN loss)."""
 

@@ -692,6 +692,7 @@ def _check_resumable(run: MlflowRun, cfg: DictConfig) -> None:
     state = checkpoints.read_state(checkpoint_dir)
     if state is None:
         return  # killed before its first epoch ended: it starts from epoch 1, nothing to splice
+    checkpoints.verify(checkpoint_dir, state)  # before TensorFlow loads anything
     owner = state.get("run_id")
     if owner != run_id or state.get("config_digest") != config_digest(cfg):
         whose = f"run {owner}" if owner and owner != run_id else "another training"

@@ -200,6 +200,8 @@ def fit(
         )
     if resume and state is None:
         log.info("no checkpoint in %s: training from epoch 1", checkpoint_dir)
+    if state is not None:
+        checkpoints.verify(checkpoint_dir, state)
 
     seed_everything(trainer_cfg.seed, trainer_cfg.deterministic)
     one_hot = trainer_cfg.label_smoothing > 0
@@ -465,6 +467,11 @@ class _EpochState(keras.callbacks.Callback):
             "best_epoch": self.best_epoch,
             "best_val_accuracy": self.best_val_accuracy,
             "history": self.history,
+            "sha256": {  # what verify() checks before any of them is loaded again
+                name: checkpoints.sha256(self.write_dir / name)
+                for name in (self.last_file, self.best_file)
+                if name is not None
+            },
         }
         checkpoints.atomic_write_text(
             self.write_dir / checkpoints.STATE_FILE, json.dumps(state, indent=1)

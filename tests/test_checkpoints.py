@@ -1,0 +1,84 @@
+"""A checkpoint folder is trusted only as far as its commit record vouches for it: bare weights
+names of the expected pattern, each file's sha256 as recorded. Checked before TensorFlow loads,
+through the real CLI for a stopped run, and directly on hand-made folders."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CLI_ENV, REPO, imported, train_cli, wait_for_epochs
+from mlflow.tracking import MlflowClient
+
+from convnets import checkpoints
+from convnets.errors import CheckpointError
+
+TINY = "model.layers=[{filters:8},{filters:8,pool:max}]"
+
+
+def folder_with(tmp_path: Path, **state) -> Path:
+    for name in ("epoch-0002.weights.h5", "best-0001.weights.h5"):
+        (tmp_path / name).write_bytes(name.encode())
+    digests = {n: checkpoints.sha256(tmp_path / n) for n in ("epoch-0002.weights.h5",)}
+    record = {"epoch": 2, "last": "epoch-0002.weights.h5", "best": "best-0001.weights.h5"}
+    (tmp_path / "state.json").write_text(json.dumps({**record, "sha256": digests, **state}))
+    return tmp_path
+
+
+def test_a_consistent_folder_passes(tmp_path):
+    folder = folder_with(tmp_path)  # best-0001 has no digest: an older record, checked by name
+    checkpoints.verify(folder, checkpoints.read_state(folder))
+
+
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ({"last": "/etc/passwd"}, "is not a weights file of this folder"),
+        ({"last": "../epoch-0002.weights.h5"}, "is not a weights file of this folder"),
+        ({"best": "best-0009.weights.h5"}, "missing"),
+        ({"sha256": {"epoch-0002.weights.h5": "0" * 64}}, "sha256 differs"),
+    ],
+)
+def test_an_untrusted_folder_is_refused(tmp_path, state, message):
+    folder = folder_with(tmp_path, **state)
+    with pytest.raises(CheckpointError, match=message):
+        checkpoints.verify(folder, checkpoints.read_state(folder))
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_swapped_or_escaping_checkpoint_before_tensorflow(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", TINY, "trainer.epochs=30", "trainer.verbose=0",
+         f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'out'}"],
+        cwd=REPO, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    client = MlflowClient(uri)
+    try:
+        run_id = wait_for_epochs(proc, client, 2)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    folder = Path(client.get_run(run_id).data.tags["checkpoint_dir"])
+    state = checkpoints.read_state(folder)
+    weights = folder / state["last"]
+    weights.write_bytes(weights.read_bytes() + b"\0")  # another run's file would differ too
+    refused = train_cli(f"resume={run_id}", f"tracking.uri={uri}", importtime=True)
+    assert refused.returncode == 1
+    lines = [x for x in refused.stderr.splitlines() if x.startswith("error: ")]
+    assert lines == [
+        f"error: {weights}: its sha256 differs from the one state.json recorded (the file was "
+        "replaced or changed after the epoch was committed); refusing to load it"
+    ]
+    assert "Traceback" not in refused.stderr and "tensorflow" not in imported(refused)
+    (folder / "state.json").write_text(json.dumps({**state, "last": str(Path("/etc/passwd"))}))
+    escaping = train_cli(f"resume={run_id}", f"tracking.uri={uri}")
+    assert escaping.returncode == 1 and "is not a weights file of this folder" in escaping.stderr
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"  # the store is left as it was
