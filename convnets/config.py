@@ -65,6 +65,7 @@ class Source(StrEnum):
 # overrides of these only (applied over the recorded config and tagged ``runtime_overrides``),
 # and the config digest that ties a checkpoint to its run leaves them out.
 RUNTIME_KEYS = (
+    "checkpoint_dir",
     "dataset.data_dir",
     "dataset.path",
     "distribute",
@@ -226,6 +227,9 @@ class TrainConfig:
     tracking: TrackingConfig = MISSING
     reproduce: str | None = None  # MLflow run id to rerun exactly
     resume: str | None = None  # MLflow run id to continue from its last completed epoch
+    # With resume=: the run's checkpoint folder when it was copied (another machine); default
+    # the folder the run wrote, its checkpoint_dir tag.
+    checkpoint_dir: str | None = None
     init_from: str | None = None  # MLflow run id whose logged model's weights start this run
 
 

@@ -217,7 +217,7 @@ class _Job:
 
         resuming = self.source is not None and self.source.key == "resume"
         if resuming:
-            self.checkpoint_dir = Path(self.source.run.data.tags["checkpoint_dir"])
+            self.checkpoint_dir = _resume_folder(self.source.run, cfg)
         with self.tracker.run(
             experiment_id=experiment_id,
             run_name=self._run_name(cfg),
@@ -236,12 +236,13 @@ class _Job:
                 self._log_definition(cfg, analysis, bundle)
             if self.trial is not None:
                 self.trial.start(self.run_id)
-            model, result = fit(
-                checkpoint_dir=self.checkpoint_dir,
-                after_epoch=self._epoch_recorder(resuming),
-                resume=resuming,
-                identity={"run_id": self.run_id, "config_digest": config_digest(cfg)},
-            )
+            with checkpoints.held(self.checkpoint_dir):  # resume= refuses while this trains
+                model, result = fit(
+                    checkpoint_dir=self.checkpoint_dir,
+                    after_epoch=self._epoch_recorder(resuming),
+                    resume=resuming,
+                    identity={"run_id": self.run_id, "config_digest": config_digest(cfg)},
+                )
             if self.trial is not None and self.trial.pruned:
                 self._record_pruned(analysis, result)
                 return self._recorded(cfg, result, None, pruned=True)
@@ -316,7 +317,7 @@ class _Job:
         with tempfile.TemporaryDirectory(prefix="convnets-worker-") as scratch:
             model, result = fit(
                 checkpoint_dir=(
-                    Path(self.source.run.data.tags["checkpoint_dir"])
+                    _resume_folder(self.source.run, cfg)
                     if resuming
                     else Path(scratch) / "checkpoints"
                 ),
@@ -688,7 +689,26 @@ def _check_resumable(run: MlflowRun, cfg: DictConfig) -> None:
             f"so no epoch can be continued; python train.py reproduce={run_id} trains it "
             "again as a new run"
         )
-    checkpoint_dir = Path(run.data.tags["checkpoint_dir"])
+    checkpoint_dir = _resume_folder(run, cfg)
+    if not checkpoint_dir.is_dir():
+        raise TrackingError(
+            f"resume={run_id}: its checkpoint folder {checkpoint_dir} is not on this machine "
+            "(the run trained elsewhere, or the folder was deleted); copy the folder here and "
+            f"add checkpoint_dir=<the copy>, or train the run again as a new run with "
+            f"reproduce={run_id}"
+        )
+    # Under multi_worker every worker of this resume reads the folder the chief is about to hold.
+    holder = (
+        None
+        if cfg.distribute.strategy == "multi_worker"
+        else checkpoints.live_holder(checkpoint_dir)
+    )
+    if holder is not None:
+        raise TrackingError(
+            f"resume={run_id}: the run is still training: {holder} holds {checkpoint_dir}; "
+            f"stop it first (if that process is gone for good, delete "
+            f"{checkpoint_dir / checkpoints.LOCK_FILE})"
+        )
     state = checkpoints.read_state(checkpoint_dir)
     if state is None:
         return  # killed before its first epoch ended: it starts from epoch 1, nothing to splice
@@ -703,11 +723,17 @@ def _check_resumable(run: MlflowRun, cfg: DictConfig) -> None:
         )
 
 
+def _resume_folder(run: MlflowRun, cfg: DictConfig) -> Path:
+    """Where resume= reads the run's checkpoint: ``checkpoint_dir=`` (a copy), else its tag."""
+    return Path(cfg.get("checkpoint_dir") or run.data.tags["checkpoint_dir"]).expanduser()
+
+
 def _recordable(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as recorded (params, config.yaml): no run ids, no credentials."""
     resolved = _drop_unset(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     resolved.pop("reproduce", None)
     resolved.pop("resume", None)
+    resolved.pop("checkpoint_dir", None)  # where this machine keeps a copy: not what is trained
     resolved["tracking"]["uri"] = redact(resolved["tracking"]["uri"])
     return resolved
 
