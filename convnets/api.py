@@ -105,7 +105,8 @@ def _compose(config_name: str, overrides: Sequence[str]) -> tuple[DictConfig, Di
     from hydra import compose, initialize_config_dir
 
     import convnets.config  # noqa: F401  (registers the schemas)
-    from convnets.cli import config_error_line, credentials_in
+    from convnets.cli import config_error_line
+    from convnets.credentials import credentials_in, credentials_in_config
 
     overrides = [str(o) for o in overrides]
     refused = credentials_in(overrides)
@@ -122,6 +123,12 @@ def _compose(config_name: str, overrides: Sequence[str]) -> tuple[DictConfig, Di
         if line is None:
             raise
         raise ConfigError(line) from err
+    try:
+        refused = credentials_in_config(cfg)  # config files, interpolations: resolved
+    except Exception as err:  # noqa: BLE001 - an interpolation that cannot resolve
+        raise ConfigError(config_error_line(err) or str(err).splitlines()[0]) from err
+    if refused is not None:
+        raise ConfigError(refused)
     hydra_cfg = cfg.hydra
     with open_dict(cfg):
         del cfg["hydra"]

@@ -41,6 +41,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from convnets.credentials import credentials_in
 from convnets.errors import ConfigError, ConvnetsError, Interrupted
 
 log = logging.getLogger("convnets")
@@ -131,29 +132,6 @@ def exit_status(err: KeyboardInterrupt) -> int:
     import signal
 
     return 128 + getattr(err, "signum", signal.SIGINT)
-
-
-_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/@\s]+@")  # scheme://user:password@
-
-
-def credentials_in(args: Sequence[str]) -> str | None:
-    """The refusal for the first argument that puts ``user:password@`` in a URI, or None.
-
-    Checked before Hydra composes: Hydra writes every override into the run dir
-    (``.hydra/overrides.yaml``, ``config.yaml``, ``hydra.yaml``) before the task starts, even
-    one that is then refused, and MLflow prints the tracking URI; a password given there would
-    reach disk and the console. MLflow takes credentials from the environment instead. The
-    message never repeats the value.
-    """
-    for arg in args:
-        if _USERINFO.search(arg):
-            key = arg.split("=", 1)[0] if "=" in arg else "an argument"
-            return (
-                f"{key}: a URI with user:password@ would be written to the run's files "
-                "and printed; drop the credentials from the URI and set "
-                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead"
-            )
-    return None
 
 
 def refuse_credentials(argv: Sequence[str]) -> None:
