@@ -1,4 +1,5 @@
-"""Data errors through the real CLI: one `error: ...` line, non-zero exit, no traceback.
+"""Data errors through the real CLI: one `error: ...` line, non-zero exit, no traceback; and
+training on an image folder, in this process (``convnets.train``).
 
 How fast they fail is measured by benchmarks/failfast.py, not asserted here.
 """
@@ -129,6 +130,8 @@ def test_train_on_an_image_folder_reports_test_accuracy(tmp_path):
     import numpy as np
     from sklearn.datasets import load_digits
 
+    import convnets
+
     digits = load_digits()
     root = tmp_path / "images"
     for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
@@ -136,17 +139,22 @@ def test_train_on_an_image_folder_reports_test_accuracy(tmp_path):
         path = root / split / f"digit{label}" / f"{i:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.rint(image * 255 / 16).astype(np.uint8), "L").save(path)
-    result = train(
-        tmp_path,
-        "dataset=image_folder",
-        f"dataset.path={root}",
-        "trainer.epochs=3",
-        "trainer.verbose=0",
+    uri = f"sqlite:///{tmp_path}/m.db"
+    returned = convnets.train(
+        [
+            "dataset=image_folder",
+            f"dataset.path={root}",
+            "trainer.epochs=3",
+            "trainer.verbose=0",
+            f"tracking.uri={uri}",
+        ],
+        output_dir=tmp_path / "run",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
+    mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(search_all_experiments=True)
     assert len(runs) == 1
     run = runs.iloc[0]
+    assert run["run_id"] == returned.run_id
     assert run["tags.dataset"] == "image_folder"
+    assert run["metrics.test_accuracy"] == returned.test_accuracy
     assert run["metrics.test_accuracy"] > 0.85  # 8x8 digits: ~0.97 after 3 epochs

@@ -1,7 +1,10 @@
-"""evaluate.py end to end: a tiny two-job digits sweep, then evaluate / compare / bad input.
+"""evaluate.py on a tiny two-job digits sweep: evaluate / compare / bad input.
 
-One sweep (``train.py -m``, 2 jobs, 2 epochs, a 2-layer stack) is shared by every test of the
-module; the error paths that need no subprocess run in-process.
+One sweep (a real ``train.py -m``, 2 jobs, 2 epochs, a 2-layer stack: multiruns are
+command-line only) is shared by every test of the module. What is about the command itself
+runs it in a subprocess: comparing recorded runs without loading TensorFlow, an unknown run id
+as one ``error:`` line. Evaluating a run's model (its record, metrics and figures) and the
+error paths run in this process (``convnets.evaluate``, ``evaluate_job.run``).
 """
 
 import csv
@@ -17,6 +20,7 @@ from conftest import imported
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
+import convnets
 from convnets import comparison, evaluate_job
 from convnets.config import EvaluateConfig, TrackingConfig
 from convnets.errors import ConfigError, TrackingError
@@ -34,8 +38,8 @@ FIGURES = {
     "effective_receptive_field.png",
 }
 
-# One ~40 s training sweep for the module, then ~10 s per CLI call; the xdist group keeps
-# the module on one worker (`--dist loadgroup`), so the sweep is trained once.
+# One ~30 s training sweep for the module, then ~4 s per CLI call (no TensorFlow); the xdist
+# group keeps the module on one worker (`--dist loadgroup`), so the sweep is trained once.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("evaluate_cli")]
 
 
@@ -92,14 +96,7 @@ def is_png(path):
 def test_evaluate_run_reproduces_test_accuracy_and_logs_figures(store, tmp_path):
     uri, _, children, _ = store
     run_id = children["run_id"][0]
-    result = cli(
-        "evaluate.py",
-        f"run_id={run_id}",
-        f"tracking.uri={uri}",
-        f"hydra.run.dir={tmp_path}",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    report = convnets.evaluate(run_id=run_id, output_dir=tmp_path, **{"tracking.uri": uri})
     client = MlflowClient(uri)
     metrics = client.get_run(run_id).data.metrics
     assert metrics["eval_accuracy"] == metrics["test_accuracy"]  # same weights, data, order
@@ -107,8 +104,12 @@ def test_evaluate_run_reproduces_test_accuracy_and_logs_figures(store, tmp_path)
     per_class = {k: v for k, v in metrics.items() if k.startswith("eval_accuracy_class_")}
     assert sorted(per_class) == [f"eval_accuracy_class_{d}" for d in range(10)]
     assert all(0.0 <= v <= 1.0 for v in per_class.values())
+    assert report.metrics == {k: metrics[k] for k in report.metrics}  # returned as recorded
+    assert {"eval_accuracy", "eval_loss", *per_class} <= set(report.metrics)
     logged = {Path(a.path).name for a in client.list_artifacts(run_id, "evaluation")}
     assert logged == FIGURES
+    assert {Path(p).name for p in report.figures.values()} == FIGURES
+    assert all(is_png(tmp_path / "evaluation" / name) for name in FIGURES)  # written locally
     local = mlflow.artifacts.download_artifacts(
         run_id=run_id, artifact_path="evaluation", dst_path=str(tmp_path / "dl"), tracking_uri=uri
     )

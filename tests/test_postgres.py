@@ -1,0 +1,175 @@
+"""A team's setup for real: a PostgreSQL cluster (this machine's own server binaries, a
+throwaway cluster on a free loopback port, password authentication), an ``mlflow server`` on
+it, a run recorded through the server, its reproduce from another working folder, and one
+search whose Optuna storage is on PostgreSQL, continued by a second process. The password
+travels only through libpq's ``PGPASSWORD``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import CLI_ENV, REPO, free_port, stop_process_group
+from mlflow.tracking import MlflowClient
+
+import convnets
+
+PASSWORD = "team-pa55"
+TINY = ["model.layers=[{filters:4},{filters:4,pool:max}]", "trainer.verbose=0"]
+
+
+def _server_binary(name: str) -> str | None:
+    """``pg_ctl`` / ``initdb``: on PATH, else where Debian's package puts them."""
+    found = shutil.which(name)
+    if found is None:
+        candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+        found = str(candidates[-1]) if candidates else None
+    return found
+
+
+def _as_postgres(name: str, *args: str) -> list[str]:
+    """The server refuses to run as root: as the ``postgres`` user then (Debian's package)."""
+    command = [_server_binary(name), *args]
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    if _server_binary("pg_ctl") is None or _server_binary("initdb") is None:
+        pytest.skip("PostgreSQL's server binaries (pg_ctl, initdb) are not installed")
+    psycopg = pytest.importorskip("psycopg")
+    root = Path(tempfile.mkdtemp(prefix="convnets-pg-"))  # not under pytest's root-only tmp
+    data, pwfile, port = root / "data", root / "pwfile", free_port()
+    pwfile.write_text(PASSWORD)
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        shutil.chown(pwfile, "postgres")
+    subprocess.run(
+        _as_postgres("initdb", "-D", str(data), "-U", "postgres", f"--pwfile={pwfile}")
+        + ["--auth=scram-sha-256"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
+    subprocess.run(
+        _as_postgres("pg_ctl", "-D", str(data), "-o", options, "-l", str(root / "log"), "-w")
+        + ["start"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    try:
+        dsn = f"host=127.0.0.1 port={port} user=postgres password={PASSWORD} dbname=postgres"
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for name in ("mlflow", "optuna"):
+                conn.execute(f"CREATE DATABASE {name}")
+        yield {"port": port, "url": f"postgresql+psycopg://postgres@127.0.0.1:{port}"}
+    finally:
+        subprocess.run(_as_postgres("pg_ctl", "-D", str(data), "-m", "fast", "stop"))
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def team_server(postgres, tmp_path_factory):
+    """``mlflow server`` on the PostgreSQL database, artifacts proxied to a folder."""
+    root = tmp_path_factory.mktemp("team-server")
+    port = free_port()
+    log = open(root / "server.log", "w")  # noqa: SIM115 - closed on teardown
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server",
+         "--backend-store-uri", f"{postgres['url']}/mlflow",
+         "--artifacts-destination", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "PGPASSWORD": PASSWORD},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server not healthy in 120 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        stop_process_group(proc)
+        log.close()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("postgres")
+def test_a_run_and_its_reproduce_from_another_folder(team_server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = [
+        *TINY,
+        "trainer.epochs=2",
+        "trainer.deterministic=true",
+        f"tracking.uri={team_server}",
+    ]
+    run = convnets.train(common, output_dir=tmp_path / "alice")
+    client = MlflowClient(team_server)
+    recorded = client.get_run(run.run_id)
+    assert recorded.info.status == "FINISHED"
+    assert recorded.data.metrics["test_accuracy"] == run.test_accuracy
+    assert [m.step for m in client.get_metric_history(run.run_id, "loss")] == [1, 2]
+
+    elsewhere = tmp_path / "bob"  # a colleague's working folder: only the server is shared
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    again = convnets.train(
+        [f"reproduce={run.run_id}", f"tracking.uri={team_server}", "trainer.verbose=0"]
+    )
+    assert again.tags["reproduces"] == run.run_id
+    assert again.tags["reproduce_verdict"] == "identical"
+    assert str(again.model_path).startswith(str(elsewhere))
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("postgres")
+def test_one_search_on_postgres_continued_by_a_second_process(postgres, team_server, tmp_path):
+    import optuna
+
+    storage = f"{postgres['url']}/optuna"
+    env = {**CLI_ENV, "PGPASSWORD": PASSWORD}
+
+    def search(n_trials: int, folder: str) -> None:
+        result = subprocess.run(
+            [sys.executable, "train.py", "-m", "hparams_search=digits_optuna", *TINY,
+             "tracking.log_model=false", "trainer.epochs=1", f"hydra.sweeper.n_trials={n_trials}",
+             f"hydra.sweeper.storage={storage}", f"tracking.uri={team_server}",
+             f"hydra.sweep.dir={tmp_path / folder}"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert PASSWORD not in result.stdout + result.stderr
+
+    search(2, "first")
+    search(3, "second")  # another process (another machine) continues the same study
+    os.environ["PGPASSWORD"] = PASSWORD
+    try:
+        study = optuna.load_study(study_name="digits_optuna", storage=storage)
+    finally:
+        del os.environ["PGPASSWORD"]
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    client = MlflowClient(team_server)
+    experiment = client.get_experiment_by_name("digits_optuna") or client.get_experiment_by_name(
+        "digits"
+    )
+    found = client.search_runs([experiment.experiment_id])
+    parents = [r for r in found if r.data.tags.get("sweep_role") == "parent"]
+    assert len(parents) == 1  # both processes recorded under the study's one parent
+    children = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 3
+    assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {
+        r.info.run_id for r in children
+    }
