@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from convnets import plots
-from convnets.errors import TrackingError
+from convnets import plots, statistics
+from convnets.errors import ConfigError, TrackingError
 from convnets.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ def pareto_front(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
 
 METRIC_COLUMNS = (
     "test_accuracy",
+    "best_val_accuracy",
     "param_count",
     "receptive_field",
     "effective_receptive_field",
@@ -169,10 +170,12 @@ def _point_labels(runs: pd.DataFrame) -> list[str] | None:
 
 @dataclass
 class CompareReport:
-    table: pd.DataFrame
+    table: pd.DataFrame  # one row per run
     csv: Path
     figures: dict[str, Path]
     parent_run_id: str | None = None  # set when the report was logged to a sweep parent
+    groups: pd.DataFrame | None = None  # one row per seed group (statistics.groups_table)
+    groups_csv: Path | None = None
 
 
 def _finished_runs(tracker: Tracker, target: str) -> tuple[pd.DataFrame, str | None]:
@@ -213,13 +216,18 @@ def _finished_runs(tracker: Tracker, target: str) -> tuple[pd.DataFrame, str | N
     return runs.reset_index(drop=True), parent.info.run_id if parent is not None else None
 
 
-def compare(tracker: Tracker, target: str, out_dir: str | Path) -> CompareReport:
+def compare(
+    tracker: Tracker, target: str, out_dir: str | Path, baseline: str | None = None
+) -> CompareReport:
     """Comparison report of an experiment's (or a sweep parent's) FINISHED runs.
 
     Writes ``runs.csv`` (:func:`runs_table`, plus ``pareto_params`` / ``pareto_rf``: whether
-    the run is on the front of accuracy vs parameters / vs receptive field) and the
-    :func:`summary_figures` PNGs to ``out_dir``; when ``target`` is a run id they are also
-    logged to that run under ``compare/``.
+    the run is on the front of accuracy vs parameters / vs receptive field), ``groups.csv``
+    (runs that differ only in ``trainer.seed`` as one row: n, mean, std, 95% CI; the Pareto
+    front of the means; with ``baseline``, each group's verdict against the baseline group
+    and the test used) and the :func:`summary_figures` PNGs plus the group means with error
+    bars to ``out_dir``; when ``target`` is a run id they are also logged to that run under
+    ``compare/``.
     """
     runs, parent_id = _finished_runs(tracker, target)
     table = runs_table(runs)
@@ -232,8 +240,62 @@ def compare(tracker: Tracker, target: str, out_dir: str | Path) -> CompareReport
     csv = out_dir / "runs.csv"
     table.to_csv(csv, index=False)
     figures = summary_figures(table, out_dir)
+    groups = statistics.groups_table(table)
+    groups["pareto_params"] = False
+    groups.loc[
+        pareto_front(groups["param_count"], groups["test_accuracy_mean"]), "pareto_params"
+    ] = True
+    if baseline is not None:
+        try:
+            base = statistics.baseline_group(groups, str(baseline))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        groups = statistics.verdicts(groups, table, base)
+    groups_csv = out_dir / "groups.csv"
+    groups.to_csv(groups_csv, index=False)
+    figures["groups_accuracy_vs_params"] = _group_figure(groups, out_dir)
+    for line in _group_lines(groups):
+        print(line, flush=True)
     if parent_id is not None:
-        for path in (csv, *figures.values()):
+        for path in (csv, groups_csv, *figures.values()):
             tracker.log_artifact_to(parent_id, path, COMPARE_DIR)
-    log.info("compare: %d runs; report in %s", len(table), out_dir)
-    return CompareReport(table, csv, figures, parent_id)
+    log.info("compare: %d runs in %d groups; report in %s", len(table), len(groups), out_dir)
+    return CompareReport(table, csv, figures, parent_id, groups, groups_csv)
+
+
+def _group_figure(groups: pd.DataFrame, out_dir: Path) -> Path:
+    front = pareto_front(groups["param_count"], groups["test_accuracy_mean"])
+    fig = plots.group_means(
+        groups["param_count"],
+        groups["test_accuracy_mean"],
+        groups["test_accuracy_ci_low"],
+        groups["test_accuracy_ci_high"],
+        groups["n"].tolist(),
+        front,
+        xlabel="parameters (log scale)",
+        title=f"Test accuracy per configuration ({len(groups)} groups; seeds pooled)",
+        log_x=True,
+    )
+    return plots.save(fig, out_dir / "groups_accuracy_vs_params.png")
+
+
+def _group_lines(groups: pd.DataFrame) -> list[str]:
+    """One line a group: ``g1 width=1.0: n=3 test_accuracy 0.95 +- 0.01 (95% CI ...)``."""
+    lines = []
+    for i, row in groups.iterrows():
+        text = (
+            f"g{i + 1} {row['group']}: n={row['n']} test_accuracy {row['test_accuracy_mean']:.4f}"
+        )
+        if row["n"] >= 2:
+            text += (
+                f" +- {row['test_accuracy_std']:.4f} (95% CI {row['test_accuracy_ci_low']:.4f}"
+                f"..{row['test_accuracy_ci_high']:.4f})"
+            )
+        else:
+            text += " (one run: no interval)"
+        if "verdict" in groups:
+            text += f"; {row['verdict']}"
+            if math.isfinite(row["p_value"]):
+                text += f" ({row['test']}, p={row['p_value']:.3g})"
+        lines.append(text)
+    return lines

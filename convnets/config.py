@@ -239,6 +239,8 @@ class EvaluateConfig:
     run_id: str | None = None
     checkpoint: str | None = None  # a local .keras model instead of a run
     compare: str | None = None  # experiment name or sweep parent run id
+    # with compare=: a run id or group label; every seed group is tested against its group
+    baseline: str | None = None
     output_dir: str | None = None  # where figures / the report go; null = Hydra's run dir
     batch_size: int | None = None  # null = the run's trainer.batch_size (same batches as test_*)
     # checkpoint=<path.keras> without a config.yaml beside it: dataset=<name> says which data

@@ -51,7 +51,7 @@ def run(cfg: DictConfig, default_out_dir: str | Path) -> EvalReport | comparison
     tracker = Tracker(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
     tracker.check_store()
     if cfg.compare:
-        return comparison.compare(tracker, str(cfg.compare), out_dir)
+        return comparison.compare(tracker, str(cfg.compare), out_dir, cfg.baseline)
     run_id = str(cfg.run_id)
     tracker.get_run(run_id)  # an unknown id is refused here, before TensorFlow loads
     evaluation = _evaluation()

@@ -390,3 +390,52 @@ def pareto_scatter(
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     return fig
+
+
+def group_means(
+    x: Sequence[float],
+    mean: Sequence[float],
+    low: Sequence[float],
+    high: Sequence[float],
+    n: Sequence[int],
+    front: Sequence[int],
+    *,
+    xlabel: str,
+    title: str,
+    log_x: bool = False,
+) -> Figure:
+    """Group means (runs that differ only in the seed) with their 95% confidence intervals as
+    error bars, the Pareto front of the means joined. Groups are numbered (``g1``...) in the
+    order given; a group of one run is drawn hollow (no interval)."""
+    x, mean = np.asarray(x, dtype=float), np.asarray(mean, dtype=float)
+    low, high = np.asarray(low, dtype=float), np.asarray(high, dtype=float)
+    fig = Figure(figsize=(7.5, 5), layout="constrained")
+    ax = fig.subplots()
+    has_ci = np.isfinite(low) & np.isfinite(high)
+    ax.errorbar(
+        x[has_ci],
+        mean[has_ci],
+        yerr=[mean[has_ci] - low[has_ci], high[has_ci] - mean[has_ci]],
+        fmt="o",
+        color="tab:blue",
+        capsize=4,
+        label="group mean, 95% CI",
+    )
+    if (~has_ci).any():
+        ax.scatter(x[~has_ci], mean[~has_ci], facecolors="none", edgecolors="tab:blue",
+                   label="one run (no interval)")  # fmt: skip
+    front = list(front)
+    if front:
+        ax.plot(x[front], mean[front], drawstyle="steps-post", color="crimson", lw=1.2,
+                label="Pareto front of the means")  # fmt: skip
+    for i in range(len(x)):
+        ax.annotate(f"g{i + 1} (n={n[i]})", (x[i], mean[i]), textcoords="offset points",
+                    xytext=(6, 4), fontsize=7)  # fmt: skip
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="best")
+    return fig

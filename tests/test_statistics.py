@@ -1,0 +1,100 @@
+"""Runs read as seed groups: n, mean, std and a 95% t interval per configuration, Welch's
+t-test against a baseline group, and the whole report through ``convnets.compare``."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as scipy_stats
+
+import convnets
+from convnets import statistics
+
+
+def table(rows: list[tuple[float, int, float]]) -> pd.DataFrame:
+    """(width, seed, test_accuracy) rows as runs_table gives them."""
+    frame = pd.DataFrame(
+        {
+            "run_id": [f"r{i}" for i in range(len(rows))],
+            "model.width": [w for w, _, _ in rows],
+            "trainer.seed": [s for _, s, _ in rows],
+            "test_accuracy": [a for _, _, a in rows],
+            "best_val_accuracy": [a - 0.01 for _, _, a in rows],
+            "param_count": [1000 * w for w, _, _ in rows],
+        }
+    )
+    frame.attrs["params"] = ["model.width", "trainer.seed"]
+    return frame
+
+
+def test_groups_pool_the_seeds_with_a_t_interval():
+    runs = table([(1, 0, 0.90), (1, 1, 0.92), (1, 2, 0.94), (2, 0, 0.97), (3, 0, 0.5)])
+    groups = statistics.groups_table(runs)
+    assert list(groups["group"]) == ["width=2", "width=1", "width=3"]  # best mean first
+    one = groups.set_index("group").loc["width=1"]
+    assert one["n"] == 3 and one["seeds"] == "0 1 2"
+    values = np.array([0.90, 0.92, 0.94])
+    half = scipy_stats.t.ppf(0.975, 2) * values.std(ddof=1) / math.sqrt(3)
+    assert one["test_accuracy_mean"] == pytest.approx(0.92)
+    assert one["test_accuracy_std"] == pytest.approx(0.02)
+    assert one["test_accuracy_ci_low"] == pytest.approx(0.92 - half)
+    assert one["test_accuracy_ci_high"] == pytest.approx(0.92 + half)
+    single = groups.set_index("group").loc["width=2"]
+    assert single["n"] == 1 and math.isnan(single["test_accuracy_ci_low"])
+
+
+def test_welch_verdicts_against_a_baseline():
+    runs = table(
+        [(1, s, a) for s, a in enumerate([0.90, 0.91, 0.92, 0.90])]
+        + [(2, s, a) for s, a in enumerate([0.97, 0.98, 0.97, 0.98])]
+        + [(3, s, a) for s, a in enumerate([0.89, 0.93, 0.90, 0.91])]
+        + [(4, 0, 0.99)]
+    )
+    groups = statistics.groups_table(runs)
+    base = statistics.baseline_group(groups, "r0")  # a run id names its group
+    assert groups.loc[base, "group"] == "width=1"
+    judged = statistics.verdicts(groups, runs, base).set_index("group")
+    assert judged.loc["width=1", "verdict"] == "baseline"
+    assert judged.loc["width=2", "verdict"] == "better" and judged.loc["width=2", "p_value"] < 0.05
+    assert judged.loc["width=3", "verdict"] == "indistinguishable"
+    assert judged.loc["width=4", "verdict"].startswith("no test: a group has one run")
+    assert set(judged["test"]) == {"Welch's t-test"}
+    expected = scipy_stats.ttest_ind([0.97, 0.98, 0.97, 0.98], [0.90, 0.91, 0.92, 0.90],
+                                     equal_var=False).pvalue  # fmt: skip
+    assert judged.loc["width=2", "p_value"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="baseline=nope"):
+        statistics.baseline_group(groups, "nope")
+
+
+@pytest.mark.slow
+def test_compare_reports_seed_groups_and_verdicts(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["model.layers=[{filters:4},{filters:4,pool:max}]", "trainer.epochs=1",
+              "trainer.verbose=0", "tracking.log_model=false", f"tracking.uri={uri}",
+              "tracking.experiment=seeds"]  # fmt: skip
+    runs = {}
+    for width in ("0.5", "1.0"):
+        for seed in (0, 1, 2):
+            run = convnets.train(
+                [*common, f"model.width={width}", f"trainer.seed={seed}"],
+                output_dir=tmp_path / f"w{width}-s{seed}",
+            )
+            runs[(width, seed)] = run
+    report = convnets.compare(
+        "seeds", tracking_uri=uri, baseline=runs[("0.5", 0)].run_id, output_dir=tmp_path / "cmp"
+    )
+    groups = report.groups.set_index("group")
+    assert sorted(groups.index) == ["width=0.5", "width=1.0"]
+    assert list(groups["n"]) == [3, 3]
+    columns = pd.read_csv(report.groups_csv).columns
+    for col in ("n", "test_accuracy_mean", "test_accuracy_std", "test_accuracy_ci_low",
+                "test_accuracy_ci_high", "verdict", "p_value", "test"):  # fmt: skip
+        assert col in columns
+    assert groups.loc["width=0.5", "verdict"] == "baseline"
+    assert groups.loc["width=1.0", "verdict"] in ("better", "worse", "indistinguishable")
+    assert report.figures["groups_accuracy_vs_params"].is_file()
+    out = capsys.readouterr().out
+    assert "Welch's t-test, p=" in out and "n=3" in out
