@@ -193,7 +193,7 @@ class TrainerConfig:
     label_smoothing: float = 0.0
     verbose: int = 1  # 0 quiet, 1 progress bar, 2 one line per epoch
     checkpoint_every_epoch: bool = True
-    restore_best: bool = True  # evaluate/log the best-by-val_accuracy weights
+    restore_best: bool = True  # test/log the best epoch's weights: min val_loss (ties: val_accuracy)
     freeze_layers: int = 0  # with init_from: keep the first N loaded conv layers fixed
 
 

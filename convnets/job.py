@@ -485,6 +485,7 @@ class _Job:
         if result.best_epoch is not None:
             metrics["best_epoch"] = result.best_epoch
             metrics["best_val_accuracy"] = result.best_val_accuracy
+            self.tracker.set_tags({"best_epoch_criterion": trainer.BEST_EPOCH_CRITERION})
         if self.source is not None and self.source.key == "reproduce":
             metrics.update(self._reproduce_deltas(cfg, test, bundle))
         self.tracker.log_metrics(metrics)
@@ -652,6 +653,12 @@ def _check_architecture_and_data(cfg: DictConfig):
     analysis = architecture.analyze(stack, input_shape, num_classes)
     for warning in analysis.warnings:
         _warn(warning)
+    if cfg.trainer.restore_best and cfg.dataset.val_fraction == 0:
+        _warn(
+            "trainer.restore_best=true with dataset.val_fraction=0: there is no validation "
+            "split to choose an epoch by, so the last epoch's weights are tested; set "
+            "trainer.restore_best=false (or a val_fraction > 0)"
+        )
     return stack, input_shape, num_classes, analysis
 
 

@@ -117,8 +117,8 @@ def test_deterministic_runs_are_bit_identical_and_keep_the_best(
     assert (r1.initial_epoch, r1.epochs_completed) == (0, 3)
     assert r1.images_per_sec > 0 and r1.train_time_s > 0
     # restore_best: the returned model holds the best epoch's weights.
-    best = int(np.argmax(r1.history["val_accuracy"])) + 1
-    assert (r1.best_epoch, r1.best_val_accuracy) == (best, max(r1.history["val_accuracy"]))
+    best = int(np.argmin(r1.history["val_loss"])) + 1  # the documented criterion
+    assert (r1.best_epoch, r1.best_val_accuracy) == (best, r1.history["val_accuracy"][best - 1])
     state = read_state(tmp_path / "0" / "ckpt")
     fresh = tiny_cnn()
     fresh.load_weights(tmp_path / "0" / "ckpt" / state["best"])
@@ -321,7 +321,7 @@ class CheckpointFiles(keras.callbacks.Callback):
 @pytest.mark.parametrize("every_epoch", [True, False])
 def test_checkpoint_every_epoch(strategy, tmp_path, every_epoch):
     """true: each epoch's model + optimizer state is written (the last one kept); false: no
-    per-epoch file, only the best weights (by val_accuracy), and state.json names no 'last'."""
+    per-epoch file, only the best weights (by val_loss), and state.json names no 'last'."""
     files = CheckpointFiles(tmp_path / "ckpt")
     _, result, _ = train(
         strategy, tmp_path, trainer_cfg(checkpoint_every_epoch=every_epoch), callbacks=[files]
@@ -358,3 +358,31 @@ def test_jit_compile_takes_effect_and_trains(strategy, tmp_path):
     assert all(math.isfinite(x) for x in result.history["loss"])
     assert result.history["loss"][-1] < result.history["loss"][0]  # it learns
     assert result.history["val_accuracy"][-1] > 0.3  # 10 classes: chance is 0.1
+
+
+@pytest.mark.parametrize(
+    "epochs, best",
+    [
+        # accuracy up by one image while the loss triples: the loss decides
+        ([(0.30, 0.90), (0.90, 0.91)], 1),
+        # equal loss: the higher accuracy breaks the tie
+        ([(0.30, 0.90), (0.30, 0.92), (0.31, 0.99)], 2),
+        # a non-finite loss is never the best
+        ([(0.50, 0.80), (float("nan"), 0.95)], 1),
+    ],
+)
+def test_the_best_epoch_is_the_lowest_validation_loss(tmp_path, epochs, best):
+    """When validation accuracy and loss disagree, the recorded best epoch follows
+    trainer.BEST_EPOCH_CRITERION (lowest val_loss; ties: highest val_accuracy)."""
+    from convnets import trainer
+
+    state = trainer._EpochState(tmp_path, None, save_last=False, writer=True, identity=None)
+    state._save = lambda name: name  # no model: which epoch is chosen is what is tested
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    state.set_model(model)
+    state._commit = lambda: None
+    for number, (loss, accuracy) in enumerate(epochs):
+        state.on_epoch_end(number, {"loss": 0.1, "val_loss": loss, "val_accuracy": accuracy})
+    assert state.best_epoch == best
+    assert state.best_val_accuracy == epochs[best - 1][1]
