@@ -509,6 +509,13 @@ def analyze(stack: Stack, input_shape: Any, num_classes: int) -> Analysis:
             f"{rf_hw[0]}x{rf_hw[1]} pixels, it covers {cover:.0%} of the image ({h}x{w}); "
             "add layers, dilation, stride or pooling to see more context"
         )
+    over = min(rf_hw[0] / h, rf_hw[1] / w)
+    if over > 2:
+        warnings.append(
+            f"model.layers[{last}]: the receptive field of the last feature map is "
+            f"{rf_hw[0]}x{rf_hw[1]} pixels, {over:.1f} times the image ({h}x{w}): the extra "
+            "depth mostly sees padding; fewer downsampling layers or a larger input would use it"
+        )
     if all(layer.activation is None for layer in stack.layers):
         warnings.append(
             "model.layers: activation is null on every layer, so the conv stack is linear "

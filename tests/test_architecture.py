@@ -258,7 +258,7 @@ def test_small_receptive_field_and_linear_stack_warn():
         ("vgg_small", [32, 32, 3]),
         ("vgg_small", [28, 28, 1]),
         ("dilated", [32, 32, 3]),
-        ("dilated", [8, 8, 1]),
+        ("dilated", [28, 28, 1]),
         ("allconv", [32, 32, 3]),
     ],
 )
@@ -274,6 +274,17 @@ def test_shipped_models_analyse_cleanly_on_their_datasets(name, shape):
     table = format_table(a)
     assert f"params {a.param_count:,}" in table
     assert all(row.name in table for row in a.layers)
+
+
+def test_a_receptive_field_far_larger_than_the_image_is_a_warning():
+    """dilated is meant for 28x28 and larger: on 8x8 digits its 35-pixel field sees padding."""
+    a = analyze(resolve_stack(model_cfg("dilated")), [8, 8, 1], 10)
+    assert a.warnings == [
+        "model.layers[5]: the receptive field of the last feature map is 35x35 pixels, 4.4 "
+        "times the image (8x8): the extra depth mostly sees padding; fewer downsampling layers "
+        "or a larger input would use it"
+    ]
+    assert analyze(resolve_stack(model_cfg("simple_cnn")), [8, 8, 1], 10).warnings == []  # 2x
 
 
 def test_lenet5_refuses_8x8_digits():
