@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig
 
 from convnets import comparison
-from convnets.errors import ConfigError
-from convnets.tracking import Tracker
+from convnets.checks import unknown_keys
+from convnets.errors import ConfigError, TrackingError
+from convnets.tracking import Tracker, sqlite_path
 
 if TYPE_CHECKING:
     from convnets.evaluation import EvalReport
@@ -37,6 +38,11 @@ def run(cfg: DictConfig, default_out_dir: str | Path) -> EvalReport | comparison
             "evaluate.py needs exactly one of run_id=<mlflow run id>, checkpoint=<path.keras>, "
             f"compare=<experiment name or sweep parent run id> (given: {given})"
         )
+    for key in unknown_keys(cfg):  # +key=... is added past the schema: close it again
+        raise ConfigError(
+            f"{key}: unknown key (not in the config schema); check the spelling "
+            "(--cfg job prints every key)"
+        )
     out_dir = Path(cfg.output_dir or default_out_dir)
     if cfg.checkpoint:
         evaluation = _evaluation()
@@ -48,6 +54,12 @@ def run(cfg: DictConfig, default_out_dir: str | Path) -> EvalReport | comparison
         )
         log.info("checkpoint %s: %s; figures in %s", cfg.checkpoint, _fmt(report), out_dir)
         return report
+    store_file = sqlite_path(cfg.tracking.uri)
+    if store_file is not None and not store_file.exists():  # opening it would create it
+        raise TrackingError(
+            f"tracking.uri={cfg.tracking.uri}: there is no MLflow store at {store_file}; pass "
+            "the store the runs were recorded in (tracking.uri=sqlite:///<path>/mlflow.db)"
+        )
     tracker = Tracker(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
     tracker.check_store()
     if cfg.compare:

@@ -167,6 +167,13 @@ def evaluate_model(
 
 def load_keras_model(path: str | Path) -> keras.Model:
     """Load a ``.keras`` file in Keras safe mode (no arbitrary code from the file)."""
+    import zipfile
+
+    if Path(path).is_file() and not zipfile.is_zipfile(path):  # Keras says "File not found"
+        raise ConfigError(
+            f"checkpoint={path}: not a Keras archive (a .keras file is the zip archive "
+            "model.save writes, e.g. the model.keras beside a run's checkpoints)"
+        )
     try:
         return keras.saving.load_model(path, safe_mode=True, compile=True)
     except (OSError, ValueError) as err:
@@ -174,6 +181,18 @@ def load_keras_model(path: str | Path) -> keras.Model:
             f"checkpoint={path}: not a loadable Keras model ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}); pass a .keras file"
         ) from err
+
+
+def check_input_shape(model: keras.Model, bundle: Any, dataset: str, what: str) -> None:
+    """Refuse, before predicting, data whose images are not the size the model takes."""
+    expected = tuple(model.inputs[0].shape[1:])
+    given = tuple(bundle.input_shape)
+    if expected != given:
+        raise ConfigError(
+            f"{what}: the model takes {'x'.join(map(str, expected))} images but dataset="
+            f"{dataset} gives {'x'.join(map(str, given))}; pick the dataset it was trained "
+            "on (dataset=...), or resize with dataset.image_size=[H,W] (image folders)"
+        )
 
 
 def _download_model(tracker: Tracker, run_id: str, dst: Path) -> Path:
@@ -235,6 +254,7 @@ def evaluate_run(
     with tempfile.TemporaryDirectory() as tmp:
         model = load_keras_model(_download_model(tracker, run_id, Path(tmp)))
     bundle = _bundle(cfg, batch_size)
+    check_input_shape(model, bundle, cfg.dataset.name, f"run_id={run_id}")
     report = evaluate_model(
         model, bundle, out_dir, analysis=_analysis(cfg, bundle), title=run.info.run_name or ""
     )
@@ -280,6 +300,7 @@ def evaluate_checkpoint(
     cfg = checkpoint_config(path, dataset)
     model = load_keras_model(path)
     bundle = _bundle(cfg, batch_size)
+    check_input_shape(model, bundle, cfg.dataset.name, f"checkpoint={path}")
     return evaluate_model(
         model, bundle, out_dir, analysis=_analysis(cfg, bundle), title=Path(path).name
     )
