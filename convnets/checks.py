@@ -171,3 +171,48 @@ def unknown_keys(node: Any, path: str = "") -> Iterator[str]:
 
 def _show(value: Any) -> str:
     return "[" + ",".join(str(v) for v in value) + "]" if isinstance(value, list) else str(value)
+
+
+# Training keeps, per image, every layer's output for the backward pass and a gradient of the
+# same size; the analysis lists conv and batch-norm outputs, the activation's is a third, and
+# TensorFlow's kernels need scratch space beside them: 6 float32 copies of the analysed outputs.
+# A rough, generous bound: it is meant to catch stacks off by orders of magnitude (a layer of
+# 100,000 filters), not to predict the peak.
+_ACTIVATION_COPIES = 6
+_BYTES = 4  # float32
+_PARAM_COPIES = 4  # weights, gradients, Adam's two moments
+WARN_FRACTION = 0.5  # of the machine's memory
+
+
+def training_memory(analysis: Any, batch_size: int) -> int:
+    """Estimated bytes one training step needs: the activations of a global batch (with the
+    backward pass) and the parameters with their gradients and optimizer state."""
+    per_image = sum(math.prod(row.output_shape) for row in analysis.layers)
+    activations = per_image * batch_size * _ACTIVATION_COPIES * _BYTES
+    return activations + analysis.param_count * _PARAM_COPIES * _BYTES
+
+
+def check_memory(analysis: Any, batch_size: int, total: int | None = None) -> str | None:
+    """Refuse a stack whose training step cannot fit in this machine's memory (one line with
+    the estimate and the machine's size); return a warning above :data:`WARN_FRACTION` of it.
+    The machine's memory, not a GPU's: this runs before TensorFlow has seen any device."""
+    if total is None:
+        import psutil
+
+        total = psutil.virtual_memory().total
+    need = training_memory(analysis, batch_size)
+    shown = (
+        f"~{need / 2**30:.1f} GiB for a batch of {batch_size} (activations with the "
+        f"backward pass, parameters with gradients and optimizer state)"
+    )
+    if need > total:
+        raise ConfigError(
+            f"model.layers: this stack needs {shown}, more than this machine's "
+            f"{total / 2**30:.1f} GiB; lower trainer.batch_size, model.width or the filters"
+        )
+    if need > WARN_FRACTION * total:
+        return (
+            f"model.layers: this stack needs {shown}, over half of this machine's "
+            f"{total / 2**30:.1f} GiB"
+        )
+    return None

@@ -653,6 +653,9 @@ def _check_architecture_and_data(cfg: DictConfig):
     analysis = architecture.analyze(stack, input_shape, num_classes)
     for warning in analysis.warnings:
         _warn(warning)
+    memory = checks.check_memory(analysis, cfg.trainer.batch_size)
+    if memory is not None:
+        _warn(memory)
     if cfg.trainer.restore_best and cfg.dataset.val_fraction == 0:
         _warn(
             "trainer.restore_best=true with dataset.val_fraction=0: there is no validation "

@@ -245,15 +245,26 @@ def fit(
     timer = _Throughput(data.num_train)
     started = time.perf_counter()
     try:
-        history = model.fit(
-            train,
-            validation_data=val,
-            epochs=trainer_cfg.epochs,
-            initial_epoch=initial_epoch,
-            callbacks=[timer, epoch_state, *callbacks],
-            verbose=trainer_cfg.verbose,
-            shuffle=False,  # the pipeline shuffles (seeded); Keras cannot shuffle a Dataset
-        )
+        try:
+            history = model.fit(
+                train,
+                validation_data=val,
+                epochs=trainer_cfg.epochs,
+                initial_epoch=initial_epoch,
+                callbacks=[timer, epoch_state, *callbacks],
+                verbose=trainer_cfg.verbose,
+                shuffle=False,  # the pipeline shuffles (seeded); Keras cannot shuffle a Dataset
+            )
+        except tf.errors.ResourceExhaustedError as err:
+            done = (
+                f" after epoch {epoch_state.epoch} (its checkpoint is kept)"
+                if (epoch_state.epoch)
+                else ""
+            )
+            raise TrainingFailed(
+                f"out of memory{done}: {str(err.message).splitlines()[0][:200]}; lower "
+                f"trainer.batch_size (now {trainer_cfg.batch_size}), model.width or the filters"
+            ) from None
         train_time = time.perf_counter() - started
         if epoch_state.failure is not None:
             epoch, loss = epoch_state.failure

@@ -52,3 +52,30 @@ def test_refused_in_one_line_before_anything_exists(tmp_path, case):
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [line]
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_a_stack_that_cannot_fit_in_memory_is_refused_before_tensorflow(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "model.layers=[{filters:100000},{filters:100000}]",
+         f"hydra.run.dir={tmp_path / 'out'}"],
+        cwd=tmp_path, env=CLI_ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: model.layers: this stack needs ~")
+    assert "GiB for a batch of 64" in line and "more than this machine's" in line
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_memory_estimate_warns_above_half_the_machine():
+    from convnets.architecture import analyze, resolve_stack
+    from convnets.checks import check_memory, training_memory
+
+    analysis = analyze(resolve_stack({"layers": [{"filters": 64}]}), [32, 32, 3], 10)
+    need = training_memory(analysis, 64)
+    # conv + batch-norm outputs of 32x32x64 per image, 6 float32 copies, 64 images; params x 4
+    assert need == (2 * 32 * 32 * 64 + 64 + 10) * 64 * 6 * 4 + analysis.param_count * 4 * 4
+    assert check_memory(analysis, 64, total=4 * need) is None
+    assert "over half of this machine's" in check_memory(analysis, 64, total=int(1.5 * need))
+    with pytest.raises(Exception, match="more than this machine's"):
+        check_memory(analysis, 64, total=need - 1)
