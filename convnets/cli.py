@@ -240,10 +240,16 @@ def config_error_line(err: BaseException) -> str | None:
     from hydra.errors import HydraException, MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-    if not isinstance(err, HydraException | OmegaConfBaseException):
-        return None
     if getattr(err, _FROM_TASK, False):
         return None  # raised while the task ran: not a composition error
+    if isinstance(err, OSError) and err.filename:  # Hydra creating the run or sweep folder
+        return (
+            f"{err.filename}: {err.strerror or type(err).__name__}; the command's output folder "
+            "cannot be created there: run from a writable folder or pick another with "
+            "hydra.run.dir=... (hydra.sweep.dir=... for -m)"
+        )
+    if not isinstance(err, HydraException | OmegaConfBaseException):
+        return None
     cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
     first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(err).__name__
     if isinstance(err, MissingConfigException):

@@ -79,3 +79,17 @@ def test_the_memory_estimate_warns_above_half_the_machine():
     assert "over half of this machine's" in check_memory(analysis, 64, total=int(1.5 * need))
     with pytest.raises(Exception, match="more than this machine's"):
         check_memory(analysis, 64, total=need - 1)
+
+
+def test_an_output_folder_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={tmp_path / 'taken'}"],
+        cwd=tmp_path, env=CLI_ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'taken'}: File exists; the command's output folder cannot be "
+        "created there: run from a writable folder or pick another with hydra.run.dir=... "
+        "(hydra.sweep.dir=... for -m)"
+    ]

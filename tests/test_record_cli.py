@@ -1,4 +1,4 @@
-"""Issue 13: no run silently wrong, nothing half-written, reproducible on another machine. Each
+"""No run silently wrong, nothing half-written, reproducible on another machine. Each
 test records into a fresh SQLite store in tmp. What the command line itself promises (one-line
 refusals before TensorFlow and the store, kills, Ctrl-C and its hint, credentials kept off disk
 by Hydra) runs ``python train.py``; training whose point is the record runs in this process
