@@ -193,7 +193,7 @@ class TrainerConfig:
     label_smoothing: float = 0.0
     verbose: int = 1  # 0 quiet, 1 progress bar, 2 one line per epoch
     checkpoint_every_epoch: bool = True
-    restore_best: bool = True  # test/log the best epoch's weights: min val_loss (ties: val_accuracy)
+    restore_best: bool = True  # test/log the best epoch: min val_loss (ties: val_accuracy)
     freeze_layers: int = 0  # with init_from: keep the first N loaded conv layers fixed
 
 
@@ -209,7 +209,9 @@ class DistributeConfig:
 class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"
     experiment: str | None = None  # the MLflow experiment; null = the dataset's name
-    run_name: str | None = None  # null = model, dataset and the overrides that differ
+    # null = model, dataset and the overrides that differ (in a sweep: jNN/tNN and the swept
+    # values), at most 60 characters; the full overrides are tags
+    run_name: str | None = None
     log_model: bool = True
     http_timeout_s: float = 10.0  # bound on MLflow's HTTP retries for a remote store
 

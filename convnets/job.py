@@ -56,13 +56,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-RUN_NAME_LIMIT = 250
+RUN_NAME_LIMIT = sweep.RUN_NAME_LIMIT  # 60: MLflow's UI shows about that much of a name
 INPUT_EXAMPLE_IMAGES = 4  # raw test images logged with the model as its input example
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
 # Overrides that say where or how a run is recorded, not what it is, and group choices the
-# name already shows (model, dataset): never part of a run's name.
-_NOT_IN_NAME = ("model", "dataset", "experiment", "hparams_search", "reproduce", "resume")
-_NOT_IN_NAME += ("tracking", "trainer.verbose")
+# name already shows (model, dataset): never part of a run's name outside a sweep.
+_NOT_IN_NAME = ("model", "dataset", *sweep.NOT_IN_NAME)
 
 
 # ---------------------------------------------------------------- entry
@@ -399,7 +398,7 @@ class _Job:
             return f"{self.source.run.info.run_name}-reproduce"
         if cfg.tracking.run_name:
             return redact(str(cfg.tracking.run_name))[:RUN_NAME_LIMIT]
-        return run_name(cfg.model.name, cfg.dataset.name, self.overrides)
+        return run_name(cfg.model.name, cfg.dataset.name, self.overrides, self.sweep)
 
     def _tags(self, cfg: DictConfig, resuming: bool) -> dict[str, str]:
         runtime = {"runtime_overrides": " ".join(self.runtime_overrides)}
@@ -592,7 +591,9 @@ class _Job:
                 experiment_id = tracker.experiment_id(sweep.experiment_name(self.cfg))
             self.run_id = tracker.create_run(
                 experiment_id,
-                run_name=run_name(self.cfg.model.name, self.cfg.dataset.name, self.overrides),
+                run_name=run_name(
+                    self.cfg.model.name, self.cfg.dataset.name, self.overrides, self.sweep
+                ),
                 tags=self.sweep.tags() if self.sweep is not None else {},
                 parent_run_id=self.sweep.parent_run_id if self.sweep is not None else None,
             )
@@ -605,8 +606,23 @@ class _Job:
 # ---------------------------------------------------------------- helpers
 
 
-def run_name(model: str, dataset: str, overrides: Sequence[str]) -> str:
-    """``simple_cnn-digits-kernel_size=5,width=2``: model, dataset, the overrides that differ."""
+def run_name(
+    model: str,
+    dataset: str,
+    overrides: Sequence[str],
+    sweep_context: sweep.SweepContext | None = None,
+) -> str:
+    """The name of a run: short enough for MLflow's UI (at most :data:`RUN_NAME_LIMIT`
+    characters, cut with a marker; the full overrides are the ``hydra_overrides`` and
+    ``sweep_overrides`` tags) and distinct within a sweep.
+
+    A sweep's job (``sweep_context`` given): its number, then what its sweep varies,
+    shortened, e.g. ``j03 k=5 d=2`` or ``t05 lr=5.5e-3 k=3 w=1`` for a search's trial
+    (:func:`convnets.sweep.job_run_name`). Otherwise model, dataset and the overrides that
+    differ: ``simple_cnn-digits-kernel_size=5,width=2``.
+    """
+    if sweep_context is not None:
+        return sweep.job_run_name(sweep_context)
     parts = []
     for override in overrides:
         key = _override_key(override)
@@ -614,8 +630,10 @@ def run_name(model: str, dataset: str, overrides: Sequence[str]) -> str:
             continue
         short = key.split(".", 1)[-1].removeprefix("layer_defaults.")
         parts.append(f"{short}={override.split('=', 1)[1]}" if "=" in override else short)
-    name = f"{model}-{dataset}" + (f"-{','.join(parts)}" if parts else "")
-    return redact(name)[:RUN_NAME_LIMIT]
+    words = [f"{model}-{dataset}", *parts]
+    if parts:  # simple_cnn-digits-kernel_size=5,width=2
+        words[:2] = [f"{words[0]}-{words[1]}"]
+    return sweep.fit_name([redact(word) for word in words], ",", RUN_NAME_LIMIT)
 
 
 def reproduce_verdict(

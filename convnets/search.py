@@ -12,11 +12,15 @@ everything it does lives here. A search is an Optuna study in a persistent stora
   ``fail_stale_trials`` with ``RetryFailedTrialCallback``);
 - several processes (or a parallel launcher) on one storage ask distinct trials from it.
 
-Trial ``n`` runs as Hydra job ``n`` (``hydra.job.num``). The job finds its trial in
-``<sweep dir>/optuna_trials/<n>.json`` (:mod:`convnets.trials`), reports ``val_accuracy``
-per epoch (pruning) and writes its final metrics to the trial's user attributes, from which
-the objectives are told. Neither Optuna, MLflow nor TensorFlow is imported at module import:
-Hydra imports the plugin in every launch.
+Trial ``n`` runs as Hydra job ``n`` (``hydra.job.num``). The job finds its trial through
+``<sweep dir>/optuna_trials/<n>.json`` (:class:`convnets.sweep_files.TrialFile`, read in
+:mod:`convnets.trials`), reports ``val_accuracy`` per epoch (pruning) and writes its final
+metrics to the trial's user attributes, from which the objectives are told. The results go to
+``optimization_results.yaml`` (:class:`convnets.sweep_files.SearchResults`), which the sweep
+callback logs on the parent run. The study's objectives carry their names
+(``Study.metric_names``), so optuna-dashboard shows ``val_accuracy``, not "Objective 0".
+Neither Optuna, MLflow nor TensorFlow is imported at module import: Hydra imports the plugin
+in every launch.
 """
 
 from __future__ import annotations
@@ -25,21 +29,29 @@ import contextlib
 import fcntl
 import functools
 import inspect
-import json
 import logging
 import math
-import os
 import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from convnets.errors import ConfigError
+from convnets.sweep_files import (
+    PARETO_CSV,
+    PARETO_PNG,
+    RESULTS_FILE,
+    PrunerSpec,
+    SearchResults,
+    SweepContext,
+    TrialFile,
+    experiment_name,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -58,8 +70,6 @@ OBJECTIVES = {
 }
 PRUNERS = ("none", "median", "hyperband")
 SAMPLERS = ("tpe", "nsga2", "random")
-TRIALS_DIR = "optuna_trials"  # in the sweep dir: <job num>.json, read by convnets.trials
-RESULTS_FILE = "optimization_results.yaml"  # in the sweep dir, logged on the parent run
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute
 METRICS_ATTR = "metrics"  # trial user attribute, written by the job
 PRUNED_ATTR = "pruned"  # trial user attribute, written by the job
@@ -93,14 +103,6 @@ class Settings:
 class Objective:
     name: str
     direction: str  # "maximize" | "minimize"
-
-
-@dataclass(frozen=True)
-class PrunerSpec:
-    """What both sides (the sweeper's study and the job's) build the same pruner from."""
-
-    name: str
-    max_epochs: int
 
 
 def settings_of(config: DictConfig) -> Settings:
@@ -281,8 +283,6 @@ def storage_url(settings: Settings, config: DictConfig) -> str:
 
 
 def study_name(settings: Settings, config: DictConfig) -> str:
-    from convnets.sweep import experiment_name
-
     return settings.study_name or experiment_name(config)
 
 
@@ -425,32 +425,6 @@ def counted_trials(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
     )
 
 
-@dataclass(frozen=True)
-class TrialFile:
-    """What a job needs to find its trial: ``<sweep dir>/optuna_trials/<job num>.json``."""
-
-    storage: str
-    study_name: str
-    number: int
-    pruner: PrunerSpec
-    stale_after_s: int
-
-    def write(self, sweep_dir: Path) -> None:
-        folder = sweep_dir / TRIALS_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{self.number}.json.tmp"
-        tmp.write_text(json.dumps(asdict(self)))
-        os.replace(tmp, folder / f"{self.number}.json")  # atomic
-
-    @classmethod
-    def read(cls, sweep_dir: Path, job_num: int) -> TrialFile | None:
-        path = sweep_dir / TRIALS_DIR / f"{job_num}.json"
-        if not path.is_file():
-            return None
-        fields = json.loads(path.read_text())
-        return cls(**{**fields, "pruner": PrunerSpec(**fields["pruner"])})
-
-
 class _Heartbeat:
     """Records a heartbeat for each trial in flight every HEARTBEAT_S, from a thread of the
     sweeper's process (alive while its jobs run, whatever the launcher)."""
@@ -522,6 +496,7 @@ class Search:
             load_if_exists=True,
         )
         self._check_same_objectives(study, objectives)
+        _name_objectives(study, objectives)
         self._fail_dead_trials(study)
         done = counted_trials(study.get_trials(deepcopy=False))
         study.sampler = _make_sampler(settings, done)
@@ -591,13 +566,9 @@ class Search:
 
     def _link_parent_run(self, study: optuna.Study) -> None:
         """Remember the MLflow parent run (written by the sweep callback) for later reruns."""
-        from convnets.sweep import SWEEP_FILE
-
-        path = self.sweep_dir / SWEEP_FILE
-        if path.is_file():
-            parent = json.loads(path.read_text())["parent_run_id"]
-            if study.user_attrs.get(PARENT_ATTR) != parent:
-                study.set_user_attr(PARENT_ATTR, parent)
+        context = SweepContext.read(self.sweep_dir)
+        if context is not None and study.user_attrs.get(PARENT_ATTR) != context.parent_run_id:
+            study.set_user_attr(PARENT_ATTR, context.parent_run_id)
 
     def _tell(self, study, batch, returns, objectives) -> None:
         from hydra.core.utils import JobStatus
@@ -623,21 +594,23 @@ class Search:
         from optuna.trial import TrialState
 
         complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-        results: dict[str, Any] = {
-            "name": "convnets_optuna",
-            "study_name": study.study_name,
-            "objectives": [f"{o.name}:{o.direction[:3]}" for o in objectives],
-            "trials_complete": len(complete),
-        }
+        results = SearchResults(
+            study_name=study.study_name,
+            objectives=tuple(f"{o.name}:{o.direction[:3]}" for o in objectives),
+            trials_complete=len(complete),
+        )
         if complete and len(objectives) == 1:
             best = study.best_trial
-            results["best_value"] = best.value
-            results["best_params"] = best.params
-            results["best_trial"] = best.number
-            results["best_run_id"] = best.user_attrs.get(RUN_ATTR)
+            results = replace(
+                results,
+                best_value=best.value,
+                best_params=best.params,
+                best_trial=best.number,
+                best_run_id=best.user_attrs.get(RUN_ATTR),
+            )
         elif complete:
             front = {t.number for t in study.best_trials}
-            results["solutions"] = [
+            solutions = tuple(
                 {
                     "trial": t.number,
                     "run_id": t.user_attrs.get(RUN_ATTR),
@@ -646,16 +619,29 @@ class Search:
                 }
                 for t in complete
                 if t.number in front
-            ]
+            )
             # Runs a resumed study's new trials pushed off the front lose their tag.
-            results["dominated_run_ids"] = [
+            dominated = tuple(
                 t.user_attrs[RUN_ATTR]
                 for t in complete
                 if t.number not in front and RUN_ATTR in t.user_attrs
-            ]
+            )
+            results = replace(results, solutions=solutions, dominated_run_ids=dominated)
             write_pareto(complete, front, objectives, self.sweep_dir)
-        OmegaConf.save(OmegaConf.create(results), self.sweep_dir / RESULTS_FILE)
+        results.write(self.sweep_dir)
         log.info("search: %d complete trials; results in %s", len(complete), RESULTS_FILE)
+
+
+def _name_objectives(study: optuna.Study, objectives: Sequence[Objective]) -> None:
+    """The objectives' names on the study (optuna-dashboard and ``study.metric_names`` show
+    them), once: experimental in Optuna since 3.2, and the only way to name them."""
+    import optuna
+
+    names = [o.name for o in objectives]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if study.metric_names != names:
+            study.set_metric_names(names)
 
 
 def write_pareto(
@@ -671,7 +657,7 @@ def write_pareto(
     from convnets import plots  # matplotlib only
 
     names = [o.name for o in objectives]
-    with open(out_dir / "pareto.csv", "w", newline="") as f:
+    with open(out_dir / PARETO_CSV, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["trial", "run_id", *names, "pareto_optimal", "params"])
         for t in trials:
@@ -693,7 +679,7 @@ def write_pareto(
         log_x=names[1] in ("param_count", "macs") and min(xs) > 0,
         labels=[f"#{t.number}" for t in trials],
     )
-    figure.savefig(out_dir / "pareto.png", dpi=120)
+    figure.savefig(out_dir / PARETO_PNG, dpi=120)
 
 
 def pareto_2d(better_y: Sequence[float], better_x: Sequence[float]) -> list[int]:

@@ -3,47 +3,53 @@
 :class:`MlflowSweepCallback` is registered in ``configs/train.yaml`` (``hydra.callbacks``),
 so it runs for every ``python train.py -m ...`` whatever the sweeper (basic grid, Optuna)
 or launcher (basic: jobs in this process; joblib: loky workers; submitit: other processes
-or machines).
+or machines; fresh_process: a new process per job).
 
 Why a callback and a file: the callback's ``on_multirun_start`` runs once, in the launching
 process, before any job starts. It opens the store (for sqlite: creates the schema) and the
 experiment there, which removes the races of several fresh processes doing both at once,
-creates the parent run, and writes ``<hydra.sweep.dir>/mlflow_sweep.json``. Every job,
-wherever it runs, reads that file through :func:`sweep_context` and starts its own run
-with the sweep's ``experiment_id`` and ``parent_run_id`` (the MLflow UI nests it). When
-the sweep ends, ``on_multirun_end`` writes the summary (CSV + figure + best job) on the
-parent and ends it.
+creates the parent run, and writes the sweep's :class:`~convnets.sweep_files.SweepContext`
+(``mlflow_sweep.json``). Every job, wherever it runs, reads it through :func:`sweep_context`
+and starts its own run with the sweep's ``experiment_id`` and ``parent_run_id`` (the MLflow UI
+nests it), named by :func:`job_run_name`. When the sweep ends, ``on_multirun_end`` writes the
+summary (CSV + figure + best job) on the parent and ends it.
+
+How a job's run ends is decided here, not in a launcher: a job ends its own run (FINISHED,
+FAILED or KILLED, :mod:`convnets.job`); a job that could not (its process died, or the sweep
+was stopped first) reaches ``on_job_end`` as a failed :class:`~hydra.core.utils.JobReturn`,
+and the callback ends the runs it left RUNNING (or, if it died before it had one, records a
+FAILED run for it), so the summary counts every job.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
-import json
+import io
 import logging
 import math
-import os
+import re
 import sys
 import tempfile
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from convnets.cli import report_user_errors
+from convnets.sweep_files import SearchResults, SweepContext
+from convnets.sweep_files import experiment_name as experiment_name  # the job names it so
 
 if TYPE_CHECKING:
     import pandas as pd
 
 log = logging.getLogger(__name__)
 
-SWEEP_FILE = "mlflow_sweep.json"
 SUMMARY_DIR = "summary"  # artifact folder on the parent run
 _MAX_TAG = 5000  # MLflow allows 8000 characters; the complete definition is in sweep.yaml
 
@@ -66,44 +72,18 @@ SUMMARY_COLUMNS = {
 }
 
 
-@dataclass(frozen=True)
-class SweepContext:
-    """Where a sweep's jobs record their runs (the content of ``mlflow_sweep.json``)."""
-
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    job_num: int | None = None  # this job's index in the sweep (Hydra's hydra.job.num)
-    overrides: tuple[str, ...] = ()  # this job's overrides (its grid point / trial)
-
-    @classmethod
-    def read(cls, sweep_dir: str | Path, **job: Any) -> SweepContext:
-        """The sweep's ``mlflow_sweep.json`` in ``sweep_dir``, with the job's fields if given."""
-        return cls(**json.loads((Path(sweep_dir) / SWEEP_FILE).read_text()), **job)
-
-    def tags(self) -> dict[str, str]:
-        """Tags for the job's run: its place in the sweep (the parent tag comes from the tracker)."""
-        return {
-            "sweep_job": str(self.job_num),
-            "sweep_overrides": " ".join(self.overrides)[:_MAX_TAG],
-        }
-
-
 def sweep_context(hydra_cfg: DictConfig) -> SweepContext | None:
     """The sweep a multirun job belongs to (``hydra_cfg``: the job's ``hydra`` config node, as
     the entry point has it), or ``None`` when its ``mlflow_sweep.json`` is missing."""
-    path = Path(hydra_cfg.sweep.dir) / SWEEP_FILE
-    if not path.is_file():
-        log.warning("%s not found: this job is recorded on its own, not under a sweep", path)
-        return None
-    return SweepContext.read(
-        path.parent, job_num=hydra_cfg.job.num, overrides=tuple(hydra_cfg.overrides.task)
+    context = SweepContext.read(
+        hydra_cfg.sweep.dir, job_num=hydra_cfg.job.num, overrides=tuple(hydra_cfg.overrides.task)
     )
-
-
-def experiment_name(cfg: DictConfig) -> str:
-    """``tracking.experiment`` (experiment configs set it), else the dataset's name."""
-    return cfg.tracking.experiment or cfg.dataset.name
+    if context is None:
+        log.warning(
+            "%s not found: this job is recorded on its own, not under a sweep",
+            SweepContext.path(hydra_cfg.sweep.dir),
+        )
+    return context
 
 
 def sweep_overrides(config: DictConfig) -> dict[str, str]:
@@ -115,7 +95,167 @@ def sweep_overrides(config: DictConfig) -> dict[str, str]:
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
     overrides = [f"{key}={value}" for key, value in params.items()]
     overrides += list(config.hydra.overrides.task)
-    return dict(override.split("=", 1) for override in overrides)
+    return dict(override.split("=", 1) for override in overrides if "=" in override)
+
+
+def swept_keys(definition: dict[str, str]) -> tuple[str, ...]:
+    """The keys a sweep varies (``3,5``, ``choice(...)``, ``range(...)``, ``interval(...)``),
+    in the order of its definition; fixed values are not among them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    keys = []
+    for key, value in definition.items():
+        try:
+            (override,) = parser.parse_overrides([f"{key}={value}"])
+        except Exception:  # noqa: BLE001 - not a sweep the parser knows: not swept
+            continue
+        if override.is_sweep_override():
+            keys.append(_bare_key(key))
+    return tuple(keys)
+
+
+# ---------------------------------------------------------------- run names
+
+# Runs are told apart in MLflow's UI by their names, which it cuts to the width of a column,
+# and a LoggedModel takes its run's name: both must be short, and distinct within a sweep.
+RUN_NAME_LIMIT = 60
+NAME_CUT = "\u2026"  # ends a name cut to RUN_NAME_LIMIT; the overrides are whole in the tags
+# Overrides that say where or how a run is recorded, not what it is: never part of a name.
+NOT_IN_NAME = ("experiment", "hparams_search", "reproduce", "resume", "tracking")
+NOT_IN_NAME += ("trainer.verbose",)
+# The last part of a key -> what a name shows for it.
+_SHORT_KEYS = {
+    "kernel_size": "k",
+    "dilation": "d",
+    "width": "w",
+    "stride": "s",
+    "filters": "f",
+    "dropout": "drop",
+    "batch_norm": "bn",
+    "activation": "act",
+    "padding": "pad",
+    "pool_size": "psize",
+    "pool_stride": "pstride",
+    "weight_decay": "wd",
+    "momentum": "mom",
+    "batch_size": "bs",
+    "epochs": "ep",
+    "label_smoothing": "ls",
+    "warmup_epochs": "warmup",
+    "min_lr_fraction": "min_lr",
+    "schedule": "sched",
+    "optimizer": "opt",
+}
+
+
+def job_run_name(context: SweepContext) -> str:
+    """``j03 k=5 d=2`` (grid job 3) or ``t05 lr=5.5e-3 k=3 w=1`` (search trial 5): the job's
+    number, then the values of the keys the sweep varies, shortened (:func:`short_override`);
+    at most :data:`RUN_NAME_LIMIT` characters. The number keeps names distinct whatever the
+    rounding does; no model or dataset: the sweep's experiment and parent run say those.
+    Without known swept keys, every override that says what is trained."""
+    from convnets.tracking import redact  # a credential in an override never names a run
+
+    shown = [o for o in context.overrides if not _not_in_name(o, NOT_IN_NAME)]
+    if context.swept_keys:
+        shown = [o for o in shown if _bare_key(o.split("=", 1)[0]) in context.swept_keys]
+    number = "" if context.job_num is None else f"{context.job_num:02d}"
+    words = [f"{'t' if context.search else 'j'}{number}", *map(short_override, shown)]
+    return fit_name([redact(word) for word in words])
+
+
+def short_override(override: str) -> str:
+    """``model.layer_defaults.kernel_size=5`` -> ``k=5``, ``optimizer.lr=0.0055123`` ->
+    ``lr=5.5e-3`` (floats to 2 significant digits), ``model.layers.0.stride=2`` -> ``l0.s=2``,
+    a stack ``[{filters:16},{filters:32,pool:max}]`` -> ``16-32pmax``."""
+    key, sep, value = override.partition("=")
+    if not sep:
+        return key
+    return f"{_short_key(key)}={_short_value(value)}"
+
+
+def fit_name(words: Sequence[str], sep: str = " ", limit: int = RUN_NAME_LIMIT) -> str:
+    """``words`` joined by ``sep``, within ``limit`` characters: as many whole words as fit,
+    then a mark; cut inside a word only when that word alone would leave little to read."""
+    name = sep.join(words)
+    if len(name) <= limit:
+        return name
+    room = limit - len(NAME_CUT)
+    kept = words[0]
+    for word in words[1:]:
+        if len(kept) + len(sep) + len(word) > room:
+            break
+        kept += sep + word
+    if len(kept) <= room // 2:
+        kept = name[:room]
+    return kept.rstrip(" ,") + NAME_CUT
+
+
+def _not_in_name(override: str, excluded: Iterable[str]) -> bool:
+    key = _bare_key(override.split("=", 1)[0])
+    return any(key == x or key.startswith(f"{x}.") for x in excluded)
+
+
+def _bare_key(key: str) -> str:
+    return key.strip().lstrip("+~")
+
+
+def _short_key(key: str) -> str:
+    parts = _bare_key(key).split(".")
+    last = parts[-1]
+    if last == "name" and len(parts) > 1:  # optimizer.name=sgd -> opt=sgd
+        last = parts[-2]
+    short = _SHORT_KEYS.get(last, last)
+    index = next((p for p in reversed(parts[:-1]) if p.isdigit()), None)
+    return f"l{index}.{short}" if index is not None else short  # one layer of model.layers
+
+
+def _short_value(value: str) -> str:
+    text = value.strip()
+    if re.fullmatch(r"[+-]?\d+", text):
+        return text
+    try:
+        number = float(text)
+    except ValueError:
+        return _short_stack(text) if text.startswith("[{") else text
+    return _two_digits(number)
+
+
+def _two_digits(x: float) -> str:
+    """2 significant digits: plain from 0.1 to 999 (``0.25``, ``1``, ``120``), else compact
+    scientific (``5.5e-3``, ``1e-4``, ``2.5e4``)."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    mantissa, exponent = f"{x:.1e}".split("e")
+    if -2 < int(exponent) < 3:
+        return f"{float(f'{x:.2g}'):g}"
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _short_stack(text: str) -> str:
+    """``[{filters:16},{filters:32,pool:max}]`` -> ``16-32pmax``: a stack by its layers, each
+    its filters then its other keys (``s2``, ``d2``, ``k5``, ``pmax``); as given if not one."""
+    layers = re.findall(r"\{([^{}]*)\}", text)
+    if not layers or any("[" in layer for layer in layers):  # [kh, kw] pairs: kept as given
+        return text
+    shown = []
+    for layer in layers:
+        fields = dict(
+            item.split(":", 1) for item in layer.replace(" ", "").split(",") if ":" in item
+        )
+        if "filters" not in fields:
+            return text
+        rest = "".join(
+            f"{'p' if k == 'pool' else _SHORT_KEYS.get(k, k)}{v}"
+            for k, v in fields.items()
+            if k != "filters"
+        )
+        shown.append(fields["filters"] + rest)
+    return "-".join(shown)
+
+
+# ---------------------------------------------------------------- the callback
 
 
 def _param_key(key: str) -> str:
@@ -145,49 +285,54 @@ def _stop_sweep_on_error(method: Callable[..., None]) -> Callable[..., None]:
 
 
 class MlflowSweepCallback(Callback):
-    """Parent MLflow run for a multirun: created before the fan-out, summarised at the end."""
+    """Parent MLflow run for a multirun: created before the fan-out, summarised at the end;
+    the runs of jobs that could not end them, ended."""
 
     def __init__(self) -> None:
         self._open_parent: tuple[str, str] | None = None  # (tracking_uri, run_id) until ended
 
     @_stop_sweep_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from convnets.search import resumed_parent_run
+        from convnets.search import is_search, resumed_parent_run
         from convnets.tracking import Tracker
 
         resumed = resumed_parent_run(config)  # checks an Optuna search before any run exists
         tracker = Tracker(config.tracking.uri, http_timeout_s=config.tracking.http_timeout_s)
         tracker.check_store()  # first contact: sqlite creates its schema here, once
         experiment_id = tracker.reopen_run(resumed) if resumed else None
+        search = is_search(config.hydra.sweeper)
+        definition = sweep_overrides(config)
         if experiment_id is not None:  # a resumed search: its jobs join the same parent
             run_id = resumed
         else:
             experiment_id = tracker.experiment_id(experiment_name(config))
-            run_id = self._create_parent(tracker, config, experiment_id)
+            run_id = self._create_parent(tracker, config, experiment_id, definition, search)
         self._open_parent = (config.tracking.uri, run_id)
         # If the sweep dies (Optuna raising, Ctrl-C), on_multirun_end never runs.
         atexit.register(self._end_abandoned_parent)
 
-        context = SweepContext(config.tracking.uri, experiment_id, run_id)
-        sweep_dir = Path(config.hydra.sweep.dir).resolve()
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        fields = asdict(context)
-        del fields["job_num"], fields["overrides"]  # per job, filled in by sweep_context()
-        tmp_file = sweep_dir / f".{SWEEP_FILE}.tmp"
-        tmp_file.write_text(json.dumps(fields, indent=1))
-        os.replace(tmp_file, sweep_dir / SWEEP_FILE)  # atomic: a job never reads half a file
+        context = SweepContext(
+            config.tracking.uri, experiment_id, run_id, search, swept_keys(definition)
+        )
+        context.write(Path(config.hydra.sweep.dir).resolve())  # before any job reads it
         log.info("sweep: MLflow parent run %s in experiment %s", run_id, experiment_id)
 
     @staticmethod
-    def _create_parent(tracker: Any, config: DictConfig, experiment_id: str) -> str:
+    def _create_parent(
+        tracker: Any, config: DictConfig, experiment_id: str, overrides: dict, search: bool
+    ) -> str:
         from convnets.tracking import redact, shorten
 
-        overrides = sweep_overrides(config)
         definition = redact(" ".join(f"{key}={value}" for key, value in overrides.items()))
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        varied = swept_keys(overrides)
+        if search:  # its ranges are long: the keys it searches
+            words = ["search", *(_short_key(key) for key in varied)]
+        else:
+            words = ["sweep", *(f"{_short_key(k)}={overrides[k]}" for k in varied)]
         run_id = tracker.create_run(
             experiment_id,
-            run_name=shorten("sweep " + " ".join(config.hydra.overrides.task), 250, "..."),
+            run_name=fit_name([redact(word) for word in words]),
             tags={
                 "sweep_role": "parent",
                 "sweep_overrides": shorten(definition, _MAX_TAG, "..."),
@@ -205,8 +350,10 @@ class MlflowSweepCallback(Callback):
         return run_id
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
+        if OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
             return
+        if job_return.status == JobStatus.FAILED:
+            _end_failed_job(config, _job_error(job_return))
         # The basic launcher runs every job in this process: drop the finished job's Keras
         # state (graphs, layer-name counters) and garbage so memory stays flat over a sweep.
         if "keras" in sys.modules:
@@ -215,9 +362,11 @@ class MlflowSweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         context = SweepContext.read(sweep_dir)
-        optuna_results = sweep_dir / "optimization_results.yaml"  # by convnets.search
-        if optuna_results.is_file():
-            _log_optuna_results(context, optuna_results)
+        if context is None:  # on_multirun_start stopped the sweep before writing it
+            return
+        results = SearchResults.read(sweep_dir)  # written by convnets.search
+        if results is not None:
+            _log_optuna_results(context, results, sweep_dir)
         summarize(context, sweep_dir / SUMMARY_DIR, config.tracking.http_timeout_s)
         self._open_parent = None
 
@@ -231,56 +380,84 @@ class MlflowSweepCallback(Callback):
         Tracker(uri).end_run(run_id, "FAILED", reason)
 
 
-def end_runs_left_running(
-    sweep_dir: str | Path, job_num: int, status: str, reason: str, http_timeout_s: float = 10.0
-) -> list[str]:
-    """End the runs job ``job_num`` of this sweep left RUNNING because its process died
-    (SIGKILL, out of memory, a crash in native code) before it could end them; their ids.
+def _job_error(job_return: JobReturn) -> BaseException:
+    """The exception a failed job ended with. Hydra hands it out only by raising it from
+    ``return_value``, which also prints an "Error executing job" line: that line is Hydra's
+    sweeper's to print, so it is kept out of the output here."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            value = job_return.return_value
+        except BaseException as err:  # noqa: BLE001 - what the job raised, whatever it is
+            return err
+    return RuntimeError(f"the job failed, returning {value!r}")
 
-    Called from the sweep's process by a launcher that runs jobs in processes of their own
-    (``hydra/launcher=fresh_process``), once the job's process is gone; without this the run
-    would stay RUNNING and the sweep summary would count it neither finished nor failed.
-    """
-    if not (Path(sweep_dir) / SWEEP_FILE).is_file():
-        return []
-    from convnets.tracking import Tracker
 
-    context = SweepContext.read(sweep_dir)
-    tracker = Tracker(context.tracking_uri, http_timeout_s=http_timeout_s)
+def _end_failed_job(config: DictConfig, error: BaseException) -> None:
+    """The runs a failed job left RUNNING, ended: KILLED when it was stopped (Ctrl-C), else
+    FAILED with the error as the reason. A job that failed before it started its run (its
+    process died while starting) gets a FAILED run of its own, so the summary counts it.
+    A job that ended its run itself, as every job does unless its process dies, leaves
+    nothing to do."""
+    from convnets.tracking import Tracker, failure_reason
+
+    context = SweepContext.read(
+        config.hydra.sweep.dir,
+        job_num=config.hydra.job.num,
+        overrides=tuple(config.hydra.overrides.task),
+    )
+    if context is None:
+        return
+    stopped = isinstance(error, KeyboardInterrupt)
+    status = "KILLED" if stopped else "FAILED"
+    reason = (str(error) or "interrupted") if stopped else failure_reason(error)
+    timeout_s = OmegaConf.select(config, "tracking.http_timeout_s", default=10.0)
+    tracker = Tracker(context.tracking_uri, http_timeout_s=timeout_s)
     runs = tracker.search_runs(
         [context.experiment_id],
         filter_string=(
             f"tags.`mlflow.parentRunId` = '{context.parent_run_id}' "
-            f"and tags.sweep_job = '{job_num}' and attributes.status = 'RUNNING'"
+            f"and tags.sweep_job = '{context.job_num}'"
         ),
     )
-    run_ids = list(runs["run_id"]) if len(runs) else []
-    for run_id in run_ids:
+    if len(runs):
+        left = list(runs.loc[runs["status"] == "RUNNING", "run_id"])
+    elif stopped:  # stopped before it began: nothing ran, nothing to count
+        left = []
+    else:
+        left = [
+            tracker.create_run(
+                context.experiment_id,
+                run_name=job_run_name(context),
+                tags=context.tags(),
+                parent_run_id=context.parent_run_id,
+            )
+        ]
+    for run_id in left:
         tracker.end_run(run_id, status, reason)
-    return run_ids
+        log.warning(
+            "sweep: job #%s: run %s recorded %s: %s", context.job_num, run_id, status, reason
+        )
 
 
-def _log_optuna_results(context: SweepContext, path: Path) -> None:
+def _log_optuna_results(context: SweepContext, results: SearchResults, sweep_dir: Path) -> None:
     """The study's best objective value and parameters, as Optuna reported them; for several
     objectives the Pareto front (``pareto/`` artifacts, runs tagged ``pareto_optimal=true``)."""
     from convnets.tracking import Tracker, shorten
 
     tracker = Tracker(context.tracking_uri)
-    results = OmegaConf.load(path)
-    tracker.log_artifact_to(context.parent_run_id, path)
-    if "best_value" in results:  # single objective
+    tracker.log_artifact_to(context.parent_run_id, SearchResults.path(sweep_dir))
+    if results.best_value is not None:  # single objective
         tracker.log_metrics_to(context.parent_run_id, {"optuna_best_value": results.best_value})
-        best = " ".join(f"{key}={value}" for key, value in results.best_params.items())
+        best = " ".join(f"{key}={value}" for key, value in (results.best_params or {}).items())
         tracker.set_tags_on(
             context.parent_run_id, {"optuna_best_params": shorten(best, _MAX_TAG, "...")}
         )
-    for name in ("pareto.csv", "pareto.png"):
-        if (path.parent / name).is_file():
-            tracker.log_artifact_to(context.parent_run_id, path.parent / name, "pareto")
-    for solution in results.get("solutions", []):
-        if solution.run_id:
-            tracker.set_tags_on(solution.run_id, {"pareto_optimal": "true"})
-    for run_id in results.get("dominated_run_ids", []):
+    for path in SearchResults.pareto_files(sweep_dir):
+        tracker.log_artifact_to(context.parent_run_id, path, "pareto")
+    for solution in results.solutions:
+        if solution.get("run_id"):
+            tracker.set_tags_on(solution["run_id"], {"pareto_optimal": "true"})
+    for run_id in results.dominated_run_ids:
         tracker.set_tags_on(run_id, {"pareto_optimal": "false"})
 
 

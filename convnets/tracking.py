@@ -133,6 +133,25 @@ def git_state(path: str | Path) -> tuple[str, bool | None]:
 
 
 @functools.cache
+def git_changes(path: str | Path) -> tuple[str, list[str]]:
+    """What the working tree adds to its commit: ``git diff HEAD`` (tracked files, staged or
+    not) and the untracked files under ``path`` (git's own ignores applied); ("", []) when
+    clean or outside git. Read once per process, as :func:`git_state`."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(path), *args], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+
+    try:
+        diff = git("diff", "HEAD", "--binary")
+        untracked = git("ls-files", "--others", "--exclude-standard", "--", ".").splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return "", []
+    return diff, untracked
+
+
+@functools.cache
 def package_versions() -> dict[str, str]:
     """Python's and the :data:`VERSIONED_PACKAGES`' versions (read once per process)."""
     versions = {"python": sys.version.split()[0]}

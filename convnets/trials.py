@@ -1,8 +1,9 @@
 """A job's link to its Optuna trial, when ``hydra/sweeper=convnets_optuna`` launched it.
 
 The sweeper (:mod:`convnets.search`) writes ``<sweep dir>/optuna_trials/<job num>.json``
-before launching job ``n`` = trial ``n``; the job, in the sweeper's process (basic launcher)
-or another one (joblib, submitit), opens the trial through the shared storage to:
+(:class:`convnets.sweep_files.TrialFile`) before launching job ``n`` = trial ``n``; the job, in
+the sweeper's process (basic launcher) or another one (joblib, submitit, fresh_process),
+opens the trial through the shared storage to:
 
 - record its MLflow run id (the sweeper tags the Pareto-optimal runs with it);
 - report ``val_accuracy`` after every epoch and learn whether the pruner stops it;
@@ -19,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from convnets import search
+from convnets.sweep_files import TrialFile
 
 
 class TrialLink:
     """This job's trial: report per epoch, flag pruning, hand over the final metrics."""
 
-    def __init__(self, spec: search.TrialFile):
+    def __init__(self, spec: TrialFile):
         import optuna
 
         storage = search.open_storage(spec.storage, spec.stale_after_s)
@@ -65,5 +67,5 @@ def current(hydra_cfg) -> TrialLink | None:
     entry point has it), or None (another sweeper's job)."""
     if not search.is_search(hydra_cfg.sweeper):
         return None
-    spec = search.TrialFile.read(Path(hydra_cfg.sweep.dir).resolve(), hydra_cfg.job.num)
+    spec = TrialFile.read(Path(hydra_cfg.sweep.dir).resolve(), hydra_cfg.job.num)
     return TrialLink(spec) if spec is not None else None

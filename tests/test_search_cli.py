@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from convnets import search
 from convnets.errors import ConfigError
+from convnets.sweep_files import PrunerSpec, SearchResults, TrialFile
 
 TINY = [
     "trainer.verbose=0",
@@ -235,10 +236,27 @@ def test_pareto_2d_keeps_points_no_other_beats_on_both_axes():
 
 
 def test_the_trial_file_round_trips(tmp_path):
-    spec = search.TrialFile("sqlite:///x.db", "s", 7, search.PrunerSpec("median", 5), 60)
+    spec = TrialFile("sqlite:///x.db", "s", 7, PrunerSpec("median", 5), 60)
     spec.write(tmp_path)
-    assert search.TrialFile.read(tmp_path, 7) == spec
-    assert search.TrialFile.read(tmp_path, 8) is None
+    assert TrialFile.read(tmp_path, 7) == spec
+    assert TrialFile.read(tmp_path, 8) is None
+    assert TrialFile.numbers(tmp_path) == {7}
+
+
+def test_the_results_file_round_trips(tmp_path):
+    assert SearchResults.read(tmp_path) is None
+    one = SearchResults("s", ("val_accuracy:max",), 3, 0.9, {"optimizer.lr": 0.01}, 2, "r2")
+    one.write(tmp_path)
+    assert SearchResults.read(tmp_path) == one
+    text = SearchResults.path(tmp_path).read_text()
+    assert "solutions" not in text and "best_value: 0.9" in text
+    front = ({"trial": 1, "run_id": "r1", "values": {"val_accuracy": 0.9, "param_count": 10.0},
+              "params": {"model.width": 0.5}},)  # fmt: skip
+    several = SearchResults("s", ("val_accuracy:max", "param_count:min"), 4, solutions=front,
+                            dominated_run_ids=("r0",))  # fmt: skip
+    several.write(tmp_path)
+    assert SearchResults.read(tmp_path) == several
+    assert "best_value" not in SearchResults.path(tmp_path).read_text()
 
 
 def test_the_launcher_process_stays_light():
@@ -276,6 +294,7 @@ def test_a_two_objective_search_resumes_into_the_same_study_and_parent(tmp_path)
     ok(search_cli(tmp_path, *args, "hydra.sweeper.n_trials=6"))
     parents, children, client = runs(tmp_path)
     assert len(parents) == 1 and len(children) == 6
+    assert all(len(r.info.run_name) <= 60 for r in [*parents, *children])
     parent = parents[0].info.run_id
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent}
     assert {"pareto/pareto.csv", "pareto/pareto.png"} <= {
@@ -288,7 +307,10 @@ def test_a_two_objective_search_resumes_into_the_same_study_and_parent(tmp_path)
     assert parents[0].info.status == "FINISHED"
     assert [r.data.tags["sweep_job"] for r in children] == [str(n) for n in range(8)]
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent}
-    trials = study(tmp_path, "digits_pareto").trials
+    resumed = study(tmp_path, "digits_pareto")
+    # The objectives carry their names: optuna-dashboard shows them, not "Objective 0/1".
+    assert resumed.metric_names == ["val_accuracy", "param_count"]
+    trials = resumed.trials
     assert [t.number for t in trials] == list(range(8))
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in children}
@@ -351,7 +373,7 @@ def test_two_processes_on_one_storage_share_the_study_without_duplicates(tmp_pat
     kwargs = {"cwd": REPO, "env": CLI_ENV, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
     first = subprocess.Popen([*args, f"hydra.sweep.dir={tmp_path}/a"], text=True, **kwargs)
     deadline = time.monotonic() + 120
-    while not (tmp_path / "a" / search.TRIALS_DIR / "0.json").exists():  # first trial asked
+    while not TrialFile.path(tmp_path / "a", 0).exists():  # first trial asked
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()
         time.sleep(0.2)
     second = subprocess.Popen([*args, f"hydra.sweep.dir={tmp_path}/b"], text=True, **kwargs)
@@ -364,9 +386,7 @@ def test_two_processes_on_one_storage_share_the_study_without_duplicates(tmp_pat
     # each start one more.
     assert 4 <= len(trials) <= 5
     assert all(t.state == TrialState.COMPLETE for t in trials)
-    ran = {
-        p: {int(f.stem) for f in (tmp_path / p / search.TRIALS_DIR).glob("*.json")} for p in "ab"
-    }
+    ran = {p: TrialFile.numbers(tmp_path / p) for p in "ab"}
     assert ran["a"] and ran["b"] and not ran["a"] & ran["b"]  # both worked, on distinct trials
     assert ran["a"] | ran["b"] == {t.number for t in trials}
     parents, children, _ = runs(tmp_path)

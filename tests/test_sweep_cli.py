@@ -3,7 +3,8 @@ store: grid under a parent run with its summary, a failing grid point, Optuna, j
 submitit's local executor and our fresh_process launcher (a job killed hard included). Tiny on
 purpose: 8x8 digits, two 4-filter layers, one epoch.
 
-Plus the pure helpers of :mod:`convnets.sweep` (no subprocess, no TensorFlow).
+Plus the pure helpers of :mod:`convnets.sweep` and :mod:`convnets.sweep_files`, run names, and
+how the sweep callback ends the runs of a job that could not (no subprocess, no TensorFlow).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import pytest
 from conftest import heavy_modules_loaded
 from omegaconf import OmegaConf
 
-from convnets import sweep
+from convnets import job, sweep
+from convnets.sweep_files import SweepContext
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -163,16 +165,214 @@ def test_param_keys_are_valid_mlflow_keys():
 
 
 def test_context_tags_place_the_job_in_the_sweep():
-    ctx = sweep.SweepContext("sqlite:///x.db", "1", "abc", job_num=3, overrides=("a=1", "b=2"))
+    ctx = SweepContext("sqlite:///x.db", "1", "abc", job_num=3, overrides=("a=1", "b=2"))
     assert ctx.tags() == {"sweep_job": "3", "sweep_overrides": "a=1 b=2"}
 
 
-def test_a_job_without_the_sweep_file_is_recorded_on_its_own(tmp_path):
-    from omegaconf import OmegaConf
+def test_the_sweep_file_round_trips_and_a_job_adds_its_own_fields(tmp_path):
+    written = SweepContext("sqlite:///x.db", "1", "abc", search=True, swept_keys=("a", "b"))
+    written.write(tmp_path)
+    assert SweepContext.read(tmp_path) == written
+    job_ctx = SweepContext.read(tmp_path, job_num=4, overrides=["a=1"])
+    assert (job_ctx.job_num, job_ctx.overrides, job_ctx.swept_keys) == (4, ("a=1",), ("a", "b"))
+    assert SweepContext.read(tmp_path / "elsewhere") is None
 
+
+def test_a_job_without_the_sweep_file_is_recorded_on_its_own(tmp_path):
     hydra_cfg = OmegaConf.create({"sweep": {"dir": str(tmp_path)}, "job": {"num": 0}})
     hydra_cfg.overrides = {"task": ["a=1"]}
     assert sweep.sweep_context(hydra_cfg) is None
+
+
+def test_the_swept_keys_are_the_ranges_not_the_fixed_values():
+    definition = {
+        "optimizer.lr": "tag(log, interval(1e-4, 1e-2))",
+        "model.width": "choice(0.5, 1.0)",
+        "+model.layer_defaults.kernel_size": "3,5",
+        "trainer.epochs": "range(1, 3)",
+        "trainer.seed": "1",
+        "model.layers": "[{filters:4},{filters:4}]",
+    }
+    assert sweep.swept_keys(definition) == (
+        "optimizer.lr",
+        "model.width",
+        "model.layer_defaults.kernel_size",
+        "trainer.epochs",
+    )
+
+
+# ---------------------------------------------------------------- run names
+
+TRIAL = (
+    "optimizer.lr=0.0055123",
+    "model.layer_defaults.kernel_size=3",
+    "model.width=1.0",
+    "trainer.epochs=1",
+    "tracking.log_model=false",
+)
+
+
+def test_a_search_trial_is_named_by_its_number_and_rounded_values():
+    ctx = SweepContext("u", "1", "p", True, ("optimizer.lr", "model.layer_defaults.kernel_size",
+                                             "model.width"), 5, TRIAL)  # fmt: skip
+    assert job.run_name("simple_cnn", "digits", TRIAL, ctx) == "t05 lr=5.5e-3 k=3 w=1"
+
+
+def test_a_grid_job_is_named_by_its_number_and_what_the_sweep_varies():
+    overrides = (*TINY, "model.layer_defaults.kernel_size=5", "model.layer_defaults.dilation=2")
+    swept = ("model.layer_defaults.kernel_size", "model.layer_defaults.dilation")
+    ctx = SweepContext("u", "1", "p", False, swept, 3, overrides)
+    assert sweep.job_run_name(ctx) == "j03 k=5 d=2"
+    # Without known swept keys: every override that says what is trained, shortened.
+    unknown = SweepContext("u", "1", "p", False, (), 12, overrides)
+    assert sweep.job_run_name(unknown) == "j12 ep=1 layers=4-4pmax k=5 d=2"
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("0.0055123", "5.5e-3"),
+        ("0.01", "1e-2"),
+        ("1e-4", "1e-4"),
+        ("0.123456", "0.12"),
+        ("1.0", "1"),
+        ("99.9", "100"),
+        ("25000.0", "2.5e4"),
+        ("128", "128"),  # integers as they are
+        ("true", "true"),
+        ("[{filters:16},{filters:16,stride:2,dilation:1},{filters:32}]", "16-16s2d1-32"),
+    ],
+)
+def test_values_in_names_are_short(value, shown):
+    assert sweep.short_override(f"model.x={value}") == f"x={shown}"
+
+
+def test_keys_in_names_are_short():
+    assert sweep.short_override("model.layers.0.stride=2") == "l0.s=2"
+    assert sweep.short_override("optimizer.name=sgd") == "opt=sgd"
+    assert sweep.short_override("+model.layer_defaults.dropout=0.25") == "drop=0.25"
+
+
+def test_names_within_a_sweep_are_distinct_and_short_even_with_long_values():
+    stacks = [f"model.layers=[{','.join(['{filters:64,pool:max}'] * n)}]" for n in (6, 7)]
+    names = [
+        sweep.job_run_name(
+            SweepContext("u", "1", "p", True, ("model.layers", "optimizer.lr"), n, (stack, lr))
+        )
+        for n, (stack, lr) in enumerate(
+            [(stacks[0], "optimizer.lr=0.00551"), (stacks[0], "optimizer.lr=0.00549"),
+             (stacks[1], "optimizer.lr=0.00551")]
+        )
+    ]  # fmt: skip
+    assert len(set(names)) == 3
+    assert all(len(n) <= sweep.RUN_NAME_LIMIT == 60 for n in names), names
+    assert names[0].startswith("t00 layers=64pmax-") and names[0].endswith(sweep.NAME_CUT)
+
+
+def test_a_run_outside_a_sweep_keeps_model_dataset_overrides_within_the_limit():
+    assert job.run_name("simple_cnn", "digits", ["model.layer_defaults.kernel_size=5"]) == (
+        "simple_cnn-digits-kernel_size=5"
+    )
+    long = job.run_name("simple_cnn", "digits", [f"model.layers.{i}.filters=64" for i in range(9)])
+    assert len(long) <= 60 and long.startswith("simple_cnn-digits-layers.0.filters=64,")
+    assert long.endswith(sweep.NAME_CUT)
+
+
+def test_a_sweep_job_names_its_run_from_its_sweep_context():
+    cfg = OmegaConf.create(
+        {"model": {"name": "simple_cnn"}, "dataset": {"name": "digits"}, "tracking": {}}
+    )
+    cfg.tracking.run_name = None
+    ctx = SweepContext("u", "1", "p", False, ("model.width",), 3, ("model.width=2.0",))
+    pending = job._Job(cfg, job.JobContext(overrides=ctx.overrides, multirun=True, sweep=ctx))
+    assert pending._run_name(cfg) == "j03 w=2"
+
+
+# ---------------------------------------------------------------- a job that could not end its run
+
+
+def _failed(error: BaseException):
+    from hydra.core.utils import JobReturn, JobStatus
+
+    ret = JobReturn(overrides=["model.width=2.0"], status=JobStatus.FAILED)
+    ret.return_value = error
+    return ret
+
+
+def test_the_callback_ends_the_runs_a_dead_job_left_running(tmp_path, capfd):
+    from hydra.types import RunMode
+    from mlflow.tracking import MlflowClient
+
+    from convnets.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri)
+    tracker.check_store()
+    experiment = tracker.experiment_id("x")
+    parent = tracker.create_run(experiment, run_name="sweep", tags={})
+    ctx = SweepContext(uri, experiment, parent, False, ("model.width",))
+    ctx.write(tmp_path)
+    running = {}
+    for num in (0, 1):
+        job_ctx = SweepContext.read(tmp_path, job_num=num, overrides=("model.width=2.0",))
+        running[num] = tracker.create_run(
+            experiment, run_name="x", tags=job_ctx.tags(), parent_run_id=parent
+        )
+
+    def config(num: int):
+        return OmegaConf.create(
+            {
+                "hydra": {
+                    "mode": RunMode.MULTIRUN,
+                    "sweep": {"dir": str(tmp_path)},
+                    "job": {"num": num},
+                    "overrides": {"task": ["model.width=2.0"]},
+                },
+                "tracking": {"http_timeout_s": 5},
+            }
+        )
+
+    callback = sweep.MlflowSweepCallback()
+    callback.on_job_end(config(0), _failed(ChildProcessError("its process died")))
+    callback.on_job_end(config(1), _failed(KeyboardInterrupt("the sweep was stopped")))
+    callback.on_job_end(config(2), _failed(ChildProcessError("died while starting")))
+    callback.on_job_end(config(3), _failed(KeyboardInterrupt("stopped before it began")))
+    assert "Error executing job" not in capfd.readouterr().err  # Hydra's line, not ours
+
+    client = MlflowClient(uri)
+    dead = client.get_run(running[0])
+    assert dead.info.status == "FAILED"
+    assert dead.data.tags["failure_reason"] == "ChildProcessError: its process died"
+    stopped = client.get_run(running[1])
+    assert stopped.info.status == "KILLED"
+    assert stopped.data.tags["failure_reason"] == "the sweep was stopped"
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'")
+    by_job = {r.data.tags["sweep_job"]: r for r in children}
+    assert set(by_job) == {"0", "1", "2"}  # a job stopped before it began: nothing to count
+    recorded = by_job["2"]  # died before its run existed: one recorded for it
+    assert recorded.info.status == "FAILED" and recorded.info.run_name == "j02 w=2"
+    assert recorded.data.tags["failure_reason"] == "ChildProcessError: died while starting"
+
+
+def test_what_the_launcher_and_callback_rely_on_in_hydra():
+    # Canary. A failed job's error is handed out only by raising it from
+    # JobReturn.return_value (which also prints a line the callback and launcher keep out of
+    # the output). A launcher reports the end of a job whose process died as run_job reports
+    # every job's: through the public HydraContext.callbacks field, whose class (Hydra-internal,
+    # not imported by the launcher) has on_job_end(config=, job_return=).
+    import dataclasses
+    import inspect
+
+    from hydra._internal.callbacks import Callbacks
+    from hydra.types import HydraContext
+
+    from hydra_plugins.convnets_launcher import _core
+
+    with pytest.raises(ChildProcessError, match="died"):
+        _ = _failed(ChildProcessError("died")).return_value
+    assert str(_core._job_value(_failed(ValueError("bad")))) == "bad"
+    assert "callbacks" in {f.name for f in dataclasses.fields(HydraContext)}
+    assert {"config", "job_return"} <= set(inspect.signature(Callbacks.on_job_end).parameters)
 
 
 # ---------------------------------------------------------------- through the CLI
@@ -184,6 +384,7 @@ def test_grid_sweep_nests_jobs_under_a_summarised_parent_and_survives_a_bad_poin
     s = run_sweep(tmp_path, *TINY, "model.layers.0.stride=1,2", "model.layer_defaults.dilation=1,2")
 
     assert len(s.children) == 4
+    assert all(len(r.info.run_name) <= sweep.RUN_NAME_LIMIT for r in s.children)
 
     def point(run):
         return run.data.params["model.layers.0.stride"], run.data.params[
@@ -272,6 +473,9 @@ def test_the_fresh_process_launcher_plugin_stays_light():
     heavy = ("tensorflow", "mlflow", "optuna", "cloudpickle", "concurrent.futures.process")
     launcher = "hydra_plugins.convnets_launcher.fresh_process_launcher"
     assert heavy_modules_loaded(launcher, heavy) == []
+    # Nor, when it launches, anything of the application: a launcher does not record runs.
+    core = "hydra_plugins.convnets_launcher._core"
+    assert heavy_modules_loaded(core, ("convnets", "mlflow", "tensorflow")) == []
 
 
 @pytest.mark.slow
@@ -322,8 +526,13 @@ def test_a_fresh_process_job_killed_hard_fails_alone(tmp_path):
     assert errors and "ended abruptly (killed by SIGKILL)" in errors[0], "".join(stderr)
     s = Sweep(tmp_path, subprocess.CompletedProcess(proc.args, 0, "".join(stdout), ""))
     assert [r.data.tags["sweep_job"] for r in s.finished()] == ["1"]
-    assert all(r.info.status != "RUNNING" for r in s.children)  # a run of job 0: ended FAILED
+    # Job 0 is recorded FAILED with how it died, whether it had started its run or not (the
+    # sweep callback ends it, or records one for it), and the summary counts it.
+    (dead,) = (r for r in s.children if r.data.tags["sweep_job"] == "0")
+    assert dead.info.status == "FAILED", dead.info
+    assert "ended abruptly (killed by SIGKILL)" in dead.data.tags["failure_reason"]
     assert s.parent.info.status == "FINISHED" and s.parent.data.metrics["jobs_finished"] == 1
+    assert s.parent.data.metrics["jobs_failed"] == 1
     assert processes_left_behind(tmp_path) == []
 
 

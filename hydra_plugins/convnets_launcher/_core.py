@@ -4,39 +4,46 @@ Why by hand: no Hydra launcher runs each job in a process of its own with bounde
 The basic launcher runs every job in the sweep's process, where TensorFlow/Keras's own state
 grows ~15 MB a job however much is cleared between jobs; joblib (loky) reuses its worker
 processes, so the growth moves into the workers; submitit's local executor starts every job of
-the sweep at once. Here each job gets a :class:`~concurrent.futures.ProcessPoolExecutor` of
-one spawned worker, which exits as soon as its job has returned, and the sweep keeps at most
-``n_jobs`` of them running. One pool per job rather than one pool of ``n_jobs``:
-a worker that dies (SIGKILL, out of memory, a crash in native code) breaks its whole pool, and
-a shared pool would then SIGTERM the other running jobs and fail every pending one; a pool per
-job loses only the job that died.
+the sweep at once. Here each job gets a spawned :class:`multiprocessing.Process` of its own,
+which exits as soon as its job has returned, and a pipe of its own that brings the result
+back; the sweep keeps at most ``n_jobs`` of them running. A process per job rather than a pool
+of ``n_jobs``: a worker that dies (SIGKILL, out of memory, a crash in native code) breaks a
+whole :class:`~concurrent.futures.ProcessPoolExecutor`, which then SIGTERMs the other running
+jobs and fails every pending one; a process per job loses only the job that died.
 
-What runs in the worker mirrors Hydra's joblib launcher (``hydra_joblib_launcher._core``):
-restore Hydra's singletons (ConfigStore, plugins), load the job's sweep config, set its id and
-number, ``run_job`` into ``hydra.sweep.dir``; the :class:`~hydra.core.utils.JobReturn` comes
-back to the sweep, so sweepers (basic, ``convnets_optuna``) and callbacks work unchanged. The
-task function is a closure (``report_user_errors.<locals>.wrapper`` around ``train.py``'s
-``main``), which the pool's pickle cannot send: the payload travels as cloudpickle bytes.
+What runs in the job's process mirrors Hydra's joblib launcher
+(``hydra_joblib_launcher._core``): restore Hydra's singletons (ConfigStore, plugins), load the
+job's sweep config, set its id and number, ``run_job`` into ``hydra.sweep.dir``; the
+:class:`~hydra.core.utils.JobReturn` comes back to the sweep, so sweepers (basic,
+``convnets_optuna``) and callbacks work unchanged. The task function is a closure
+(``report_user_errors.<locals>.wrapper`` around ``train.py``'s ``main``), which plain pickle
+cannot send: the payload travels as cloudpickle bytes.
 
-A job whose process dies is one failed job, as a job that fails in a multirun is: its MLflow
-run (left RUNNING) is ended FAILED from here with the reason, one ``error:`` line is printed,
-and it returns ``nan``; the other jobs go on. Ctrl-C stops the sweep as with the basic
-launcher: running jobs record their runs KILLED (bounded by ``stop_grace_s``), exit 130.
+A job whose process dies is one failed job, and the other jobs go on: one ``error:`` line says
+how it died, and Hydra's callbacks get its end (``on_job_end``) as a FAILED JobReturn whose
+error says so, as ``run_job`` would have given it to them had the process lived. What that
+means for the job's record (its MLflow run) is the callbacks' to decide: this plugin is a
+Hydra launcher and imports nothing of the application it launches. The sweeper gets ``nan``
+for the job: Hydra's basic sweeper re-raises a FAILED job's error and stops the whole sweep.
+Ctrl-C stops the sweep as with the basic launcher: running jobs get ``stop_grace_s`` to end by
+themselves, the callbacks get the end of those that could not (a KeyboardInterrupt), exit 130.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import copy
+import io
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,14 +58,20 @@ from hydra.core.utils import (
     setup_globals,
 )
 from hydra.errors import HydraException
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 if TYPE_CHECKING:
+    from hydra.types import HydraContext
+
     from hydra_plugins.convnets_launcher.fresh_process_launcher import FreshProcessLauncher
 
 log = logging.getLogger(__name__)
 
 INTERRUPTED = 130  # exit status of a job (and the sweep) stopped by Ctrl-C
+
+
+class JobProcessDied(ChildProcessError):
+    """A job's process ended before it sent its result back (given to ``on_job_end``)."""
 
 
 def launch(
@@ -92,25 +105,25 @@ def launch(
         )
     )
     waiting = collections.deque(enumerate(job_overrides, start=initial_job_idx))
-    running: dict[Future, _Job] = {}
+    running: list[_Job] = []
     returns: dict[int, JobReturn] = {}
     try:
         while waiting or running:
             while waiting and len(running) < n_jobs:
                 idx, overrides = waiting.popleft()
                 job = _Job(idx, overrides, shared)
-                running[job.future] = job
+                running.append(job)
                 shown = " ".join(filter_overrides(overrides))
                 log.info("\t#%d : %s (process %s)", idx, shown, job.pid)
-            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for future in done:
-                job = running.pop(future)
-                returns[job.idx] = job.result(config)
+            ready = multiprocessing.connection.wait([job.results for job in running])
+            for job in [job for job in running if job.results in ready]:
+                running.remove(job)
+                returns[job.idx] = job.outcome(launcher)
     except BaseException as err:
         interrupted = isinstance(err, KeyboardInterrupt) or (
             isinstance(err, SystemExit) and err.code == INTERRUPTED
         )
-        _stop(list(running.values()), config, launcher.stop_grace_s, interrupted)
+        _stop(running, launcher, interrupted)
         if isinstance(err, KeyboardInterrupt):
             raise SystemExit(INTERRUPTED) from None
         raise
@@ -118,71 +131,57 @@ def launch(
 
 
 class _Job:
-    """One job in its own single-worker pool."""
+    """One job in a spawned process of its own, its result coming back through a pipe."""
 
     def __init__(self, idx: int, overrides: Sequence[str], shared: bytes):
         self.idx, self.overrides = idx, list(overrides)
-        self.executor = ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("spawn")
+        context = multiprocessing.get_context("spawn")
+        self.results, sender = context.Pipe(duplex=False)
+        self.process = context.Process(
+            target=_job_process, args=(sender, shared, idx, self.overrides), name=f"job-{idx}"
         )
-        self.future = self.executor.submit(_run_in_this_process, shared, idx, self.overrides)
-        # The pool starts its worker in submit(); its Process gives the pid and, if it dies,
-        # the exit code (the pool has no public accessor for either).
-        workers = list((getattr(self.executor, "_processes", None) or {}).values())
-        self.process: Any = workers[0] if workers else None
-        self.pid = self.process.pid if self.process is not None else "?"
-        # No other task will come: the worker exits as soon as this one has returned, whatever
-        # the sweep's process is doing then (e.g. waiting for the other jobs after a Ctrl-C).
-        # Not max_tasks_per_child=1: a worker that exits by it makes the pool (CPython 3.11)
-        # start a replacement, an interpreter start and imports for nothing.
-        self.executor.shutdown(wait=False)
+        self.process.start()
+        # Only the job's process holds the sending end now: when it exits, with its result or
+        # without (killed), the receiving end becomes readable, with data or at end of file.
+        sender.close()
+        self.pid = self.process.pid
 
-    def result(self, config: Any) -> JobReturn:
-        """The job's JobReturn; a died process is a failed job (see the module docstring).
-        An exception the worker raised outside ``run_job`` (the SystemExit of a Ctrl-C'd job,
-        a launcher bug) is raised here."""
+    def outcome(self, launcher: FreshProcessLauncher) -> JobReturn:
+        """The job's JobReturn, once its end is readable; a process that died without sending
+        one is a failed job (see the module docstring). An exception the job's process raised
+        outside ``run_job`` (the SystemExit of a Ctrl-C'd job, a launcher bug) is raised
+        here."""
         import cloudpickle
 
-        data = None
+        message = None
         try:
-            data = self.future.result()
-        except BrokenProcessPool:
+            message = cloudpickle.loads(self.results.recv_bytes())
+        except (EOFError, OSError):  # the process ended before it sent anything whole
             pass
         finally:
-            if self.process is not None:
-                self.process.join()  # it exits right after its job, or has died
-        return self._died(config) if data is None else cloudpickle.loads(data)
+            self.results.close()
+            self.process.join()  # it exits right after sending, or has died
+        if message is None:
+            return self._died(launcher)
+        kind, value = message
+        if kind == "raised":
+            raise value
+        return value
 
-    def _died(self, config: Any) -> JobReturn:
-        exitcode = self._exitcode()
-        reason = (
-            f"its process ({self.pid}) ended abruptly ({_how(exitcode)}) before the job returned"
-        )
-        ended = _end_runs_left_running(config, self.idx, "FAILED", reason)
-        recorded = f"; run {', '.join(ended)} recorded FAILED" if ended else ""
+    def _died(self, launcher: FreshProcessLauncher) -> JobReturn:
+        how = _how(self.process.exitcode)
+        reason = f"its process ({self.pid}) ended abruptly ({how}) before the job returned"
         shown = " ".join(filter_overrides(self.overrides))
-        print(f"error: job #{self.idx} ({shown}): {reason}{recorded}", file=sys.stderr, flush=True)
-        # As convnets.job.train does for a job that fails in a multirun: recorded FAILED,
-        # one line, nan (status COMPLETED), so the sweep goes on and its summary counts it.
+        print(f"error: job #{self.idx} ({shown}): {reason}", file=sys.stderr, flush=True)
+        _report_end(launcher, self.idx, self.overrides, JobProcessDied(reason))
         ret = JobReturn(
             overrides=self.overrides,
             working_dir=os.getcwd(),
-            task_name=str(config.hydra.job.name),
+            task_name=str(launcher.config.hydra.job.name),
             status=JobStatus.COMPLETED,
         )
-        ret.return_value = float("nan")
+        ret.return_value = float("nan")  # a failed objective to the sweeper, which sweeps on
         return ret
-
-    def _exitcode(self) -> int | None:
-        """The dead worker's exit code. The pool's own thread reaps a broken pool's workers too:
-        when it wins the race for the process's status, this process's ``join`` returns before
-        that thread has stored it; it is there a moment later."""
-        if self.process is None:
-            return None
-        deadline = time.monotonic() + 5
-        while self.process.exitcode is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self.process.exitcode
 
 
 def _how(exitcode: int | None) -> str:
@@ -195,33 +194,50 @@ def _how(exitcode: int | None) -> str:
     return f"exit status {exitcode}"
 
 
-def _end_runs_left_running(config: Any, idx: int, status: str, reason: str) -> list[str]:
-    """Best effort: the store may be what failed; the job's failure is reported either way."""
-    from convnets.sweep import end_runs_left_running
-
-    timeout = OmegaConf.select(config, "tracking.http_timeout_s", default=10.0)
+def _report_end(
+    launcher: FreshProcessLauncher, idx: int, overrides: Sequence[str], error: BaseException
+) -> None:
+    """Hydra's callbacks get the end of a job whose process could not give it to them: a
+    FAILED JobReturn holding ``error``, with the job's own config, through the same
+    ``HydraContext.callbacks`` that ``run_job`` calls. Best effort (Hydra's callbacks turn
+    their errors into warnings): the job's failure is reported either way."""
+    assert launcher.hydra_context is not None and launcher.config is not None
     try:
-        return end_runs_left_running(config.hydra.sweep.dir, idx, status, reason, timeout)
+        config = _job_config(launcher.hydra_context, launcher.config, idx, overrides)
+    except Exception:  # noqa: BLE001 - the job's process may have died composing it
+        config = copy.deepcopy(launcher.config)
+        with open_dict(config):
+            config.hydra.job.num = idx
+            config.hydra.overrides.task = list(overrides)
+    ret = JobReturn(
+        overrides=list(overrides),
+        working_dir=os.getcwd(),
+        task_name=str(config.hydra.job.name),
+        status=JobStatus.FAILED,
+    )
+    ret.return_value = error
+    try:
+        launcher.hydra_context.callbacks.on_job_end(config=config, job_return=ret)
     except Exception as err:  # noqa: BLE001
-        log.warning("job #%d: its run could not be ended %s: %s", idx, status, err)
-        return []
+        log.warning("job #%d: the callbacks could not record its end: %s", idx, err)
 
 
-def _stop(jobs: list[_Job], config: Any, grace_s: float, interrupted: bool) -> None:
+def _stop(jobs: list[_Job], launcher: FreshProcessLauncher, interrupted: bool) -> None:
     """Stop the running jobs, bounded: none is left behind, and none hangs the sweep.
 
-    On Ctrl-C the terminal's SIGINT reached the jobs too: they get ``grace_s`` to record their
-    runs KILLED and exit by themselves. Then each job still running gets one SIGINT (another
-    would interrupt its recording), ``grace_s`` again, then SIGKILL; the runs of jobs that
-    could not end them are ended KILLED from here.
+    On Ctrl-C the terminal's SIGINT reached the jobs too: they get ``stop_grace_s`` to record
+    their ends and exit by themselves. Then each job still running gets one SIGINT (another
+    would interrupt its recording), ``stop_grace_s`` again, then SIGKILL. Hydra's callbacks
+    then get the end of every job stopped, as interrupted.
     """
-    # Every worker this process started, including one whose pool was being created.
+    grace_s = launcher.stop_grace_s
+    # Every process this one started, including one whose start was interrupted.
     workers = multiprocessing.active_children()
     try:
         if workers and interrupted:
             print(
                 f"interrupted: waiting up to {grace_s:g} s for {len(workers)} running job(s) "
-                "to record their runs",
+                "to record their ends",
                 file=sys.stderr,
                 flush=True,
             )
@@ -236,9 +252,10 @@ def _stop(jobs: list[_Job], config: Any, grace_s: float, interrupted: bool) -> N
             if worker.is_alive():
                 worker.kill()
                 worker.join()
-    reason = "the sweep was stopped before the job recorded its end"
     for job in jobs:
-        _end_runs_left_running(config, job.idx, "KILLED", reason)
+        job.results.close()
+        stopped = KeyboardInterrupt("the sweep was stopped before the job recorded its end")
+        _report_end(launcher, job.idx, job.overrides, stopped)
 
 
 def _join(workers: list[Any], timeout_s: float) -> None:
@@ -247,43 +264,81 @@ def _join(workers: list[Any], timeout_s: float) -> None:
         worker.join(max(0.0, deadline - time.monotonic()))
 
 
+def _job_config(
+    hydra_context: HydraContext, config: DictConfig, idx: int, overrides: Sequence[str]
+) -> DictConfig:
+    """Job ``idx``'s config, as Hydra's launchers compose it."""
+    sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+    with open_dict(sweep_config):
+        sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{idx}"
+        sweep_config.hydra.job.num = idx
+    return sweep_config
+
+
 # ---------------------------------------------------------------- in the job's process
 
 
-def _run_in_this_process(shared: bytes, idx: int, overrides: list[str]) -> bytes:
-    """The job, in its worker: as ``hydra_joblib_launcher._core.execute_job``; the JobReturn
-    goes back pickled."""
+def _job_process(sender: Any, shared: bytes, idx: int, overrides: list[str]) -> None:
+    """The job's process: run the job, send ``("returned", JobReturn)`` or, for an exception
+    raised outside ``run_job``, ``("raised", exception)`` back, and exit."""
+    try:
+        message = ("returned", _run_in_this_process(shared, idx, overrides))
+    except BaseException as err:  # noqa: BLE001 - raised again in the sweep's process
+        if not isinstance(err, SystemExit | KeyboardInterrupt):
+            traceback.print_exc()
+        message = ("raised", err)
+    sender.send_bytes(_pickled(message))
+    sender.close()
+
+
+def _run_in_this_process(shared: bytes, idx: int, overrides: list[str]) -> JobReturn:
+    """The job: as ``hydra_joblib_launcher._core.execute_job``."""
     import cloudpickle
 
     hydra_context, config, task_function, singleton_state = cloudpickle.loads(shared)
     setup_globals()
     Singleton.set_state(singleton_state)
-    sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
-    with open_dict(sweep_config):
-        sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{idx}"
-        sweep_config.hydra.job.num = idx
+    sweep_config = _job_config(hydra_context, config, idx, overrides)
     HydraConfig.instance().set_config(sweep_config)
-    ret = run_job(
+    return run_job(
         hydra_context=hydra_context,
         config=sweep_config,
         task_function=task_function,
         job_dir_key="hydra.sweep.dir",
         job_subdir_key="hydra.sweep.subdir",
     )
-    return _pickled(ret)
 
 
-def _pickled(ret: JobReturn) -> bytes:
-    """The JobReturn for the sweep's process, by cloudpickle: its configs hold the plugins'
-    config classes, which ``Singleton.set_state`` re-created here by re-running Hydra's plugin
-    scan, so plain pickle no longer finds them by name (cloudpickle sends them by value, as
-    joblib's loky does). A failed job's exception that does not pickle is sent as a
-    RuntimeError saying what it was."""
+def _pickled(message: tuple[str, Any]) -> bytes:
+    """The message for the sweep's process, by cloudpickle: a JobReturn's configs hold the
+    plugins' config classes, which ``Singleton.set_state`` re-created here by re-running
+    Hydra's plugin scan, so plain pickle no longer finds them by name (cloudpickle sends them
+    by value, as joblib's loky does). What does not pickle (a failed job's exception, say) is
+    sent as a RuntimeError saying what it was."""
     import cloudpickle
 
     try:
-        return cloudpickle.dumps(ret)
+        return cloudpickle.dumps(message)
     except Exception as err:  # noqa: BLE001
-        value = ret._return_value
-        ret.return_value = RuntimeError(f"{type(value).__name__}: {value} (unpicklable: {err})")
-        return cloudpickle.dumps(ret)
+        kind, value = message
+        if kind == "raised":
+            return cloudpickle.dumps((kind, RuntimeError(f"{_describe(value)} (unpicklable)")))
+        shown = _describe(_job_value(value))
+        value.status = JobStatus.FAILED
+        value.return_value = RuntimeError(f"{shown} (unpicklable: {err})")
+        return cloudpickle.dumps((kind, value))
+
+
+def _job_value(ret: JobReturn) -> Any:
+    """What the job returned, or the exception it failed with. Hydra hands a failed job's
+    exception out only by raising it from ``return_value``, which also prints an "Error
+    executing job" line: that line is the sweeper's to print, in the sweep's process."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            return ret.return_value
+        except BaseException as err:  # noqa: BLE001
+            return err
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__}: {value}"

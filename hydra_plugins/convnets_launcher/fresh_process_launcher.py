@@ -1,8 +1,9 @@
 """Config schema, ConfigStore entry and Launcher class of ``hydra/launcher=fresh_process``.
 
-Hydra imports this module whenever it scans its plugins, so it stays light: the process pool,
+Hydra imports this module whenever it scans its plugins, so it stays light: multiprocessing,
 cloudpickle and everything a job needs are imported only when a sweep launches (``_core``,
-which Hydra's scan skips as a private module).
+which Hydra's scan skips as a private module). Nothing of ``convnets`` is imported, here or
+there: a launcher runs jobs; what a job's end means for its record is the application's.
 """
 
 # No ``from __future__ import annotations``: Hydra executes this module without registering it
@@ -23,9 +24,10 @@ class FreshProcessLauncherConf:
     # Jobs running at once, each in its own process. 1: one after another, as the basic
     # launcher, with memory that does not grow over the sweep.
     n_jobs: int = 1
-    # On Ctrl-C the running jobs get this long to record their runs KILLED and exit by
-    # themselves (the terminal's SIGINT reaches them too), then one SIGINT from the launcher
-    # and as long again, then SIGKILL (the launcher then ends their runs KILLED).
+    # On Ctrl-C the running jobs get this long to record their ends and exit by themselves
+    # (the terminal's SIGINT reaches them too), then one SIGINT from the launcher and as long
+    # again, then SIGKILL; Hydra's callbacks then get the end of the jobs that could not give
+    # it (convnets' sweep callback ends their runs KILLED).
     stop_grace_s: float = 10.0
 
 
