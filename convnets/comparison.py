@@ -86,6 +86,9 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
     table.attrs["params"] = [c[len("params.") :] for c in params]
     for m in METRIC_COLUMNS:
         table[m] = runs.get(f"metrics.{m}", pd.Series(np.nan, index=runs.index))
+    # The measured ERF filled the whole image: it says nothing about the stack beyond that.
+    saturated = runs.get("tags.erf_saturated", pd.Series(None, index=runs.index))
+    table["erf_saturated"] = saturated.astype(str).eq("true")
     return table.sort_values("test_accuracy", ascending=False, kind="stable").reset_index(drop=True)
 
 

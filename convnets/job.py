@@ -39,6 +39,7 @@ from convnets.tracking import (
     Tracker,
     failure_reason,
     flatten,
+    git_changes,
     git_state,
     open_store,
     package_versions,
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 RUN_NAME_LIMIT = sweep.RUN_NAME_LIMIT  # 60: MLflow's UI shows about that much of a name
+CODE_DIFF_ARTIFACT = "code/git_diff.patch"  # a dirty tree's changes against its commit
 INPUT_EXAMPLE_IMAGES = 4  # raw test images logged with the model as its input example
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
 # Overrides that say where or how a run is recorded, not what it is, and group choices the
@@ -372,6 +374,17 @@ class _Job:
         recorded_commit = run.data.tags.get("git_commit", "unknown")
         if commit != recorded_commit:
             _warn(f"{key}={run_id} was recorded at git commit {recorded_commit}; this is {commit}")
+        diff, _ = git_changes(PACKAGE_DIR.parent)
+        recorded_diff = run.data.tags.get("git_diff_sha256")
+        if (_sha256(diff) if diff else None) != recorded_diff:
+            how = (
+                f"its changes are the artifact {CODE_DIFF_ARTIFACT}: mlflow artifacts download "
+                f"--run-id {run_id} --artifact-path {CODE_DIFF_ARTIFACT} --dst-path . && git "
+                f"checkout {recorded_commit} && git apply {CODE_DIFF_ARTIFACT}"
+                if recorded_diff
+                else f"it ran on a clean checkout of {recorded_commit}"
+            )
+            _warn(f"{key}={run_id}: this working tree's changes differ from the run's; {how}")
         rerun = _rerun_config(recorded, cfg, [_override_key(o) for o in runtime])
         if key == "resume":
             _check_resumable(run, rerun)
@@ -433,6 +446,7 @@ class _Job:
         self.tracker.log_text(OmegaConf.to_yaml(resolved), CONFIG_ARTIFACT)
         self.tracker.log_text(architecture.format_table(analysis) + "\n", "layers.txt")
         self.tracker.log_dict(architecture.analysis_to_dict(analysis), "layers.json")
+        self._log_code_changes()
         self.tracker.set_tags({f"data_digest.{split}": d for split, d in bundle.digests.items()})
         sizes = {"train": bundle.num_train, "validation": bundle.num_val, "test": bundle.num_test}
         self.tracker.log_data_inputs(
@@ -441,6 +455,18 @@ class _Job:
             source=data.data_source(cfg.dataset),
             splits={split: (d, sizes[split]) for split, d in bundle.digests.items()},
         )
+
+    def _log_code_changes(self) -> None:
+        """A dirty tree's changes against its commit, so the run can be rerun on that code:
+        ``git diff HEAD`` as ``code/git_diff.patch`` (its sha256 as the tag
+        ``git_diff_sha256``) and the untracked files under the package as a tag."""
+        diff, untracked = git_changes(PACKAGE_DIR.parent)
+        if diff:
+            self.tracker.log_text(diff, CODE_DIFF_ARTIFACT)
+            self.tracker.set_tags({"git_diff_sha256": _sha256(diff)})
+        package_files = [f for f in untracked if f.startswith(f"{PACKAGE_DIR.name}/")]
+        if package_files:
+            self.tracker.set_tags({"git_untracked": " ".join(package_files)[:5000]})
 
     def _epoch_recorder(self, resuming: bool) -> Callable[[int, Mapping[str, float]], bool]:
         """The trainer's ``after_epoch``: each epoch's metrics to MLflow in one store call
@@ -468,6 +494,8 @@ class _Job:
 
         test = trainer.evaluate(model, bundle.test)
         measured_erf = erf.effective_receptive_field(model, bundle.test)
+        if measured_erf.side >= max(bundle.input_shape[:2]):  # it cannot grow any more
+            self.tracker.set_tags({"erf_saturated": "true"})
         metrics = {
             "test_accuracy": test["accuracy"],
             "test_loss": test["loss"],
@@ -754,6 +782,10 @@ def _check_resumable(run: MlflowRun, cfg: DictConfig) -> None:
 def _resume_folder(run: MlflowRun, cfg: DictConfig) -> Path:
     """Where resume= reads the run's checkpoint: ``checkpoint_dir=`` (a copy), else its tag."""
     return Path(cfg.get("checkpoint_dir") or run.data.tags["checkpoint_dir"]).expanduser()
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _recordable(cfg: DictConfig) -> dict[str, Any]:
