@@ -46,6 +46,8 @@ def _train(cfg: DictConfig) -> float:
     try:
         run = job.train(cfg, context)
     except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP: the run is recorded KILLED
+        if multirun:
+            sweep.mark_stopped(str(err) or "KeyboardInterrupt")  # the parent too
         raise SystemExit(exit_status(err)) from None
     return run.objective if run is not None else float("nan")
 

@@ -308,6 +308,7 @@ class MlflowSweepCallback(Callback):
             experiment_id = tracker.experiment_id(experiment_name(config))
             run_id = self._create_parent(tracker, config, experiment_id, definition, search)
         self._open_parent = (config.tracking.uri, run_id)
+        mark_stopped(None)  # a new sweep in this process: not stopped (yet)
         # If the sweep dies (Optuna raising, Ctrl-C), on_multirun_end never runs.
         atexit.register(self._end_abandoned_parent)
 
@@ -353,7 +354,10 @@ class MlflowSweepCallback(Callback):
         if OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
             return
         if job_return.status == JobStatus.FAILED:
-            _end_failed_job(config, _job_error(job_return))
+            error = _job_error(job_return)
+            if isinstance(error, KeyboardInterrupt):
+                mark_stopped(str(error) or "KeyboardInterrupt")
+            _end_failed_job(config, error)
         # The basic launcher runs every job in this process: drop the finished job's Keras
         # state (graphs, layer-name counters) and garbage so memory stays flat over a sweep.
         if "keras" in sys.modules:
@@ -376,8 +380,20 @@ class MlflowSweepCallback(Callback):
         from convnets.tracking import Tracker
 
         uri, run_id = self._open_parent
-        reason = "the sweep stopped before its end (see its log)"
-        Tracker(uri).end_run(run_id, "FAILED", reason)
+        if _stopped_by is not None:  # Ctrl-C, SIGTERM, SIGHUP: as its running job, KILLED
+            Tracker(uri).end_run(run_id, "KILLED", f"interrupted ({_stopped_by})")
+        else:
+            Tracker(uri).end_run(run_id, "FAILED", "the sweep stopped before its end (see its log)")
+
+
+_stopped_by: str | None = None  # the signal that stopped this process's sweep, if one did
+
+
+def mark_stopped(by: str | None) -> None:
+    """Record that the sweep in this process was stopped by a signal (``KeyboardInterrupt``,
+    ``SIGTERM``...): its parent run then ends KILLED, as its jobs do, not FAILED."""
+    global _stopped_by
+    _stopped_by = by
 
 
 def _job_error(job_return: JobReturn) -> BaseException:

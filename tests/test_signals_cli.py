@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,35 @@ def test_a_stop_signal_ends_the_run_killed_and_resume_finishes_it(tmp_path, stop
     assert "failure_reason" not in run.data.tags  # the reason it stopped no longer holds
     steps = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert sorted(steps) == list(range(1, 31))  # every epoch once: the resume went on
+
+
+@pytest.mark.slow
+def test_a_stopped_sweep_ends_its_parent_killed_like_its_job(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", "-m", TINY, "trainer.epochs=40", "trainer.verbose=0",
+         "trainer.seed=0,1", f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=REPO, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    client = MlflowClient(uri)
+    try:
+        deadline = time.monotonic() + 240
+        while True:  # the first job's first epoch is recorded
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            experiment = client.get_experiment_by_name("digits")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            jobs = [r for r in runs if r.data.tags.get("sweep_role") != "parent"]
+            if jobs and client.get_metric_history(jobs[0].info.run_id, "loss"):
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143
+    runs = client.search_runs([experiment.experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
+    [job] = [r for r in runs if r.data.tags.get("sweep_role") != "parent"]
+    assert (parent.info.status, job.info.status) == ("KILLED", "KILLED")
+    assert parent.data.tags["failure_reason"] == "interrupted (SIGTERM)"
