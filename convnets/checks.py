@@ -88,12 +88,7 @@ def check_config(cfg: DictConfig) -> None:
             f"{key}: unknown key (not in the config schema); check the spelling "
             "(--cfg job prints every key)"
         )
-    for key, test, must in RULES:
-        value = OmegaConf.select(cfg, key)
-        if isinstance(value, ListConfig):
-            value = list(value)
-        if not test(value):
-            raise ConfigError(f"{key}={_show(value)} {must}")
+    _check_rules(cfg, RULES)
     if cfg.optimizer.warmup_epochs >= cfg.trainer.epochs:
         raise ConfigError(
             f"optimizer.warmup_epochs={cfg.optimizer.warmup_epochs} must be shorter than "
@@ -147,6 +142,21 @@ def _replicas_from_config(distribute: DictConfig) -> tuple[int, str]:
     if distribute.strategy == "mirrored" and distribute.cpu_replicas:
         return distribute.cpu_replicas, f"distribute.cpu_replicas={distribute.cpu_replicas}"
     return 0, ""
+
+
+def check_dataset(cfg: DictConfig) -> None:
+    """The ``dataset.*`` rules alone, for a command that reads data without training
+    (``evaluate.py checkpoint=... dataset=...``)."""
+    _check_rules(cfg, [rule for rule in RULES if rule[0].startswith("dataset.")])
+
+
+def _check_rules(cfg: DictConfig, rules) -> None:
+    for key, test, must in rules:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, ListConfig):
+            value = list(value)
+        if not test(value):
+            raise ConfigError(f"{key}={_show(value)} {must}")
 
 
 def unknown_keys(node: Any, path: str = "") -> Iterator[str]:

@@ -115,7 +115,6 @@ def check_available(cfg: Any) -> None:
     refuses data that cannot train a classifier (see :func:`check_splits`).
     """
     cfg = _as_config(cfg)
-    _check_fractions(cfg)
     if cfg.source == "sklearn":
         arrays = _load_digits(cfg)  # bundled with scikit-learn; a tenth of a second
         check_splits(cfg, arrays.y_train, arrays.y_test, arrays.class_names)
@@ -124,10 +123,6 @@ def check_available(cfg: Any) -> None:
         _check_tfds(cfg)
     elif cfg.source == "image_folder":
         _check_image_folder(cfg)
-    else:
-        raise ConfigError(
-            f"dataset.source={cfg.source!r} is unknown: use sklearn, tfds or image_folder"
-        )
 
 
 def load_data(cfg: Any, *, batch_size: int, seed: int, deterministic: bool = False) -> DataBundle:
@@ -138,14 +133,7 @@ def load_data(cfg: Any, *, batch_size: int, seed: int, deterministic: bool = Fal
     :func:`check_available` first: an unprepared TFDS dataset would otherwise be downloaded.
     """
     cfg = _as_config(cfg)
-    if batch_size < 1:
-        raise ConfigError(f"trainer.batch_size={batch_size} must be at least 1")
     loaders = {"sklearn": _load_digits, "tfds": _load_tfds, "image_folder": _load_image_folder}
-    if cfg.source not in loaders:
-        raise ConfigError(
-            f"dataset.source={cfg.source!r} is unknown: use sklearn, tfds or image_folder"
-        )
-    _check_fractions(cfg)
     arrays = loaders[cfg.source](cfg)
 
     input_shape = tuple(int(v) for v in arrays.x_train.shape[1:])
@@ -279,14 +267,6 @@ def _as_config(cfg: Any) -> DictConfig:
     raise TypeError(f"expected the dataset config (DictConfig or dict), got {type(cfg).__name__}")
 
 
-def _check_fractions(cfg: DictConfig) -> None:
-    for key in ("val_fraction", "test_fraction"):
-        if not 0.0 <= cfg[key] < 1.0:
-            raise ConfigError(f"dataset.{key}={cfg[key]} must be in [0, 1)")
-    if cfg.source == "sklearn" and cfg.test_fraction == 0.0:
-        raise ConfigError("dataset.test_fraction=0 leaves digits no test split: use e.g. 0.2")
-
-
 def _channel_stats(cfg: DictConfig, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     from convnets.checks import check_channel_stats
 
@@ -295,15 +275,11 @@ def _channel_stats(cfg: DictConfig, channels: int) -> tuple[tuple[float, ...], t
     for key in ("mean", "std"):
         values = [float(v) for v in cfg[key]]
         stats.append(tuple(values * channels if len(values) == 1 else values))
-    if min(stats[1]) <= 0 or cfg.max_pixel_value <= 0:
-        raise ConfigError("dataset.std and dataset.max_pixel_value must be positive")
     return stats[0], stats[1]
 
 
 def _image_size(cfg: DictConfig) -> tuple[int, int]:
-    size = list(cfg.image_size)
-    if len(size) != 2 or min(size) < 1:
-        raise ConfigError(f"dataset.image_size={size} must be [H, W] with positive sides")
+    size = list(cfg.image_size)  # [H, W], positive: checked in the config
     return int(size[0]), int(size[1])
 
 

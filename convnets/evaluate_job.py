@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig
 
 from convnets import comparison
-from convnets.checks import unknown_keys
+from convnets.checks import check_dataset, unknown_keys
 from convnets.errors import ConfigError, TrackingError
 from convnets.tracking import Tracker, sqlite_path
 
@@ -43,6 +43,8 @@ def run(cfg: DictConfig, default_out_dir: str | Path) -> EvalReport | comparison
             f"{key}: unknown key (not in the config schema); check the spelling "
             "(--cfg job prints every key)"
         )
+    if cfg.get("dataset") is not None:
+        check_dataset(cfg)
     out_dir = Path(cfg.output_dir or default_out_dir)
     if cfg.checkpoint:
         evaluation = _evaluation()

@@ -25,14 +25,10 @@ import keras
 import tensorflow as tf
 
 from convnets import checkpoints
-from convnets.config import Optimizer, Precision, Schedule
 from convnets.errors import ConfigError, TrainingFailed
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = tuple(p.value for p in Precision)
-OPTIMIZERS = tuple(o.value for o in Optimizer)
-SCHEDULES = tuple(s.value for s in Schedule)
 # one_cycle: fraction of training spent rising when optimizer.warmup_epochs is 0, and the
 # starting lr as lr / ONE_CYCLE_DIV (PyTorch OneCycleLR's pct_start=0.3, div_factor=25).
 ONE_CYCLE_PCT_START = 0.3
@@ -55,10 +51,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def set_precision(precision: str) -> None:
     """Set Keras's global dtype policy; the model builder keeps its output in float32."""
-    if precision not in PRECISIONS:
-        raise ConfigError(
-            f"trainer.precision={precision!r} is unknown; choose one of {', '.join(PRECISIONS)}"
-        )
     keras.mixed_precision.set_global_policy(str(precision))
 
 
@@ -82,13 +74,10 @@ def build_optimizer(
 
     ``scale_lr_with_replicas`` applies the linear scaling rule (Goyal et al. 2017): ``lr`` times
     the number of replicas, for a global batch that grows with them.
+
+    Takes a validated config (:func:`convnets.checks.check_config`: names, ``lr > 0``,
+    ``warmup_epochs`` shorter than training).
     """
-    if opt_cfg.name not in OPTIMIZERS:
-        raise ConfigError(
-            f"optimizer.name={opt_cfg.name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}"
-        )
-    if not opt_cfg.lr > 0:
-        raise ConfigError(f"optimizer.lr={opt_cfg.lr} must be > 0")
     lr = float(opt_cfg.lr) * (num_replicas if opt_cfg.scale_lr_with_replicas else 1)
     schedule = _schedule(opt_cfg, lr, steps_per_epoch=steps_per_epoch, epochs=epochs)
     common = {
@@ -109,18 +98,8 @@ def build_optimizer(
 
 
 def _schedule(opt_cfg, lr: float, *, steps_per_epoch: int, epochs: int):
-    if opt_cfg.schedule not in SCHEDULES:
-        raise ConfigError(
-            f"optimizer.schedule={opt_cfg.schedule!r} is unknown; "
-            f"choose one of {', '.join(SCHEDULES)}"
-        )
     total = max(1, int(steps_per_epoch) * int(epochs))
-    warmup = round(float(opt_cfg.warmup_epochs) * steps_per_epoch)
-    if warmup < 0 or warmup >= total:
-        raise ConfigError(
-            f"optimizer.warmup_epochs={opt_cfg.warmup_epochs} must be >= 0 and shorter "
-            f"than trainer.epochs={epochs}"
-        )
+    warmup = min(round(float(opt_cfg.warmup_epochs) * steps_per_epoch), total - 1)
     floor = float(opt_cfg.min_lr_fraction)
     if opt_cfg.schedule == "constant":
         if warmup == 0:
@@ -320,8 +299,6 @@ def save_final_model(model: keras.Model, checkpoint_dir: str | Path, config_yaml
 
 
 def _loss(label_smoothing: float) -> keras.losses.Loss:
-    if not 0 <= label_smoothing < 1:
-        raise ConfigError(f"trainer.label_smoothing={label_smoothing} must be in [0, 1)")
     if label_smoothing > 0:
         # Keras's sparse cross-entropy has no label_smoothing: labels go one-hot instead.
         return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from convnets import data
 from convnets.config import DatasetConfig
-from convnets.errors import ConfigError, DataError
+from convnets.errors import DataError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "dataset"
 MNIST_ARCHIVES = [
@@ -123,13 +123,6 @@ def test_plain_dict_config_is_accepted():
         seed=0,
     )
     assert bundle.num_train == 1437 and bundle.input_shape == (8, 8, 1)
-
-
-def test_bad_fractions_are_config_errors():
-    with pytest.raises(ConfigError, match=r"^dataset.val_fraction=1.0 must be in \[0, 1\)$"):
-        data.check_available(dataset_cfg("digits", val_fraction=1.0))
-    with pytest.raises(ConfigError, match=r"^dataset.test_fraction=0 leaves digits no test"):
-        data.load_data(dataset_cfg("digits", test_fraction=0.0), batch_size=8, seed=0)
 
 
 def test_dataset_shape_from_config():

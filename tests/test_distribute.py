@@ -144,20 +144,16 @@ def test_configure_devices_is_idempotent_and_refuses_a_late_change():
     configure_devices(cfg(cpu_replicas=have))
     with pytest.raises(ConfigError, match=r"distribute.cpu_replicas=\d+ cannot be applied"):
         configure_devices(cfg(cpu_replicas=have + 1))
-    with pytest.raises(ConfigError, match="distribute.cpu_replicas=-1"):
-        configure_devices(cfg(cpu_replicas=-1))
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"strategy": "horovod"}, "distribute.strategy='horovod' is unknown; choose one of auto"),
         ({"strategy": "mirrored", "devices": ["/gpu:7"]}, r"distribute.devices: '/gpu:7' does"),
         ({"strategy": "one_device", "devices": ["/cpu:0", "/cpu:0"]}, "exactly one"),
     ],
 )
 def test_config_errors(kwargs, match):
-    # Untyped: the schema's Enum refuses an unknown strategy before make_strategy sees it.
     untyped = OmegaConf.create(OmegaConf.to_container(cfg()) | kwargs)
     with pytest.raises(ConfigError, match=match):
         make_strategy(untyped)

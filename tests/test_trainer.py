@@ -20,7 +20,7 @@ from tensorflow.python.framework import config as tf_config  # test isolation on
 
 from convnets.checkpoints import read_state
 from convnets.config import OptimizerConfig, TrainerConfig
-from convnets.errors import ConfigError, TrainingFailed
+from convnets.errors import TrainingFailed
 from convnets.trainer import (
     build_optimizer,
     evaluate,
@@ -254,47 +254,6 @@ def test_epoch_lr_log_follows_the_schedule(strategy, tmp_path):
     _, result, _ = train(strategy, tmp_path, trainer_cfg(epochs=2), o)
     # lr in effect at each epoch's end: half-way down the cosine, then its floor.
     np.testing.assert_allclose(result.history["lr"], [0.005, 0.0], atol=1e-7)
-
-
-@pytest.mark.parametrize(
-    "call, match",
-    [
-        (lambda: set_precision("float16"), "trainer.precision='float16' is unknown"),
-        (
-            lambda: build_optimizer(
-                untyped_opt_cfg(name="lamb"), steps_per_epoch=1, epochs=1, num_replicas=1
-            ),
-            "optimizer.name='lamb' is unknown; choose one of adam, adamw, sgd",
-        ),
-        (
-            lambda: build_optimizer(
-                untyped_opt_cfg(schedule="step"), steps_per_epoch=1, epochs=1, num_replicas=1
-            ),
-            "optimizer.schedule='step' is unknown",
-        ),
-        (
-            lambda: build_optimizer(
-                opt_cfg(schedule="cosine", warmup_epochs=3),
-                steps_per_epoch=5,
-                epochs=3,
-                num_replicas=1,
-            ),
-            "optimizer.warmup_epochs=3.0 must be >= 0 and shorter than trainer.epochs=3",
-        ),
-        (
-            lambda: build_optimizer(opt_cfg(lr=0.0), steps_per_epoch=1, epochs=1, num_replicas=1),
-            r"optimizer.lr=0.0 must be > 0",
-        ),
-    ],
-)
-def test_config_errors(call, match):
-    with pytest.raises(ConfigError, match=match):
-        call()
-
-
-def test_label_smoothing_out_of_range_is_a_config_error(strategy, tmp_path):
-    with pytest.raises(ConfigError, match=r"trainer.label_smoothing=1.5 must be in \[0, 1\)"):
-        train(strategy, tmp_path, trainer_cfg(label_smoothing=1.5))
 
 
 def test_checkpoint_state_is_json_with_the_files_it_names(strategy, tmp_path):
