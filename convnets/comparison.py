@@ -59,6 +59,8 @@ METRIC_COLUMNS = (
 )
 # Parameters that differ between runs without being a design choice.
 _NOISE_PARAMS = ("tracking.", "hydra.", "reproduce", "resume", "trainer.verbose")
+# Derived from the stack (logged as params so that MLflow can group by them): not a choice.
+_NOISE_PARAMS += ("receptive_field", "depth")
 
 
 def runs_table(runs: pd.DataFrame) -> pd.DataFrame:

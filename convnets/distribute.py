@@ -19,7 +19,6 @@ from convnets.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-
 def configure_devices(dist_cfg) -> None:
     """Split the CPU into ``dist_cfg.cpu_replicas`` logical devices and let GPU memory grow.
 

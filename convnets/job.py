@@ -45,6 +45,7 @@ from convnets.tracking import (
     package_versions,
     redact,
     run_is_finished,
+    ui_url,
 )
 
 if TYPE_CHECKING:
@@ -60,7 +61,6 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 RUN_NAME_LIMIT = sweep.RUN_NAME_LIMIT  # 60: MLflow's UI shows about that much of a name
 CODE_DIFF_ARTIFACT = "code/git_diff.patch"  # a dirty tree's changes against its commit
 INPUT_EXAMPLE_IMAGES = 4  # raw test images logged with the model as its input example
-LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
 # Overrides that say where or how a run is recorded, not what it is, and group choices the
 # name already shows (model, dataset): never part of a run's name outside a sweep.
 _NOT_IN_NAME = ("model", "dataset", *sweep.NOT_IN_NAME)
@@ -275,9 +275,7 @@ class _Job:
         )
 
     def _ui_url(self) -> str:
-        uri = self.tracker.shown_uri
-        base = LOCAL_UI if uri.startswith("sqlite:") else uri.rstrip("/")
-        return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return ui_url(self.tracker.shown_uri, self.experiment_id, self.run_id)
 
     def _output_dir(self) -> Path:
         if self.context.output_dir is not None:
@@ -446,6 +444,10 @@ class _Job:
         self.tracker.log_text(OmegaConf.to_yaml(resolved), CONFIG_ARTIFACT)
         self.tracker.log_text(architecture.format_table(analysis) + "\n", "layers.txt")
         self.tracker.log_dict(architecture.analysis_to_dict(analysis), "layers.json")
+        # Also as params and tags: MLflow's charts group and colour runs by those, not metrics.
+        shape = {"receptive_field": analysis.receptive_field, "depth": len(cfg.model.layers)}
+        self.tracker.log_params(shape)
+        self.tracker.set_tags(shape)
         self._log_code_changes()
         self.tracker.set_tags({f"data_digest.{split}": d for split, d in bundle.digests.items()})
         sizes = {"train": bundle.num_train, "validation": bundle.num_val, "test": bundle.num_test}

@@ -371,8 +371,13 @@ class MlflowSweepCallback(Callback):
         results = SearchResults.read(sweep_dir)  # written by convnets.search
         if results is not None:
             _log_optuna_results(context, results, sweep_dir)
-        summarize(context, sweep_dir / SUMMARY_DIR, config.tracking.http_timeout_s)
+        table = summarize(context, sweep_dir / SUMMARY_DIR, config.tracking.http_timeout_s)
         self._open_parent = None
+        if not (table["status"] == "FINISHED").any():
+            print(
+                "error: no job of the sweep finished (each job's error is above)", file=sys.stderr
+            )
+            sys.exit(1)
 
     def _end_abandoned_parent(self) -> None:
         if self._open_parent is None:
@@ -489,7 +494,7 @@ def summarize(context: SweepContext, out_dir: Path, http_timeout_s: float = 10.0
     import pandas as pd
 
     from convnets.comparison import summary_figures
-    from convnets.tracking import Tracker
+    from convnets.tracking import Tracker, ui_url
 
     tracker = Tracker(context.tracking_uri, http_timeout_s=http_timeout_s)
     runs = tracker.search_runs(
@@ -526,4 +531,13 @@ def summarize(context: SweepContext, out_dir: Path, http_timeout_s: float = 10.0
     else:
         tracker.end_run(context.parent_run_id, "FAILED", "no job of the sweep finished")
     log.info("sweep: %d of %d jobs finished; summary in %s", len(finished), len(table), out_dir)
+    parent = ui_url(context.tracking_uri, context.experiment_id, context.parent_run_id)
+    where = ui_url(context.tracking_uri, context.experiment_id)
+    if context.tracking_uri.startswith("sqlite:"):
+        parent = f"mlflow ui --backend-store-uri {context.tracking_uri}, then {parent}"
+    print(
+        f"sweep done: {len(finished)} of {len(table)} jobs finished; parent run "
+        f"{context.parent_run_id} ({parent}; all runs: {where})",
+        flush=True,
+    )
     return table

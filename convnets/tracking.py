@@ -168,6 +168,17 @@ def model_name(name: str) -> str:
     return re.sub(r"[/:.%\"']", "_", name) or "model"
 
 
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
+
+
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page of a run (or, without ``run_id``, the experiment's runs table; MLflow
+    3 opens an experiment on its GenAI overview page otherwise)."""
+    base = LOCAL_UI if not uri.startswith(("http://", "https://")) else redact(uri).rstrip("/")
+    page = f"{base}/#/experiments/{experiment_id}/runs"
+    return f"{page}/{run_id}" if run_id else page
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (relative to the working directory), else None."""
     if not uri.startswith("sqlite:///"):

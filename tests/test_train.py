@@ -88,6 +88,8 @@ def test_the_full_record(recorded):
     assert params["optimizer.name"] == "adam" and params["optimizer.lr"] == "0.01"
     assert params["dataset.name"] == "digits" and params["tracking.uri"] == recorded["uri"]
     assert "reproduce" not in params and "resume" not in params
+    # the stack's shape, groupable in MLflow's charts (they group by params and tags only)
+    assert params["depth"] == "2" and params["receptive_field"] == run.data.tags["receptive_field"]
 
     for key in EPOCH_METRICS:
         history = client.get_metric_history(run_id, key)
