@@ -23,6 +23,7 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
+from tensorflow.python.framework import config as tf_config  # no public way to turn it off
 
 from convnets import checkpoints
 from convnets.errors import ConfigError, TrainingFailed
@@ -39,14 +40,20 @@ ONE_CYCLE_DIV = 25.0
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed Python, NumPy, TensorFlow and Keras; ``deterministic`` turns on op determinism.
+    """Seed Python, NumPy, TensorFlow and Keras; ``deterministic`` turns op determinism on,
+    and off again for a run that does not ask for it.
 
-    Op determinism cannot be turned off again inside a process (TensorFlow has no public
-    switch), so once a deterministic run has happened, later runs in it stay deterministic.
+    Op determinism is process-wide: left on after a deterministic run, it would make every
+    later run in the process (a notebook's, ``convnets.train`` called again) deterministic
+    too, slower, and without XLA (Keras turns ``jit_compile`` off under it). TensorFlow has a
+    public switch to turn it on only; ``disable_op_determinism`` is its private counterpart
+    (``tensorflow.python.framework.config``), pinned by a canary in tests/test_trainer.py.
     """
     keras.utils.set_random_seed(int(seed))
     if deterministic:
         tf.config.experimental.enable_op_determinism()
+    elif tf_config.is_op_determinism_enabled():
+        tf_config.disable_op_determinism()
 
 
 def set_precision(precision: str) -> None:

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from multiworker_worker import digits_bundle, tiny_cnn
 from omegaconf import OmegaConf
-from tensorflow.python.framework import config as tf_config  # test isolation only
+from tensorflow.python.framework import config as tf_config  # as convnets.trainer does
 
 from convnets.checkpoints import read_state
 from convnets.config import OptimizerConfig, TrainerConfig
@@ -345,3 +345,16 @@ def test_the_best_epoch_is_the_lowest_validation_loss(tmp_path, epochs, best):
         state.on_epoch_end(number, {"loss": 0.1, "val_loss": loss, "val_accuracy": accuracy})
     assert state.best_epoch == best
     assert state.best_val_accuracy == epochs[best - 1][1]
+
+
+def test_op_determinism_does_not_outlive_its_run():
+    """Canary for TensorFlow's private switch (no public one turns op determinism off): a
+    deterministic run, then one that is not, in the same process, as convnets.train allows."""
+    from convnets.trainer import seed_everything
+
+    assert callable(tf_config.disable_op_determinism)
+    assert callable(tf_config.is_op_determinism_enabled)
+    seed_everything(0, deterministic=True)
+    assert tf_config.is_op_determinism_enabled()
+    seed_everything(0, deterministic=False)
+    assert not tf_config.is_op_determinism_enabled()
