@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
-from convnets.cli import exit_status, imports_without_gc, report_user_errors, run_main
+from convnets.cli import exit_status, report_user_errors, run_main
 
 CONFIG_PATH = "configs"  # beside this file: package data
 
@@ -33,8 +33,7 @@ def _train(cfg: DictConfig) -> float:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if not multirun:  # a sweep records a bad point as FAILED instead
         check_config(cfg)  # pure: refused before TensorFlow loads or a run is recorded
-    with imports_without_gc():  # MLflow, with the job module
-        from convnets import job, sweep, trials
+    from convnets import job, sweep, trials  # MLflow: after the pure check
 
     context = job.JobContext(
         overrides=tuple(hydra_cfg.overrides.task),
@@ -55,8 +54,7 @@ def _train(cfg: DictConfig) -> float:
 @hydra.main(config_path=CONFIG_PATH, config_name="evaluate", version_base="1.3")
 @report_user_errors
 def _evaluate(cfg: DictConfig) -> float | None:
-    with imports_without_gc():  # MLflow, with the command's module
-        from convnets import evaluate_job
+    from convnets import evaluate_job  # MLflow
 
     report = evaluate_job.run(cfg, HydraConfig.get().runtime.output_dir)
     return None if cfg.compare else report.metrics["eval_accuracy"]
