@@ -87,6 +87,51 @@ def wait_for_epochs(proc, client, epochs: int, known=frozenset()) -> str:
     raise AssertionError(f"training ended or stalled before epoch {epochs} was recorded")
 
 
+def wait_until_serving(proc: subprocess.Popen, url: str, log: Path, timeout_s: float) -> None:
+    """Poll ``url`` until it answers 200; fail when the server exits or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{url} did not answer within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def start_training(*args: str) -> subprocess.Popen:
+    """``python train.py ARGS`` in the background (for tests that signal or kill it)."""
+    return subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=REPO,
+        env=CLI_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def signal_after_epochs(
+    proc: subprocess.Popen, client, epochs: int, signum: int
+) -> tuple[str, str]:
+    """Send ``signum`` to a :func:`start_training` process once its run has recorded
+    ``epochs`` epochs and wait for it to end: (the run id, what it wrote on stderr). The
+    process is killed if it outlives the test."""
+    try:
+        run_id = wait_for_epochs(proc, client, epochs)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return run_id, stderr
+
+
 def stop_process_group(proc: subprocess.Popen) -> None:
     """SIGTERM a server started with ``start_new_session=True``, SIGKILL after 15 s."""
     os.killpg(proc.pid, signal.SIGTERM)
@@ -130,20 +175,8 @@ def mlflow_server(tmp_path_factory):
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("mlflow server did not become healthy within 90 s")
-            time.sleep(0.5)
+        wait_until_serving(proc, f"{url}/health", root / "server.log", 90)
         yield url
     finally:
         stop_process_group(proc)

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import CLI_ENV, REPO, imported, train_cli, wait_for_epochs
+from conftest import imported, signal_after_epochs, start_training, train_cli
 from mlflow.tracking import MlflowClient
 
 from convnets import checkpoints
@@ -52,19 +50,15 @@ def test_an_untrusted_folder_is_refused(tmp_path, state, message):
 @pytest.mark.slow
 def test_resume_refuses_a_swapped_or_escaping_checkpoint_before_tensorflow(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = subprocess.Popen(
-        [sys.executable, "train.py", TINY, "trainer.epochs=30", "trainer.verbose=0",
-         f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'out'}"],
-        cwd=REPO, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = start_training(
+        TINY,
+        "trainer.epochs=30",
+        "trainer.verbose=0",
+        f"tracking.uri={uri}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+    )
     client = MlflowClient(uri)
-    try:
-        run_id = wait_for_epochs(proc, client, 2)
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    run_id, _ = signal_after_epochs(proc, client, 2, signal.SIGTERM)
     folder = Path(client.get_run(run_id).data.tags["checkpoint_dir"])
     state = checkpoints.read_state(folder)
     weights = folder / state["last"]

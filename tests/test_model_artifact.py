@@ -24,7 +24,7 @@ import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import CLI_ENV, free_port, stop_process_group
+from conftest import CLI_ENV, free_port, stop_process_group, wait_until_serving
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -113,17 +113,7 @@ def serve_predict(store_uri: str, model_uri: str, images: np.ndarray, log: Path)
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + SERVE_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"server exited: {log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"not serving after {SERVE_TIMEOUT_S} s"
-            time.sleep(0.5)
+        wait_until_serving(proc, f"{url}/ping", log, SERVE_TIMEOUT_S)
         request = urllib.request.Request(
             f"{url}/invocations",
             data=json.dumps({"inputs": images.tolist()}).encode(),

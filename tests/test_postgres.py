@@ -11,12 +11,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import CLI_ENV, REPO, free_port, stop_process_group
+from conftest import CLI_ENV, REPO, free_port, stop_process_group, wait_until_serving
 from mlflow.tracking import MlflowClient
 
 import convnets
@@ -88,18 +86,8 @@ def team_server(postgres, tmp_path_factory):
         env={**os.environ, "PGPASSWORD": PASSWORD},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
     try:
-        while True:
-            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "mlflow server not healthy in 120 s"
-            time.sleep(0.5)
+        wait_until_serving(proc, f"{url}/health", root / "server.log", 120)
         yield url
     finally:
         stop_process_group(proc)

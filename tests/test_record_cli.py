@@ -21,7 +21,7 @@ from pathlib import Path  # noqa: E402
 
 import mlflow  # noqa: E402
 import pytest  # noqa: E402
-from conftest import CLI_ENV, REPO, free_port, imported, train_cli, wait_for_epochs  # noqa: E402
+from conftest import CLI_ENV, REPO, free_port, imported, start_training, train_cli, wait_for_epochs  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 import convnets  # noqa: E402
@@ -48,19 +48,8 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     return line
 
 
-def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "train.py", *args],
-        cwd=REPO,
-        env=CLI_ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def kill_after(args, client, epochs: int, known=frozenset()) -> str:
-    proc = start(*args)
+    proc = start_training(*args)
     try:
         run_id = wait_for_epochs(proc, client, epochs, known)
         proc.kill()  # SIGKILL: the run stays RUNNING, its checkpoint at the last epoch
@@ -342,7 +331,7 @@ def test_the_unreachable_store_message_is_cut_at_a_word(tmp_path):
 def test_the_ctrl_c_hint_names_the_store_and_works(tmp_path):
     uri = store_uri(tmp_path)
     client = MlflowClient(uri)
-    proc = start(TINY, "trainer.epochs=20", *QUIET, f"tracking.uri={uri}",
+    proc = start_training(TINY, "trainer.epochs=20", *QUIET, f"tracking.uri={uri}",
                  f"hydra.run.dir={tmp_path / 'out'}")  # fmt: skip
     try:
         run_id = wait_for_epochs(proc, client, 1)

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import CLI_ENV, REPO, train_cli, wait_for_epochs
+from conftest import start_training, train_cli, wait_for_epochs
 from mlflow.tracking import MlflowClient
 
 TINY = "model.layers=[{filters:8},{filters:8,pool:max}]"
@@ -26,11 +24,13 @@ def error_lines(result) -> list[str]:
 @pytest.mark.slow
 def test_resume_refuses_a_live_run_and_a_missing_folder_and_takes_a_copy(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = subprocess.Popen(
-        [sys.executable, "train.py", TINY, f"trainer.epochs={EPOCHS}", "trainer.verbose=0",
-         f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'out'}"],
-        cwd=REPO, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = start_training(
+        TINY,
+        f"trainer.epochs={EPOCHS}",
+        "trainer.verbose=0",
+        f"tracking.uri={uri}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+    )
     client = MlflowClient(uri)
     try:
         run_id = wait_for_epochs(proc, client, 1)

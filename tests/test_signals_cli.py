@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import CLI_ENV, REPO, train_cli, wait_for_epochs
+from conftest import signal_after_epochs, start_training, train_cli
 from mlflow.tracking import MlflowClient
 
 TINY = "model.layers=[{filters:8},{filters:8,pool:max}]"
@@ -22,19 +20,15 @@ TINY = "model.layers=[{filters:8},{filters:8,pool:max}]"
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_stop_signal_ends_the_run_killed_and_resume_finishes_it(tmp_path, stop):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = subprocess.Popen(
-        [sys.executable, "train.py", TINY, "trainer.epochs=30", "trainer.verbose=0",
-         f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'out'}"],
-        cwd=REPO, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = start_training(
+        TINY,
+        "trainer.epochs=30",
+        "trainer.verbose=0",
+        f"tracking.uri={uri}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+    )
     client = MlflowClient(uri)
-    try:
-        run_id = wait_for_epochs(proc, client, 2)
-        proc.send_signal(stop)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    run_id, stderr = signal_after_epochs(proc, client, 2, stop)
     assert proc.returncode == 128 + stop, stderr[-3000:]
     assert "Traceback" not in stderr
     run = client.get_run(run_id)
@@ -62,11 +56,15 @@ def test_a_stop_signal_ends_the_run_killed_and_resume_finishes_it(tmp_path, stop
 @pytest.mark.slow
 def test_a_stopped_sweep_ends_its_parent_killed_like_its_job(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = subprocess.Popen(
-        [sys.executable, "train.py", "-m", TINY, "trainer.epochs=40", "trainer.verbose=0",
-         "trainer.seed=0,1", f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        cwd=REPO, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = start_training(
+        "-m",
+        TINY,
+        "trainer.epochs=40",
+        "trainer.verbose=0",
+        "trainer.seed=0,1",
+        f"tracking.uri={uri}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
     client = MlflowClient(uri)
     try:
         deadline = time.monotonic() + 240
