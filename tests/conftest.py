@@ -55,20 +55,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_cli(
-    *args: str, timeout: float = 300, importtime: bool = False, **kwargs
+def command(
+    script: str,
+    *args: str,
+    cwd: Path = REPO,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    importtime: bool = False,
 ) -> subprocess.CompletedProcess:
-    """``python train.py ARGS`` from the repository root; quiet progress unless overridden.
-    ``importtime``: Python lists every module it imports on stderr (see :func:`imported`)."""
+    """``python SCRIPT ARGS`` (``train.py``, ``evaluate.py``) of the repository, run in ``cwd``
+    (an empty folder shows whatever a command leaves behind), with ``env`` added to the quiet
+    test environment. ``importtime``: Python lists every module it imports on stderr (see
+    :func:`imported`)."""
     return subprocess.run(
-        [sys.executable, *(["-X", "importtime"] if importtime else []), "train.py", *args],
-        cwd=REPO,
-        env=CLI_ENV,
+        [sys.executable, *(["-X", "importtime"] if importtime else []), str(REPO / script)]
+        + list(args),
+        cwd=cwd,
+        env={**CLI_ENV, **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
-        **kwargs,
     )
+
+
+def train_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` from the repository root (options: :func:`command`)."""
+    return command("train.py", *args, **kwargs)
 
 
 def wait_for_epochs(proc, client, epochs: int, known=frozenset()) -> str:

@@ -5,10 +5,9 @@ with where the password goes instead for that scheme; a user name alone is accep
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
-from conftest import CLI_ENV, REPO
+from conftest import command
 from omegaconf import OmegaConf
 
 import convnets
@@ -18,14 +17,7 @@ SECRET = "hunter2-s3cret"
 
 
 def run(tmp_path, *args, **env):
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=tmp_path,
-        env={**CLI_ENV, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return command("train.py", *args, cwd=tmp_path, env=env, timeout=120)
 
 
 def assert_no_secret_left(tmp_path, result, *, allowed=()):

@@ -4,25 +4,15 @@ images of another size than the model takes."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-from conftest import CLI_ENV, REPO
+from conftest import command
 
 import convnets
 
 
 def evaluate_cli(tmp_path, *args):
-    return subprocess.run(
-        [sys.executable, str(REPO / "evaluate.py"), *args, f"hydra.run.dir={tmp_path / 'out'}"],
-        cwd=tmp_path,
-        env=CLI_ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return command("evaluate.py", *args, f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
 
 
 def one_line(result) -> str:

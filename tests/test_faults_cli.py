@@ -3,11 +3,8 @@ refused through the real CLI in one ``error:`` line, exit 2, before a store file
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-from conftest import CLI_ENV, REPO
+from conftest import command
 
 CASES = {
     "list index past the end": (
@@ -41,13 +38,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_refused_in_one_line_before_anything_exists(tmp_path, case):
     overrides, line = CASES[case]
-    result = subprocess.run(  # from an empty folder: whatever a store would leave shows
-        [sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={tmp_path / 'out'}"],
-        cwd=tmp_path,
-        env=CLI_ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = command(  # from an empty folder: whatever a store would leave shows
+        "train.py", *overrides, f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path, timeout=120
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [line]
@@ -55,11 +47,13 @@ def test_refused_in_one_line_before_anything_exists(tmp_path, case):
 
 
 def test_a_stack_that_cannot_fit_in_memory_is_refused_before_tensorflow(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "model.layers=[{filters:100000},{filters:100000}]",
-         f"hydra.run.dir={tmp_path / 'out'}"],
-        cwd=tmp_path, env=CLI_ENV, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    result = command(
+        "train.py",
+        "model.layers=[{filters:100000},{filters:100000}]",
+        f"hydra.run.dir={tmp_path / 'out'}",
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: model.layers: this stack needs ~")
@@ -83,10 +77,7 @@ def test_the_memory_estimate_warns_above_half_the_machine():
 
 def test_an_output_folder_that_cannot_be_created_is_one_line(tmp_path):
     (tmp_path / "taken").write_text("a file, not a folder")
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={tmp_path / 'taken'}"],
-        cwd=tmp_path, env=CLI_ENV, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    result = command("train.py", f"hydra.run.dir={tmp_path / 'taken'}", cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'taken'}: File exists; the command's output folder cannot be "
