@@ -46,6 +46,7 @@ from convnets.tracking import (
     redact,
     run_is_finished,
     ui_url,
+    where_to_look,
 )
 
 if TYPE_CHECKING:
@@ -587,12 +588,7 @@ class _Job:
     def _print_summary(self, cfg, test, analysis, result) -> None:
         """The last line of output: the numbers, and the URLs that open the run and the
         experiment's runs table (MLflow 3 opens an experiment on its GenAI overview page)."""
-        uri = self.tracker.shown_uri
-        local = uri.startswith("sqlite:")
-        experiment = self._ui_url().rsplit("/runs/", 1)[0]
-        where = f"{self._ui_url()}; all runs: {experiment}/runs"
-        if local:
-            where = f"mlflow ui --backend-store-uri {uri}, then {where}"
+        where = where_to_look(self.tracker.shown_uri, self.experiment_id, self.run_id)
         print(
             f"done: test_accuracy={test['accuracy']:.4f} params={analysis.param_count:,} "
             f"receptive_field={analysis.receptive_field}px time={result.train_time_s:.1f}s "

@@ -494,7 +494,7 @@ def summarize(context: SweepContext, out_dir: Path, http_timeout_s: float = 10.0
     import pandas as pd
 
     from convnets.comparison import summary_figures
-    from convnets.tracking import Tracker, ui_url
+    from convnets.tracking import Tracker, where_to_look
 
     tracker = Tracker(context.tracking_uri, http_timeout_s=http_timeout_s)
     runs = tracker.search_runs(
@@ -531,13 +531,10 @@ def summarize(context: SweepContext, out_dir: Path, http_timeout_s: float = 10.0
     else:
         tracker.end_run(context.parent_run_id, "FAILED", "no job of the sweep finished")
     log.info("sweep: %d of %d jobs finished; summary in %s", len(finished), len(table), out_dir)
-    parent = ui_url(context.tracking_uri, context.experiment_id, context.parent_run_id)
-    where = ui_url(context.tracking_uri, context.experiment_id)
-    if context.tracking_uri.startswith("sqlite:"):
-        parent = f"mlflow ui --backend-store-uri {context.tracking_uri}, then {parent}"
+    where = where_to_look(context.tracking_uri, context.experiment_id, context.parent_run_id)
     print(
         f"sweep done: {len(finished)} of {len(table)} jobs finished; parent run "
-        f"{context.parent_run_id} ({parent}; all runs: {where})",
+        f"{context.parent_run_id} ({where})",
         flush=True,
     )
     return table

@@ -179,6 +179,15 @@ def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     return f"{page}/{run_id}" if run_id else page
 
 
+def where_to_look(uri: str, experiment_id: str, run_id: str) -> str:
+    """The URLs of a run and of its experiment's runs table, after the command that serves
+    them when the store is a local file: what a finished command prints last."""
+    where = f"{ui_url(uri, experiment_id, run_id)}; all runs: {ui_url(uri, experiment_id)}"
+    if uri.startswith("sqlite:"):
+        where = f"mlflow ui --backend-store-uri {uri}, then {where}"
+    return where
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (relative to the working directory), else None."""
     if not uri.startswith("sqlite:///"):
