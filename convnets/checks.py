@@ -83,11 +83,7 @@ RULES: tuple[_Rule, ...] = (
 
 def check_config(cfg: DictConfig) -> None:
     """Raise the :class:`ConfigError` of the first mistake in a training config; pure Python."""
-    for key in unknown_keys(cfg):
-        raise ConfigError(
-            f"{key}: unknown key (not in the config schema); check the spelling "
-            "(--cfg job prints every key)"
-        )
+    check_known_keys(cfg)
     _check_rules(cfg, RULES)
     if cfg.optimizer.warmup_epochs >= cfg.trainer.epochs:
         raise ConfigError(
@@ -142,6 +138,15 @@ def _replicas_from_config(distribute: DictConfig) -> tuple[int, str]:
     if distribute.strategy == "mirrored" and distribute.cpu_replicas:
         return distribute.cpu_replicas, f"distribute.cpu_replicas={distribute.cpu_replicas}"
     return 0, ""
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Refuse a key added past the schema with ``+key=...`` (see :func:`unknown_keys`)."""
+    for key in unknown_keys(cfg):
+        raise ConfigError(
+            f"{key}: unknown key (not in the config schema); check the spelling "
+            "(--cfg job prints every key)"
+        )
 
 
 def check_dataset(cfg: DictConfig) -> None:

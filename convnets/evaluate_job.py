@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig
 
 from convnets import comparison
-from convnets.checks import check_dataset, unknown_keys
+from convnets.checks import check_dataset, check_known_keys
 from convnets.errors import ConfigError, TrackingError
 from convnets.tracking import Tracker, sqlite_path
 
@@ -38,11 +38,7 @@ def run(cfg: DictConfig, default_out_dir: str | Path) -> EvalReport | comparison
             "evaluate.py needs exactly one of run_id=<mlflow run id>, checkpoint=<path.keras>, "
             f"compare=<experiment name or sweep parent run id> (given: {given})"
         )
-    for key in unknown_keys(cfg):  # +key=... is added past the schema: close it again
-        raise ConfigError(
-            f"{key}: unknown key (not in the config schema); check the spelling "
-            "(--cfg job prints every key)"
-        )
+    check_known_keys(cfg)  # +key=... is added past the schema: close it again
     if cfg.get("dataset") is not None:
         check_dataset(cfg)
     out_dir = Path(cfg.output_dir or default_out_dir)
