@@ -228,14 +228,36 @@ class Tracker:
         self.uri = uri
         self.http_timeout_s = http_timeout_s
         self.db_path = sqlite_path(uri)
-        try:
-            # The client opens the store right away: a fresh SQLite schema is created here,
-            # and MLflow imports the store's modules (SQLAlchemy, alembic) the first time.
-            with self._store_lock():
-                self.client = MlflowClient(tracking_uri=uri)
-        except Exception as err:  # noqa: BLE001 - e.g. an unknown scheme, an unwritable path
-            raise self._unusable(err) from err
+        self.client = self._open_client()
         mlflow.set_tracking_uri(uri)
+
+    def _open_client(self) -> MlflowClient:
+        """The client, which opens the store right away: a fresh SQLite schema is created here,
+        and MLflow imports the store's modules (SQLAlchemy, alembic) the first time.
+
+        Our own processes create a schema one at a time (the lock), but any other MLflow
+        program (``mlflow ui``, a notebook's client) may be creating the same fresh file at
+        this moment, and MLflow's creation is not safe against a concurrent one: the loser
+        fails with "table ... already exists" or an alembic row mismatch while the winner
+        completes the schema. Opening again once it is done succeeds, so such a failure is
+        retried for a while before the store is called unusable.
+        """
+        for attempt in range(SCHEMA_RACE_RETRIES + 1):
+            try:
+                with self._store_lock():
+                    return MlflowClient(tracking_uri=self.uri)
+            except Exception as err:  # noqa: BLE001 - e.g. an unknown scheme, an unwritable path
+                if self.db_path is None or not _lost_schema_race(err):
+                    raise self._unusable(err) from err
+                if attempt == SCHEMA_RACE_RETRIES:
+                    raise TrackingError(
+                        f"tracking.uri={self.shown_uri}: the store's schema is broken: two "
+                        "programs created this SQLite file at the same moment, which MLflow "
+                        f"does not survive; if {self.db_path} holds no runs yet, delete it "
+                        "and start again"
+                    ) from err
+                time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     @property
     def shown_uri(self) -> str:
@@ -624,6 +646,18 @@ class Tracker:
         if reason:
             self.client.set_tag(run_id, "failure_reason", shorten(redact(reason), 5000))
         self.client.set_terminated(run_id, status=status)
+
+
+SCHEMA_RACE_RETRIES = 8  # 18 s of waits in all: a fresh schema takes 1-3 s to create
+SCHEMA_RACE_SIGNS = ("already exists", "alembic_version", "CircularDependencyError")
+
+
+def _lost_schema_race(err: Exception) -> bool:
+    """Whether ``err`` is what MLflow raises when another process created the same SQLite
+    schema at the same time (a table it meant to create exists, or alembic found the version
+    row already moved)."""
+    text = f"{type(err).__name__}: {err}"
+    return any(sign in text for sign in SCHEMA_RACE_SIGNS)
 
 
 def open_store(uri: str, *, http_timeout_s: float = 10.0) -> Tracker:

@@ -50,6 +50,7 @@ def test_an_untrusted_folder_is_refused(tmp_path, state, message):
 @pytest.mark.slow
 def test_resume_refuses_a_swapped_or_escaping_checkpoint_before_tensorflow(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)  # the schema exists before the training opens the store
     proc = start_training(
         TINY,
         "trainer.epochs=30",
@@ -57,7 +58,6 @@ def test_resume_refuses_a_swapped_or_escaping_checkpoint_before_tensorflow(tmp_p
         f"tracking.uri={uri}",
         f"hydra.run.dir={tmp_path / 'out'}",
     )
-    client = MlflowClient(uri)
     run_id, _ = signal_after_epochs(proc, client, 2, signal.SIGTERM)
     folder = Path(client.get_run(run_id).data.tags["checkpoint_dir"])
     state = checkpoints.read_state(folder)

@@ -24,6 +24,7 @@ def error_lines(result) -> list[str]:
 @pytest.mark.slow
 def test_resume_refuses_a_live_run_and_a_missing_folder_and_takes_a_copy(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)  # the schema exists before the training opens the store
     proc = start_training(
         TINY,
         f"trainer.epochs={EPOCHS}",
@@ -31,7 +32,6 @@ def test_resume_refuses_a_live_run_and_a_missing_folder_and_takes_a_copy(tmp_pat
         f"tracking.uri={uri}",
         f"hydra.run.dir={tmp_path / 'out'}",
     )
-    client = MlflowClient(uri)
     try:
         run_id = wait_for_epochs(proc, client, 1)
         folder = Path(client.get_run(run_id).data.tags["checkpoint_dir"])

@@ -20,6 +20,7 @@ TINY = "model.layers=[{filters:8},{filters:8,pool:max}]"
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_stop_signal_ends_the_run_killed_and_resume_finishes_it(tmp_path, stop):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)  # the schema exists before the training opens the store
     proc = start_training(
         TINY,
         "trainer.epochs=30",
@@ -27,7 +28,6 @@ def test_a_stop_signal_ends_the_run_killed_and_resume_finishes_it(tmp_path, stop
         f"tracking.uri={uri}",
         f"hydra.run.dir={tmp_path / 'out'}",
     )
-    client = MlflowClient(uri)
     run_id, stderr = signal_after_epochs(proc, client, 2, stop)
     assert proc.returncode == 128 + stop, stderr[-3000:]
     assert "Traceback" not in stderr
@@ -56,6 +56,7 @@ def test_a_stop_signal_ends_the_run_killed_and_resume_finishes_it(tmp_path, stop
 @pytest.mark.slow
 def test_a_stopped_sweep_ends_its_parent_killed_like_its_job(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)  # the schema exists before the training opens the store
     proc = start_training(
         "-m",
         TINY,
@@ -65,7 +66,6 @@ def test_a_stopped_sweep_ends_its_parent_killed_like_its_job(tmp_path):
         f"tracking.uri={uri}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     )
-    client = MlflowClient(uri)
     try:
         deadline = time.monotonic() + 240
         while True:  # the first job's first epoch is recorded

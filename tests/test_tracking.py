@@ -211,3 +211,36 @@ def test_real_server_store(mlflow_server):
     assert OmegaConf.to_container(tracker.load_config(active.info.run_id)) == {
         "trainer": {"epochs": 2}
     }
+
+
+def test_a_schema_created_by_another_program_at_once_is_waited_for(tmp_path, monkeypatch):
+    """Another MLflow program creating the same fresh SQLite file makes MLflow's own creation
+    fail ("table ... already exists"); opening again once the other is done succeeds. When the
+    failure stays, the file is broken and the line says what to do with it."""
+    import sqlalchemy.exc
+
+    import convnets.tracking as tracking
+
+    lost = sqlalchemy.exc.OperationalError("CREATE TABLE", {}, Exception("table x already exists"))
+    failures = iter([lost, lost])
+    real = tracking.MlflowClient
+
+    def client_losing_twice(tracking_uri):
+        if (err := next(failures, None)) is not None:
+            raise err
+        return real(tracking_uri=tracking_uri)
+
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    monkeypatch.setattr(tracking, "MlflowClient", client_losing_twice)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert Tracker(uri).client.search_experiments()  # the default experiment
+
+    def always_losing(tracking_uri):
+        raise lost
+
+    monkeypatch.setattr(tracking, "MlflowClient", always_losing)
+    with pytest.raises(TrackingError, match=r"schema is broken: two programs created .* delete"):
+        Tracker(uri)
+    monkeypatch.setattr(tracking, "MlflowClient", lambda tracking_uri: 1 / 0)
+    with pytest.raises(TrackingError, match=r"cannot be used \(ZeroDivisionError"):
+        Tracker(uri)  # any other failure is not waited on

@@ -94,6 +94,7 @@ def test_kill_after_epoch_two_then_resume_finishes_the_same_run(tmp_path):
     epochs = 30
     uri = store_uri(tmp_path)
     args = [TINY, f"trainer.epochs={epochs}", "trainer.verbose=0", f"tracking.uri={uri}"]
+    client = MlflowClient(uri)  # the schema exists before the training opens the store
     proc = subprocess.Popen(
         [sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path / 'first'}"],
         cwd=REPO,
@@ -101,7 +102,6 @@ def test_kill_after_epoch_two_then_resume_finishes_the_same_run(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    client = MlflowClient(uri)
     try:
         run_id = wait_for_epochs(proc, client, 2)
         proc.kill()  # SIGKILL: no handler runs, the run stays RUNNING
@@ -131,6 +131,7 @@ def test_kill_after_epoch_two_then_resume_finishes_the_same_run(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_ends_the_run_killed_and_keeps_the_checkpoint(tmp_path):
     uri = store_uri(tmp_path)
+    client = MlflowClient(uri)  # the schema exists before the training opens the store
     proc = subprocess.Popen(
         [sys.executable, "train.py", TINY, "trainer.epochs=50", "trainer.verbose=0",
          f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'out'}"],
@@ -140,7 +141,6 @@ def test_ctrl_c_ends_the_run_killed_and_keeps_the_checkpoint(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
-    client = MlflowClient(uri)
     try:
         run_id = wait_for_epochs(proc, client, 1)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
