@@ -5,8 +5,10 @@ everything it does lives here. A search is an Optuna study in a persistent stora
 ``optuna.db`` beside a SQLite MLflow store), so:
 
 - rerunning the same command continues the study: ``n_trials`` is the study's total, trial
-  numbers go on, and the MLflow parent run is the same (its id is a study user attribute,
-  :func:`resumed_parent_run`, read by :class:`convnets.sweep.MlflowSweepCallback`);
+  numbers go on, and the MLflow parent run is the same (:func:`study_ref`, read by
+  :class:`convnets.sweep.MlflowSweepCallback`);
+- processes that start the same search at once, on one machine or several, share one parent
+  run: the first to claim it in the study's database wins (:mod:`convnets.study_parent`);
 - a trial whose process died is found by its missing heartbeat (the sweeper records one for
   every trial in flight), recorded FAIL and asked again with the same parameters (Optuna's
   ``fail_stale_trials`` with ``RetryFailedTrialCallback``);
@@ -399,15 +401,44 @@ def load_study(url: str, name: str, stale_after_s: int = 60) -> optuna.Study | N
         return None
 
 
-def resumed_parent_run(config: DictConfig) -> str | None:
-    """The MLflow parent run of the study this search continues, or None (a new study, or
-    not our sweeper). Checks the search first, so a bad one stops before any run is made."""
+@dataclass(frozen=True)
+class StudyRef:
+    """The study a search runs in, and the MLflow parent run it already has (None: new)."""
+
+    storage_url: str
+    study_id: int
+    name: str
+    parent_run_id: str | None
+
+
+def study_ref(config: DictConfig) -> StudyRef | None:
+    """The study of this search, created if new, or None when not our sweeper. Checks the
+    search first, so a bad one stops before any run is made.
+
+    Creating the study is atomic in its storage (a concurrent creator's study is loaded), so
+    every process that starts the same search names the same study id; its parent run is
+    the one claimed for that id (:mod:`convnets.study_parent`), or for a study from before
+    claims, the one it remembers as a user attribute.
+    """
+    import optuna
+
+    from convnets import study_parent
+
     if not is_search(config.hydra.sweeper):
         return None
-    settings, _ = check(config)
+    settings, objectives = check(config)
+    url = storage_url(settings, config)
     name = study_name(settings, config)
-    study = load_study(storage_url(settings, config), name, settings.stale_after_s)
-    return study.user_attrs.get(PARENT_ATTR) if study is not None else None
+    storage = open_storage(url, settings.stale_after_s)
+    study = optuna.create_study(
+        storage=storage,
+        study_name=name,
+        directions=[o.direction for o in objectives],
+        load_if_exists=True,
+    )
+    study_id = storage.get_study_id_from_name(name)
+    parent = study_parent.claimed(url, study_id, name) or study.user_attrs.get(PARENT_ATTR)
+    return StudyRef(url, study_id, name, parent)
 
 
 def counted_trials(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
@@ -565,7 +596,8 @@ class Search:
             )
 
     def _link_parent_run(self, study: optuna.Study) -> None:
-        """Remember the MLflow parent run (written by the sweep callback) for later reruns."""
+        """Show the study's MLflow parent run (claimed by the sweep callback) as a study user
+        attribute, for optuna-dashboard and studies read without convnets."""
         context = SweepContext.read(self.sweep_dir)
         if context is not None and study.user_attrs.get(PARENT_ATTR) != context.parent_run_id:
             study.set_user_attr(PARENT_ATTR, context.parent_run_id)
@@ -593,11 +625,14 @@ class Search:
         ``pareto.png``) in the sweep dir; the sweep callback logs them on the parent run."""
         from optuna.trial import TrialState
 
-        complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+        trials = study.get_trials(deepcopy=False)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
         results = SearchResults(
             study_name=study.study_name,
             objectives=tuple(f"{o.name}:{o.direction[:3]}" for o in objectives),
             trials_complete=len(complete),
+            # This process's trials are all told by now: these run in other processes.
+            trials_running=sum(t.state == TrialState.RUNNING for t in trials),
         )
         if complete and len(objectives) == 1:
             best = study.best_trial

@@ -293,30 +293,54 @@ class MlflowSweepCallback(Callback):
 
     @_stop_sweep_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from convnets.search import is_search, resumed_parent_run
+        from convnets.search import study_ref
         from convnets.tracking import Tracker
 
-        resumed = resumed_parent_run(config)  # checks an Optuna search before any run exists
+        study = study_ref(config)  # checks an Optuna search before any run exists
         tracker = Tracker(config.tracking.uri, http_timeout_s=config.tracking.http_timeout_s)
         tracker.check_store()  # first contact: sqlite creates its schema here, once
-        experiment_id = tracker.reopen_run(resumed) if resumed else None
-        search = is_search(config.hydra.sweeper)
         definition = sweep_overrides(config)
-        if experiment_id is not None:  # a resumed search: its jobs join the same parent
-            run_id = resumed
-        else:
+        if study is None:
             experiment_id = tracker.experiment_id(experiment_name(config))
-            run_id = self._create_parent(tracker, config, experiment_id, definition, search)
+            run_id = self._create_parent(tracker, config, experiment_id, definition, False)
+        else:
+            experiment_id, run_id = self._study_parent(tracker, config, definition, study)
         self._open_parent = (config.tracking.uri, run_id)
         mark_stopped(None)  # a new sweep in this process: not stopped (yet)
         # If the sweep dies (Optuna raising, Ctrl-C), on_multirun_end never runs.
         atexit.register(self._end_abandoned_parent)
 
         context = SweepContext(
-            config.tracking.uri, experiment_id, run_id, search, swept_keys(definition)
+            config.tracking.uri, experiment_id, run_id, study is not None, swept_keys(definition)
         )
         context.write(Path(config.hydra.sweep.dir).resolve())  # before any job reads it
         log.info("sweep: MLflow parent run %s in experiment %s", run_id, experiment_id)
+
+    def _study_parent(
+        self, tracker: Any, config: DictConfig, definition: dict, study: Any
+    ) -> tuple[str, str]:
+        """(experiment id, parent run id) of a search: the study's parent, reopened, or a new
+        one this process claims for the study. Processes that start the same study at once
+        each create a candidate; one claim wins, the others delete theirs and join it."""
+        from convnets import study_parent
+
+        known = study.parent_run_id
+        experiment_id = tracker.reopen_run(known) if known else None
+        if experiment_id is not None:  # a resumed search, or one another process runs now
+            if study_parent.claimed(study.storage_url, study.study_id, study.name) is None:
+                known = study_parent.claim(study.storage_url, study.study_id, study.name, known)
+            return tracker.reopen_run(known) or experiment_id, known
+        experiment_id = tracker.experiment_id(experiment_name(config))
+        candidate = self._create_parent(tracker, config, experiment_id, definition, True)
+        if known is None:
+            run_id = study_parent.claim(study.storage_url, study.study_id, study.name, candidate)
+        else:  # the remembered parent was deleted from the tracking store
+            run_id = study_parent.replace(study.storage_url, study.study_id, known, candidate)
+        if run_id != candidate:
+            tracker.delete_run(candidate)
+            log.info("sweep: joined study %s's parent run %s", study.name, run_id)
+            experiment_id = tracker.reopen_run(run_id) or experiment_id
+        return experiment_id, run_id
 
     @staticmethod
     def _create_parent(
@@ -371,7 +395,17 @@ class MlflowSweepCallback(Callback):
         results = SearchResults.read(sweep_dir)  # written by convnets.search
         if results is not None:
             _log_optuna_results(context, results, sweep_dir)
-        table = summarize(context, sweep_dir / SUMMARY_DIR, config.tracking.http_timeout_s)
+        others = results.trials_running if results is not None else 0
+        table = summarize(
+            context, sweep_dir / SUMMARY_DIR, config.tracking.http_timeout_s, end=not others
+        )
+        if others:
+            print(
+                f"the parent run stays RUNNING: {others} trial(s) of study "
+                f"{results.study_name} still run in other processes; the last to end "
+                "summarises the whole study and ends it",
+                flush=True,
+            )
         self._open_parent = None
         if not (table["status"] == "FINISHED").any():
             print(
@@ -482,8 +516,11 @@ def _log_optuna_results(context: SweepContext, results: SearchResults, sweep_dir
         tracker.set_tags_on(run_id, {"pareto_optimal": "false"})
 
 
-def summarize(context: SweepContext, out_dir: Path, http_timeout_s: float = 10.0) -> pd.DataFrame:
-    """Summary of the sweep's jobs on the parent run; ends the parent; returns the table.
+def summarize(
+    context: SweepContext, out_dir: Path, http_timeout_s: float = 10.0, end: bool = True
+) -> pd.DataFrame:
+    """Summary of the sweep's jobs on the parent run; ends the parent (unless ``end`` is
+    false: other processes still run trials of the same study); returns the table.
 
     Logs ``summary/jobs.csv`` (one row per job), ``summary/*.png`` (test accuracy against
     parameter count coloured by receptive field, and against receptive field), the best
@@ -526,9 +563,9 @@ def summarize(context: SweepContext, out_dir: Path, http_timeout_s: float = 10.0
         if not math.isnan(best["test_accuracy"]):
             metrics["best_test_accuracy"] = best["test_accuracy"]
     tracker.log_metrics_to(context.parent_run_id, metrics)
-    if len(finished):
+    if end and len(finished):
         tracker.end_run(context.parent_run_id, "FINISHED")
-    else:
+    elif end:
         tracker.end_run(context.parent_run_id, "FAILED", "no job of the sweep finished")
     log.info("sweep: %d of %d jobs finished; summary in %s", len(finished), len(table), out_dir)
     where = where_to_look(context.tracking_uri, context.experiment_id, context.parent_run_id)

@@ -174,6 +174,7 @@ class SearchResults:
     # several objectives: each {trial, run_id, values: {name: value}, params}
     solutions: tuple[Mapping[str, Any], ...] = ()
     dominated_run_ids: tuple[str, ...] = ()  # runs a resumed study pushed off the front
+    trials_running: int = 0  # in other processes sharing the study when this one ended
 
     @staticmethod
     def path(sweep_dir: str | Path) -> Path:

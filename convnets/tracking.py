@@ -369,6 +369,11 @@ class Tracker:
             raise self._unusable(err) from err
         return run.info.experiment_id
 
+    def delete_run(self, run_id: str) -> None:
+        """Delete a run (MLflow keeps it among the deleted ones until garbage-collected)."""
+        with _bounded_http(self.http_timeout_s):
+            self.client.delete_run(run_id)
+
     def load_config(self, run_id: str, *, key: str = "run_id") -> DictConfig:
         """The resolved config a run recorded as its ``config.yaml`` artifact."""
         self.get_run(run_id, key=key)

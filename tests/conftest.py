@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -114,6 +115,39 @@ def wait_until_serving(proc: subprocess.Popen, url: str, log: Path, timeout_s: f
         if time.monotonic() > deadline:
             pytest.fail(f"{url} did not answer within {timeout_s:.0f} s")
         time.sleep(0.5)
+
+
+# A racer's start barrier (its argv: ... BARRIER NAME TIMEOUT_S last): it says "ready" once
+# imported, then waits until every racer is (the test creates the "go" file), so that all of
+# them do the racy thing at the same moment. See release_when_ready.
+BARRIER_WAIT = textwrap.dedent(
+    """
+    import os, sys, time
+    barrier, name, timeout_s = sys.argv[-3], sys.argv[-2], float(sys.argv[-1])
+    open(os.path.join(barrier, name + ".ready"), "w").close()
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(os.path.join(barrier, "go")):
+        if time.monotonic() > deadline:
+            sys.exit("the start barrier was never released")
+        time.sleep(0.001)
+    """
+)
+BARRIER_TIMEOUT_S = 300  # importing mlflow under load can take a minute; bounded all the same
+
+
+def release_when_ready(procs, barrier, names, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Create ``barrier/go`` once every racer has written ``<name>.ready``; fail (after ending
+    the racers) if one exits first or they are not all ready within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not all((barrier / f"{name}.ready").exists() for name in names):
+        exited = [p for p in procs if p.poll() is not None]
+        if exited or time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            outputs = "\n".join(p.communicate()[0] for p in procs)
+            raise AssertionError(f"racers not ready (exited: {len(exited)}):\n{outputs}")
+        time.sleep(0.01)
+    (barrier / "go").touch()
 
 
 def start_training(*args: str) -> subprocess.Popen:

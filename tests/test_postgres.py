@@ -161,3 +161,12 @@ def test_one_search_on_postgres_continued_by_a_second_process(postgres, team_ser
     assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {
         r.info.run_id for r in children
     }
+
+
+@pytest.mark.xdist_group("postgres")
+def test_processes_claiming_a_studys_parent_at_once_on_postgres_agree(postgres, tmp_path):
+    from test_study_parent import claim_at_once
+
+    url = f"{postgres['url']}/optuna"
+    got = claim_at_once(url, tmp_path / "barrier", 4, env={"PGPASSWORD": PASSWORD})
+    assert len(set(got)) == 1, got

@@ -371,13 +371,12 @@ def test_two_processes_on_one_storage_share_the_study_without_duplicates(tmp_pat
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
     ]
     kwargs = {"cwd": REPO, "env": CLI_ENV, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-    first = subprocess.Popen([*args, f"hydra.sweep.dir={tmp_path}/a"], text=True, **kwargs)
-    deadline = time.monotonic() + 120
-    while not TrialFile.path(tmp_path / "a", 0).exists():  # first trial asked
-        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-        time.sleep(0.2)
-    second = subprocess.Popen([*args, f"hydra.sweep.dir={tmp_path}/b"], text=True, **kwargs)
-    for proc in (first, second):
+    # Started together: both create the study and its parent run at about the same moment.
+    procs = [
+        subprocess.Popen([*args, f"hydra.sweep.dir={tmp_path}/{folder}"], text=True, **kwargs)
+        for folder in "ab"
+    ]
+    for proc in procs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
 
@@ -389,10 +388,15 @@ def test_two_processes_on_one_storage_share_the_study_without_duplicates(tmp_pat
     ran = {p: TrialFile.numbers(tmp_path / p) for p in "ab"}
     assert ran["a"] and ran["b"] and not ran["a"] & ran["b"]  # both worked, on distinct trials
     assert ran["a"] | ran["b"] == {t.number for t in trials}
-    parents, children, _ = runs(tmp_path)
-    assert len(parents) == 1  # the second process joined the study's parent run
+    parents, children, client = runs(tmp_path)
+    assert len(parents) == 1  # one process's claim won; the other joined that parent
     assert len(children) == len(trials)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert len({t.user_attrs["mlflow_run_id"] for t in trials}) == len(trials)
+    # The last process to end summarised the whole study on the parent and ended it.
+    assert parents[0].info.status == "FINISHED"
+    jobs = client.download_artifacts(parents[0].info.run_id, "summary/jobs.csv")
+    assert len(list(csv.DictReader(Path(jobs).read_text().splitlines()))) == len(trials)
 
 
 @pytest.mark.slow

@@ -5,11 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import time
 
 import mlflow
 import pytest
-from conftest import CLI_ENV, REPO, free_port
+from conftest import BARRIER_TIMEOUT_S, BARRIER_WAIT, CLI_ENV, REPO, free_port, release_when_ready
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
@@ -113,20 +112,10 @@ def test_unknown_run_id_is_one_clear_line(store):
         tracker.load_config("0123abcd", key="reproduce")
 
 
-RACER = textwrap.dedent(
+RACER = BARRIER_WAIT + textwrap.dedent(
     """
-    import os, sys, time
     from convnets.tracking import Tracker
-    uri, barrier, name, timeout_s = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-    # Start barrier: say "ready" once imported, then wait until every racer is (the test
-    # creates the "go" file), so that all of them hit the fresh store at the same moment.
-    open(os.path.join(barrier, name + ".ready"), "w").close()
-    deadline = time.monotonic() + timeout_s
-    while not os.path.exists(os.path.join(barrier, "go")):
-        if time.monotonic() > deadline:
-            sys.exit("the start barrier was never released")
-        time.sleep(0.001)
-    tracker = Tracker(uri)
+    tracker = Tracker(sys.argv[1])
     tracker.check_store()
     experiment_id = tracker.experiment_id("race")
     with tracker.run(experiment_id=experiment_id, run_name=name) as run:
@@ -138,22 +127,6 @@ RACER = textwrap.dedent(
         mlflow.log_text(name, "config.yaml")
     """
 )
-BARRIER_TIMEOUT_S = 300  # importing mlflow under load can take a minute; bounded all the same
-
-
-def release_when_ready(procs, barrier, names, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
-    """Create ``barrier/go`` once every racer has written ``<name>.ready``; fail (after ending
-    the racers) if one exits first or they are not all ready within ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not all((barrier / f"{name}.ready").exists() for name in names):
-        exited = [p for p in procs if p.poll() is not None]
-        if exited or time.monotonic() > deadline:
-            for p in procs:
-                p.kill()
-            outputs = "\n".join(p.communicate()[0] for p in procs)
-            raise AssertionError(f"racers not ready (exited: {len(exited)}):\n{outputs}")
-        time.sleep(0.01)
-    (barrier / "go").touch()
 
 
 @pytest.mark.slow
