@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import urllib.request
@@ -54,6 +56,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_STORE_TEMPLATE: list[Path] = []  # the one schema this test process created
+
+
+def sqlite_store(folder: Path) -> str:
+    """The URI of ``folder/mlflow.db``, a SQLite MLflow store whose schema exists already: a
+    copy of one this test process created once, unless the folder has its store already. Creating MLflow's schema runs its migrations
+    (2-3 s a store, most of a short test); the copy is the same file in milliseconds. Tests
+    of creating a store (fresh processes racing, a refused config creating nothing) start
+    from no file instead."""
+    if not _STORE_TEMPLATE:
+        from mlflow.tracking import MlflowClient
+
+        template = Path(tempfile.mkdtemp(prefix="convnets-store-")) / "mlflow.db"
+        MlflowClient(f"sqlite:///{template}").search_experiments(max_results=1)
+        _STORE_TEMPLATE.append(template)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "mlflow.db").exists():  # the store a test already holds stays as it is
+        shutil.copyfile(_STORE_TEMPLATE[0], folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
 def command(

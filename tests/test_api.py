@@ -9,6 +9,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+from conftest import sqlite_store  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 import convnets  # noqa: E402
@@ -19,7 +20,7 @@ TINY = "model.layers=[{filters:8},{filters:8,pool:max}]"
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     folder = tmp_path_factory.mktemp("api")
-    return folder, f"sqlite:///{folder / 'mlflow.db'}"
+    return folder, sqlite_store(folder)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import imported, signal_after_epochs, start_training, train_cli
+from conftest import imported, signal_after_epochs, sqlite_store, start_training, train_cli
 from mlflow.tracking import MlflowClient
 
 from convnets import checkpoints
@@ -49,7 +49,7 @@ def test_an_untrusted_folder_is_refused(tmp_path, state, message):
 
 @pytest.mark.slow
 def test_resume_refuses_a_swapped_or_escaping_checkpoint_before_tensorflow(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     client = MlflowClient(uri)  # the schema exists before the training opens the store
     proc = start_training(
         TINY,

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import tensorflow as tf
-from conftest import CLI_ENV
+from conftest import CLI_ENV, sqlite_store
 from omegaconf import OmegaConf
 
 from convnets.config import DistributeConfig
@@ -184,7 +184,7 @@ def test_multi_worker_needs_a_valid_tf_config(monkeypatch, tf_config, match):
 def test_two_worker_train_py_is_one_recorded_run(tmp_path):
     """``python train.py distribute=multi_worker`` on two processes: both train in lockstep,
     only the chief records, so the store holds exactly one run with each epoch once."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
     procs = []
     for index in range(2):

@@ -16,7 +16,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from conftest import imported
+from conftest import imported, sqlite_store
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -59,7 +59,7 @@ def cli(script, *args, cwd):
 def store(tmp_path_factory):
     """A sqlite store holding one finished 2-job sweep: (uri, parent run id, child runs, tmp)."""
     tmp = tmp_path_factory.mktemp("evaluate_cli")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = sqlite_store(tmp)
     result = cli(
         "train.py",
         "-m",

@@ -24,7 +24,7 @@ import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import CLI_ENV, free_port, stop_process_group, wait_until_serving
+from conftest import CLI_ENV, free_port, sqlite_store, stop_process_group, wait_until_serving
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -131,7 +131,7 @@ def serve_predict(store_uri: str, model_uri: str, images: np.ndarray, log: Path)
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("model_artifact")
-    return tmp, f"sqlite:///{tmp / 'mlflow.db'}"
+    return tmp, sqlite_store(tmp)
 
 
 @pytest.fixture(scope="module")

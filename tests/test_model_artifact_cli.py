@@ -8,7 +8,7 @@ local model, fine-tuning) is tested in this process in test_model_artifact.py.
 from __future__ import annotations
 
 import pytest
-from conftest import train_cli
+from conftest import sqlite_store, train_cli
 
 from convnets.errors import ConfigError, TrackingError
 
@@ -17,7 +17,7 @@ TINY = "model.layers=[{filters:8},{filters:8,pool:max}]"
 
 def train_fails(tmp_path, *args: str) -> tuple[int, str]:
     """Run train.py expecting a one-line error; return (exit status, that line)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     result = train_cli(
         "trainer.verbose=0", f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'run'}", *args
     )

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CLI_ENV, REPO
+from conftest import CLI_ENV, REPO, sqlite_store
 from mlflow.tracking import MlflowClient
 
 
@@ -32,7 +32,7 @@ def test_a_dirty_tree_records_its_diff_and_reproduce_warns_on_another(tmp_path):
     config = clone / "convnets" / "config.py"
     config.write_text(config.read_text() + "\n# a local experiment\n")
     (clone / "convnets" / "scratch.py").write_text("# not committed\n")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     first = in_clone(clone, "model.layers=[{filters:4,pool:max}]", "trainer.epochs=1",
                      "trainer.verbose=0", "tracking.log_model=false", f"tracking.uri={uri}")  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]

@@ -21,7 +21,16 @@ from pathlib import Path  # noqa: E402
 
 import mlflow  # noqa: E402
 import pytest  # noqa: E402
-from conftest import CLI_ENV, REPO, free_port, imported, start_training, train_cli, wait_for_epochs  # noqa: E402
+from conftest import (  # noqa: E402
+    CLI_ENV,
+    REPO,
+    free_port,
+    imported,
+    sqlite_store,
+    start_training,
+    train_cli,
+    wait_for_epochs,
+)
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 import convnets  # noqa: E402
@@ -29,10 +38,6 @@ import convnets  # noqa: E402
 TINY = "model.layers=[{filters:4},{filters:4,pool:max}]"
 QUIET = ("trainer.verbose=0", "tracking.log_model=false")
 RUN_ID = re.compile(r"run=([0-9a-f]{32})")
-
-
-def store_uri(folder: Path) -> str:
-    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
 def run_id_of(result: subprocess.CompletedProcess) -> str:
@@ -80,7 +85,7 @@ def write_images(folder: Path, sizes: dict[str, list[tuple[int, int]]], seed: in
 
 @pytest.mark.slow
 def test_two_runs_in_one_folder_each_resume_from_their_own_checkpoint(tmp_path):
-    epochs, uri = 20, store_uri(tmp_path)
+    epochs, uri = 20, sqlite_store(tmp_path)
     client = MlflowClient(uri)
     args = [TINY, f"trainer.epochs={epochs}", *QUIET, f"tracking.uri={uri}"]
     shared_dir = tmp_path / "run"
@@ -120,7 +125,7 @@ def test_two_runs_in_one_folder_each_resume_from_their_own_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_without_epoch_checkpoints_is_not_resumable(tmp_path):
-    uri = store_uri(tmp_path)
+    uri = sqlite_store(tmp_path)
     run_id = convnets.train(
         [TINY, "trainer.epochs=1", "trainer.checkpoint_every_epoch=false", *QUIET,
          f"tracking.uri={uri}"],
@@ -161,7 +166,7 @@ def test_a_config_mistake_is_refused_before_tensorflow_and_the_store(tmp_path, o
     store = tmp_path / "store"
     store.mkdir()
     result = train_cli(
-        override, f"tracking.uri={store_uri(store)}", f"hydra.run.dir={tmp_path / 'out'}",
+        override, f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'out'}",
         importtime=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2
@@ -190,7 +195,7 @@ def test_data_that_cannot_train_a_classifier_is_refused(tmp_path, case):
     store.mkdir()
     result = train_cli(
         *dataset, *args, TINY, *QUIET,
-        f"tracking.uri={store_uri(store)}", f"hydra.run.dir={tmp_path / 'out'}",
+        f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'out'}",
         importtime=True,
     )  # fmt: skip
     assert expected in error_line(result)
@@ -203,7 +208,7 @@ def test_data_that_cannot_train_a_classifier_is_refused(tmp_path, case):
 
 @pytest.mark.slow
 def test_reproduce_on_another_machine_takes_runtime_overrides(tmp_path, capsys):
-    uri = store_uri(tmp_path)
+    uri = sqlite_store(tmp_path)
     client = MlflowClient(uri)
     original = convnets.train(
         [TINY, "trainer.epochs=1", *QUIET, f"tracking.uri={uri}"], output_dir=tmp_path / "a"
@@ -250,7 +255,7 @@ def test_reproduce_on_another_machine_takes_runtime_overrides(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_reproduce_on_changed_data_says_so(tmp_path, capsys):
-    uri, images, copy = store_uri(tmp_path), tmp_path / "images", tmp_path / "copy"
+    uri, images, copy = sqlite_store(tmp_path), tmp_path / "images", tmp_path / "copy"
     write_images(images, {"cat": [(8, 8)] * 6, "dog": [(8, 8)] * 6})
     original = convnets.train(
         ["dataset=image_folder", f"dataset.path={images}", TINY, "trainer.epochs=1", *QUIET,
@@ -297,7 +302,7 @@ def test_credentials_in_the_tracking_uri_never_reach_disk_or_the_console(tmp_pat
 
 
 def test_a_read_only_store_is_refused_in_one_line(tmp_path):
-    uri = store_uri(tmp_path)
+    uri = sqlite_store(tmp_path)
     MlflowClient(uri).search_experiments()  # creates the store's schema
     (tmp_path / "mlflow.db").chmod(0o444)
     result = train_cli(TINY, *QUIET, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'out'}")
@@ -329,7 +334,7 @@ def test_the_unreachable_store_message_is_cut_at_a_word(tmp_path):
 
 @pytest.mark.slow
 def test_the_ctrl_c_hint_names_the_store_and_works(tmp_path):
-    uri = store_uri(tmp_path)
+    uri = sqlite_store(tmp_path)
     client = MlflowClient(uri)
     proc = start_training(TINY, "trainer.epochs=20", *QUIET, f"tracking.uri={uri}",
                  f"hydra.run.dir={tmp_path / 'out'}")  # fmt: skip

@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import start_training, train_cli, wait_for_epochs
+from conftest import sqlite_store, start_training, train_cli, wait_for_epochs
 from mlflow.tracking import MlflowClient
 
 TINY = "model.layers=[{filters:8},{filters:8,pool:max}]"
@@ -23,7 +23,7 @@ def error_lines(result) -> list[str]:
 
 @pytest.mark.slow
 def test_resume_refuses_a_live_run_and_a_missing_folder_and_takes_a_copy(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     client = MlflowClient(uri)  # the schema exists before the training opens the store
     proc = start_training(
         TINY,

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import signal_after_epochs, start_training, train_cli
+from conftest import signal_after_epochs, sqlite_store, start_training, train_cli
 from mlflow.tracking import MlflowClient
 
 TINY = "model.layers=[{filters:8},{filters:8,pool:max}]"
@@ -19,7 +19,7 @@ TINY = "model.layers=[{filters:8},{filters:8,pool:max}]"
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_stop_signal_ends_the_run_killed_and_resume_finishes_it(tmp_path, stop):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     client = MlflowClient(uri)  # the schema exists before the training opens the store
     proc = start_training(
         TINY,
@@ -55,7 +55,7 @@ def test_a_stop_signal_ends_the_run_killed_and_resume_finishes_it(tmp_path, stop
 
 @pytest.mark.slow
 def test_a_stopped_sweep_ends_its_parent_killed_like_its_job(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     client = MlflowClient(uri)  # the schema exists before the training opens the store
     proc = start_training(
         "-m",

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import sqlite_store
 from scipy import stats as scipy_stats
 
 import convnets
@@ -71,7 +72,7 @@ def test_welch_verdicts_against_a_baseline():
 
 @pytest.mark.slow
 def test_compare_reports_seed_groups_and_verdicts(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     common = ["model.layers=[{filters:4},{filters:4,pool:max}]", "trainer.epochs=1",
               "trainer.verbose=0", "tracking.log_model=false", f"tracking.uri={uri}",
               "tracking.experiment=seeds"]  # fmt: skip

@@ -19,6 +19,7 @@ from pathlib import Path  # noqa: E402
 import mlflow  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
+from conftest import sqlite_store  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 import convnets  # noqa: E402
@@ -28,10 +29,6 @@ from convnets.tracking import model_name  # noqa: E402
 TINY = "model.layers=[{filters:8},{filters:8,pool:max}]"
 EPOCHS = 3
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr")
-
-
-def store_uri(path: Path) -> str:
-    return f"sqlite:///{path / 'mlflow.db'}"
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +44,14 @@ def recorded(tmp_path_factory):
                 "optimizer.lr=0.01",  # this 802-parameter stack barely moves in 3 epochs at 1e-3
                 "trainer.deterministic=true",
                 "trainer.verbose=0",
-                f"tracking.uri={store_uri(tmp)}",
+                f"tracking.uri={sqlite_store(tmp)}",
             ],
             output_dir=tmp / "out",
         )
-    client = MlflowClient(store_uri(tmp))
+    client = MlflowClient(sqlite_store(tmp))
     return {
         "tmp": tmp,
-        "uri": store_uri(tmp),
+        "uri": sqlite_store(tmp),
         "run": run,
         "run_id": run.run_id,
         "client": client,
@@ -213,13 +210,13 @@ def test_nan_loss_ends_the_run_failed(tmp_path):
                 "optimizer.lr=1e6",
                 "trainer.epochs=3",
                 "trainer.verbose=0",
-                f"tracking.uri={store_uri(tmp_path)}",
+                f"tracking.uri={sqlite_store(tmp_path)}",
             ],
             output_dir=tmp_path / "out",
         )
     reason = str(failed.value)
     assert re.match(r"training loss became nan at epoch \d", reason)
-    client = MlflowClient(store_uri(tmp_path))
+    client = MlflowClient(sqlite_store(tmp_path))
     [run] = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
     assert run.info.status == "FAILED"
     assert run.data.tags["failure_reason"] == reason
@@ -253,10 +250,10 @@ def test_remote_server_run(mlflow_server, tmp_path, capsys):
 def test_default_config_reaches_95_percent_on_digits(tmp_path):
     started = time.monotonic()
     returned = convnets.train(
-        ["trainer.verbose=0", f"tracking.uri={store_uri(tmp_path)}"], output_dir=tmp_path
+        ["trainer.verbose=0", f"tracking.uri={sqlite_store(tmp_path)}"], output_dir=tmp_path
     )
     elapsed = time.monotonic() - started
-    run = MlflowClient(store_uri(tmp_path)).get_run(returned.run_id)
+    run = MlflowClient(sqlite_store(tmp_path)).get_run(returned.run_id)
     print(f"default run: test_accuracy={run.data.metrics['test_accuracy']:.4f} in {elapsed:.0f}s")
     assert run.data.metrics["test_accuracy"] >= 0.95
     assert returned.test_accuracy == run.data.metrics["test_accuracy"]

@@ -17,7 +17,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from conftest import CLI_ENV, REPO, free_port, imported, train_cli, wait_for_epochs  # noqa: E402
+from conftest import CLI_ENV, REPO, free_port, imported, sqlite_store, train_cli, wait_for_epochs  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 import convnets  # noqa: E402
@@ -25,10 +25,6 @@ import convnets  # noqa: E402
 TINY = "model.layers=[{filters:8},{filters:8,pool:max}]"
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr")
 RUN_ID = re.compile(r"run=([0-9a-f]{32})")
-
-
-def store_uri(path) -> str:
-    return f"sqlite:///{path / 'mlflow.db'}"
 
 
 def run_id_of(result: subprocess.CompletedProcess) -> str:
@@ -46,7 +42,7 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
 @pytest.mark.parametrize("key", ["reproduce", "resume"])
 def test_unknown_run_id_is_one_line(tmp_path, key):
     result = train_cli(
-        f"{key}=0123456789abcdef", f"tracking.uri={store_uri(tmp_path)}", importtime=True
+        f"{key}=0123456789abcdef", f"tracking.uri={sqlite_store(tmp_path)}", importtime=True
     )
     assert result.returncode != 0
     [line] = error_lines(result)
@@ -78,7 +74,7 @@ def test_an_invalid_stack_is_refused_before_anything_is_recorded(tmp_path):
     result = train_cli(
         "model.layers.1.stride=2",
         "model.layers.1.dilation=2",
-        f"tracking.uri={store_uri(tmp_path)}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",  # none: refused before it is made
         f"hydra.run.dir={tmp_path / 'out'}",
     )
     assert result.returncode == 2
@@ -92,7 +88,7 @@ def test_an_invalid_stack_is_refused_before_anything_is_recorded(tmp_path):
 @pytest.mark.slow
 def test_kill_after_epoch_two_then_resume_finishes_the_same_run(tmp_path):
     epochs = 30
-    uri = store_uri(tmp_path)
+    uri = sqlite_store(tmp_path)
     args = [TINY, f"trainer.epochs={epochs}", "trainer.verbose=0", f"tracking.uri={uri}"]
     client = MlflowClient(uri)  # the schema exists before the training opens the store
     proc = subprocess.Popen(
@@ -130,7 +126,7 @@ def test_kill_after_epoch_two_then_resume_finishes_the_same_run(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_ends_the_run_killed_and_keeps_the_checkpoint(tmp_path):
-    uri = store_uri(tmp_path)
+    uri = sqlite_store(tmp_path)
     client = MlflowClient(uri)  # the schema exists before the training opens the store
     proc = subprocess.Popen(
         [sys.executable, "train.py", TINY, "trainer.epochs=50", "trainer.verbose=0",
@@ -171,7 +167,7 @@ def test_a_profiled_run_leaves_a_loadable_profile(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "cProfile", "-o", str(profile), "train.py", TINY]
         + ["trainer.epochs=1", "trainer.verbose=0", "tracking.log_model=false"]
-        + [f"tracking.uri={store_uri(tmp_path)}", f"hydra.run.dir={tmp_path / 'out'}"],
+        + [f"tracking.uri={sqlite_store(tmp_path)}", f"hydra.run.dir={tmp_path / 'out'}"],
         cwd=REPO,
         env=CLI_ENV,
         capture_output=True,
@@ -182,7 +178,7 @@ def test_a_profiled_run_leaves_a_loadable_profile(tmp_path):
     stats = pstats.Stats(str(profile))
     assert any("job.py" in filename for filename, _, _ in stats.stats)
     # A whole process, so its startup_s (process start -> first training step) is recorded.
-    metrics = MlflowClient(store_uri(tmp_path)).get_run(run_id).data.metrics
+    metrics = MlflowClient(sqlite_store(tmp_path)).get_run(run_id).data.metrics
     assert 0 < metrics["startup_s"] < 300
 
     # `python -m cProfile` itself exits 0 whatever the script's status (profile._Utils.runctx
