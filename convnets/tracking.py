@@ -313,7 +313,8 @@ class Tracker:
             raise self._unusable(err) from err
 
     def experiment_id(self, name: str) -> str:
-        """Get or create experiment ``name`` (under the store lock, so only one process creates it)."""
+        """Get or create experiment ``name``: one experiment however many processes on however
+        many machines ask at once."""
         try:
             with self._store_lock(), _bounded_http(self.http_timeout_s):
                 found = self.client.get_experiment_by_name(name)
@@ -325,7 +326,16 @@ class Tracker:
                             "or set tracking.experiment to another name"
                         )
                     return found.experiment_id
-                return self.client.create_experiment(name, artifact_location=self._artifacts(name))
+                try:
+                    return self.client.create_experiment(
+                        name, artifact_location=self._artifacts(name)
+                    )
+                except MlflowException as err:
+                    # Another machine created it since we looked (the lock covers only this
+                    # machine's processes on a SQLite file): theirs is the one.
+                    if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                    return self.client.get_experiment_by_name(name).experiment_id
         except TrackingError:
             raise
         except Exception as err:  # noqa: BLE001

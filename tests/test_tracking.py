@@ -217,3 +217,19 @@ def test_a_schema_created_by_another_program_at_once_is_waited_for(tmp_path, mon
     monkeypatch.setattr(tracking, "MlflowClient", lambda tracking_uri: 1 / 0)
     with pytest.raises(TrackingError, match=r"cannot be used \(ZeroDivisionError"):
         Tracker(uri)  # any other failure is not waited on
+
+
+def test_an_experiment_another_machine_creates_meanwhile_is_the_one_used(store):
+    """Between our look-up and our create another machine's process creates the experiment
+    (no lock spans machines): the store refuses ours and theirs is used."""
+    tracker = Tracker(store)
+    theirs = MlflowClient(store).create_experiment("shared")
+    looked_up, calls = tracker.client.get_experiment_by_name, []
+
+    def look_up(name):  # our first look-up ran before their create
+        calls.append(name)
+        return None if len(calls) == 1 else looked_up(name)
+
+    tracker.client.get_experiment_by_name = look_up
+    assert tracker.experiment_id("shared") == theirs
+    assert [e.name for e in MlflowClient(store).search_experiments()].count("shared") == 1
