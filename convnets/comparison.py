@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from convnets import plots, statistics
-from convnets.errors import ConfigError, TrackingError
+from convnets.errors import ConfigError, TrackingError, command
 from convnets.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ def _finished_runs(tracker: Tracker, target: str) -> tuple[pd.DataFrame, str | N
     else:
         runs = runs.iloc[0:0]
     if len(runs) == 0:
-        raise TrackingError(f"{where} with a test_accuracy; train some first (python train.py)")
+        raise TrackingError(f"{where} with a test_accuracy; train some first ({command('train')})")
     return runs.reset_index(drop=True), parent.info.run_id if parent is not None else None
 
 

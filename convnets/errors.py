@@ -5,6 +5,9 @@ Entry points print ``error: <message>`` and exit non-zero for these, without a t
 in the log.
 """
 
+import sys
+from pathlib import Path
+
 
 class ConvnetsError(Exception):
     """An error the user can fix; ``str(err)`` is the single line they see."""
@@ -45,3 +48,10 @@ class Interrupted(KeyboardInterrupt):
 
         self.signum = signum
         super().__init__(signal.Signals(signum).name)
+
+
+def command(name: str) -> str:
+    """How the user runs ``name`` (train, evaluate), for printed hints: the console script
+    when they ran one (``convnets-train``), else the repository's ``python train.py``."""
+    started = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return f"convnets-{name}" if started.startswith("convnets-") else f"python {name}.py"

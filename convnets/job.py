@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from convnets import architecture, checkpoints, checks, sweep
 from convnets.config import RUNTIME_KEYS, TrackingConfig, TrainConfig, is_runtime_key
-from convnets.errors import ConfigError, ConvnetsError, Interrupted, TrackingError
+from convnets.errors import ConfigError, ConvnetsError, Interrupted, TrackingError, command
 from convnets.tracking import (
     CONFIG_ARTIFACT,
     MODEL_URI_TAG,
@@ -254,7 +254,7 @@ class _Job:
             final = trainer.save_final_model(
                 model, self.checkpoint_dir, OmegaConf.to_yaml(_recordable(cfg))
             )
-        print(f"model: {final} (python evaluate.py checkpoint={final})", flush=True)
+        print(f"model: {final} ({command('evaluate')} checkpoint={final})", flush=True)
         self._print_summary(cfg, test, analysis, result)  # 7.
         return self._recorded(cfg, result, final)
 
@@ -361,7 +361,7 @@ class _Job:
         if key == "resume" and run_is_finished(run):
             raise TrackingError(
                 f"resume={run_id}: the run already FINISHED; nothing to resume "
-                f"(python train.py reproduce={run_id} trains it again as a new run)"
+                f"({command('train')} reproduce={run_id} trains it again as a new run)"
             )
         if key == "resume" and "checkpoint_dir" not in run.data.tags:
             raise TrackingError(
@@ -599,11 +599,11 @@ class _Job:
     def resume_command(self) -> str:
         """The command that continues this run, with the store when it is not the default
         (else following it would open an empty ``mlflow.db``); the URI shown redacted."""
-        command = f"python train.py resume={self.run_id}"
+        hint = f"{command('train')} resume={self.run_id}"
         uri = self.cfg.tracking.uri
         if uri != TrackingConfig.uri:
-            command += f" tracking.uri={redact(uri)}"
-        return command
+            hint += f" tracking.uri={redact(uri)}"
+        return hint
 
     def record_failure(self, err: Exception) -> None:
         """In a multirun, a job that failed before its run started still leaves a FAILED run."""
@@ -740,7 +740,7 @@ def _check_resumable(run: MlflowRun, cfg: DictConfig) -> None:
     if not cfg.trainer.checkpoint_every_epoch:
         raise TrackingError(
             f"resume={run_id}: the run was trained with trainer.checkpoint_every_epoch=false, "
-            f"so no epoch can be continued; python train.py reproduce={run_id} trains it "
+            f"so no epoch can be continued; {command('train')} reproduce={run_id} trains it "
             "again as a new run"
         )
     checkpoint_dir = _resume_folder(run, cfg)
@@ -773,7 +773,7 @@ def _check_resumable(run: MlflowRun, cfg: DictConfig) -> None:
         raise TrackingError(
             f"resume={run_id}: the checkpoint in {checkpoint_dir} belongs to {whose}, not to "
             f"this run (its {checkpoints.STATE_FILE} says so); refusing to continue from it "
-            f"(python train.py reproduce={run_id} trains the run again as a new run)"
+            f"({command('train')} reproduce={run_id} trains the run again as a new run)"
         )
 
 

@@ -56,6 +56,7 @@ def test_an_installed_package_trains_and_inspects_from_an_empty_folder(tmp_path)
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert trained.stdout.strip().splitlines()[-1].startswith("done: test_accuracy=")
+    assert " (convnets-evaluate checkpoint=" in trained.stdout  # the hint names what they ran
     assert (empty / "mlflow.db").is_file() and (empty / "outputs").is_dir()
     refused = run(str(venv / "bin" / "convnets-train"), "trainer.epochs=0")
     assert refused.returncode == 2 and refused.stderr.startswith("error: trainer.epochs")
