@@ -256,6 +256,16 @@ def config_error_line(err: BaseException) -> str | None:
     past_end = _index_past_end(cause)
     if past_end is not None:
         return past_end
+    unpackaged = re.match(
+        r"In '(\w+)/([^']+)': \w+ raised while composing config:\s*Key '(\w+)' not in", str(err)
+    )
+    if unpackaged and unpackaged[1] == unpackaged[3]:  # its keys landed under its group's name
+        group, name = unpackaged[1], unpackaged[2]
+        return (
+            f"{group}/{name}.yaml: its keys land under '{group}.' (Hydra's package for a file "
+            f"in {group}/); make '# @package _global_' its first line so they set top-level "
+            "keys such as tracking.uri"
+        )
     key = getattr(cause, "full_key", None)
     override = re.search(r"override '?([^=' ]+)", str(err).splitlines()[0])
     if override and key and not _dotted(key).startswith(_dotted(override.group(1))):

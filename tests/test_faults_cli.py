@@ -84,3 +84,17 @@ def test_an_output_folder_that_cannot_be_created_is_one_line(tmp_path):
         "created there: run from a writable folder or pick another with hydra.run.dir=... "
         "(hydra.sweep.dir=... for -m)"
     ]
+
+
+def test_a_local_config_without_its_package_line_says_how_to_fix_it(tmp_path):
+    (tmp_path / "configs" / "local").mkdir(parents=True)
+    (tmp_path / "configs" / "local" / "default.yaml").write_text("tracking:\n  uri: x\n")
+    result = command(
+        "train.py", f"hydra.searchpath=[file://{tmp_path / 'configs'}]", cwd=tmp_path, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: local/default.yaml: its keys land under 'local.' (Hydra's package for a file in "
+        "local/); make '# @package _global_' its first line so they set top-level keys such as "
+        "tracking.uri"
+    ]
