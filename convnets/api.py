@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from convnets.errors import ConfigError
+from convnets.errors import ConfigError, hydra_override
 
 if TYPE_CHECKING:
     from convnets.architecture import Analysis
@@ -119,14 +119,14 @@ def _compose(config_name: str, overrides: Sequence[str]) -> tuple[DictConfig, Di
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3", job_name=config_name):
             cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     except Exception as err:
-        line = config_error_line(err)
+        line = config_error_line(err, overrides)
         if line is None:
             raise
         raise ConfigError(line) from err
     try:
         refused = credentials_in_config(cfg)  # config files, interpolations: resolved
     except Exception as err:  # noqa: BLE001 - an interpolation that cannot resolve
-        raise ConfigError(config_error_line(err) or str(err).splitlines()[0]) from err
+        raise ConfigError(config_error_line(err, overrides) or str(err).splitlines()[0]) from err
     if refused is not None:
         raise ConfigError(refused)
     hydra_cfg = cfg.hydra
@@ -136,7 +136,13 @@ def _compose(config_name: str, overrides: Sequence[str]) -> tuple[DictConfig, Di
 
 
 def _as_overrides(keys: dict[str, Any]) -> list[str]:
-    return [f"{key}={value}" for key, value in keys.items() if value is not None]
+    """Keyword arguments as overrides; a path or string quoted for Hydra when it needs it
+    (spaces, non-ASCII letters), so ``checkpoint=Path("runs/été 1/model.keras")`` works."""
+    return [
+        hydra_override(key, value) if isinstance(value, str | Path) else f"{key}={value}"
+        for key, value in keys.items()
+        if value is not None
+    ]
 
 
 def _save_config(folder: Path, cfg: DictConfig, overrides: Sequence[str]) -> None:

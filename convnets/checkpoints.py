@@ -30,7 +30,7 @@ import re
 import socket
 from pathlib import Path
 
-from convnets.errors import CheckpointError
+from convnets.errors import CheckpointError, DiskFull, out_of_space
 
 STATE_FILE = "state.json"
 LOCK_FILE = "training.lock"  # host, pid and start of the process training into the folder
@@ -138,11 +138,26 @@ def live_holder(checkpoint_dir: str | Path) -> str | None:
     return who if alive else None
 
 
+@contextlib.contextmanager
+def replacing(path: Path, tmp_name: str | None = None):
+    """Yield a temporary path beside ``path`` to write; on success it replaces ``path``
+    atomically (a reader sees the old file or the whole new one). On failure the partial
+    file is removed, and a full disk is a :class:`DiskFull` naming ``path``. ``tmp_name``:
+    Keras picks the format by suffix, so its files keep theirs (``.tmp-model.keras``)."""
+    tmp = path.with_name(tmp_name or f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if out_of_space(err):
+            raise DiskFull(path) from err
+        raise
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` so that a reader sees the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with replacing(path) as tmp, open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -42,7 +42,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from convnets.credentials import credentials_in
-from convnets.errors import ConfigError, ConvnetsError, Interrupted
+from convnets.errors import (
+    ConfigError,
+    ConvnetsError,
+    Interrupted,
+    hydra_override,
+    shell_override,
+)
 
 log = logging.getLogger("convnets")
 
@@ -229,8 +235,10 @@ def _keyless_override(args: list[str]) -> str | None:
     return None
 
 
-def config_error_line(err: BaseException) -> str | None:
-    """One line for a composition error; None for anything else (e.g. raised by the task)."""
+def config_error_line(err: BaseException, overrides: Sequence[str] | None = None) -> str | None:
+    """One line for a composition error; None for anything else (e.g. raised by the task).
+    ``overrides``: given as a list in Python (no shell between them); default: this
+    command's line."""
     from hydra.errors import HydraException, MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -252,7 +260,9 @@ def config_error_line(err: BaseException) -> str | None:
         line = f"Could not find '{err.missing_cfg_file}'"
         return f"{line}; available: {', '.join(err.options)}" if err.options else line
     if isinstance(err, OverrideParseException):
-        return f"{err.override}: {err.message.strip().splitlines()[0]}"
+        return _unquoted_value(err.override, overrides) or (
+            f"{err.override}: {err.message.strip().splitlines()[0]}"
+        )
     past_end = _index_past_end(cause)
     if past_end is not None:
         return past_end
@@ -273,6 +283,42 @@ def config_error_line(err: BaseException) -> str | None:
     if isinstance(cause, ConfigAttributeError | ConfigKeyError) and key:
         return f"{key}: unknown key ({first}); check the spelling (--cfg job prints every key)"
     return f"{key}: {first}" if key else first
+
+
+def _unquoted_value(arg: str, overrides: Sequence[str] | None) -> str | None:
+    """An override Hydra could not parse because a value with spaces or non-ASCII letters
+    was not quoted: the line that says how to quote it, or None. ``overrides`` None: on this
+    command line, so for the shell too (:func:`shell_override`).
+
+    On a command line a value with a space that the shell split into words fails on its
+    second word (no ``=``): the words from its ``key=`` on are put back together."""
+    if "=" in arg:
+        key, value = arg.split("=", 1)
+        if value.isascii() and not any(c.isspace() for c in value):
+            return None
+        quoted = (shell_override if overrides is None else hydra_override)(key, value)
+        return (
+            f"{arg}: Hydra reads a value with spaces or non-ASCII letters only when it is "
+            f"quoted; write it as {quoted}"
+        )
+    if overrides is not None:
+        return None
+    words = sys.argv[1:]
+    if arg not in words:
+        return None
+    start = end = words.index(arg)
+    while start > 0 and "=" not in words[start] and not words[start].startswith("-"):
+        start -= 1
+    while end + 1 < len(words) and "=" not in words[end + 1] and not words[end + 1].startswith("-"):
+        end += 1
+    if start == words.index(arg) or "=" not in words[start]:
+        return None
+    key, value = words[start].split("=", 1)
+    value = " ".join([value, *words[start + 1 : end + 1]])
+    return (
+        f"{arg}: not an override (key=value): the shell split {key}= at a space; quote the "
+        f"whole value: {shell_override(key, value)}"
+    )
 
 
 def _index_past_end(err: BaseException) -> str | None:

@@ -5,6 +5,9 @@ Entry points print ``error: <message>`` and exit non-zero for these, without a t
 in the log.
 """
 
+import errno
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -34,6 +37,20 @@ class CheckpointError(ConvnetsError):
     named outside the folder."""
 
 
+class DiskFull(ConvnetsError):
+    """A write ran out of space (or quota): ``path`` names the file that could not be written
+    (its partial copy is removed); ``hint`` says what was kept and how to continue."""
+
+    def __init__(self, path: str | Path, hint: str = ""):
+        self.path = str(path)
+        super().__init__(f"{path}: no space left on device{hint}")
+
+
+def out_of_space(err: BaseException) -> bool:
+    """Whether ``err`` is a write that failed for lack of space or quota on its disk."""
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 class TrainingFailed(ConvnetsError):
     """Training stopped for a recorded reason (e.g. NaN loss)."""
 
@@ -55,3 +72,31 @@ def command(name: str) -> str:
     when they ran one (``convnets-train``), else the repository's ``python train.py``."""
     started = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     return f"convnets-{name}" if started.startswith("convnets-") else f"python {name}.py"
+
+
+# A path or URI Hydra and the shell both read as is: the "/" keeps Hydra from reading it as a
+# number, a bool or null.
+_PLAIN = re.compile(r"[\w.:@%+-]*/[\w/.:@%+-]*", re.ASCII)
+
+
+def hydra_override(key: str, value: object) -> str:
+    """``key=value`` as Hydra reads it back as the string ``value``: quoted when Hydra's
+    override grammar would refuse it unquoted (spaces around, non-ASCII letters, parentheses,
+    ``=``, ``,`` for a sweep) or read it as another type; the quote and the backslashes
+    before it escaped."""
+    text = str(value)
+    if _PLAIN.fullmatch(text):
+        return f"{key}={text}"
+    escaped = re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), text)
+    return f"{key}='{escaped}'"
+
+
+def shell_override(key: str, value: object) -> str:
+    """:func:`hydra_override` as one shell word, for printed commands. No library function
+    quotes for both: ``shlex.quote`` knows only the shell."""
+    word = hydra_override(key, value)
+    if _PLAIN.fullmatch(str(value)):
+        return word
+    if not re.search(r"[\"$`\\!]", word):
+        return f'"{word}"'  # readable: "checkpoint='/runs/été 1/model.keras'"
+    return shlex.quote(word)

@@ -16,6 +16,7 @@ Epochs are numbered from 1 in MLflow (metric step = epoch), as in Keras's progre
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -32,7 +33,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from convnets import architecture, checkpoints, checks, sweep
 from convnets.config import RUNTIME_KEYS, TrackingConfig, TrainConfig, is_runtime_key
-from convnets.errors import ConfigError, ConvnetsError, Interrupted, TrackingError, command
+from convnets.errors import (
+    ConfigError,
+    ConvnetsError,
+    DiskFull,
+    Interrupted,
+    TrackingError,
+    command,
+    out_of_space,
+    shell_override,
+)
 from convnets.tracking import (
     CONFIG_ARTIFACT,
     MODEL_URI_TAG,
@@ -220,13 +230,16 @@ class _Job:
         resuming = self.source is not None and self.source.key == "resume"
         if resuming:
             self.checkpoint_dir = _resume_folder(self.source.run, cfg)
-        with self.tracker.run(
-            experiment_id=experiment_id,
-            run_name=self._run_name(cfg),
-            run_id=self.source.run_id if resuming else None,
-            parent_run_id=self.sweep.parent_run_id if self.sweep else None,
-            tags=self._tags(cfg, resuming),
-        ) as active:  # 6.
+        with (
+            self.tracker.run(
+                experiment_id=experiment_id,
+                run_name=self._run_name(cfg),
+                run_id=self.source.run_id if resuming else None,
+                parent_run_id=self.sweep.parent_run_id if self.sweep else None,
+                tags=self._tags(cfg, resuming),
+            ) as active,
+            self._out_of_space_continues(),
+        ):  # 6.
             self.run_id = active.info.run_id
             self.experiment_id = active.info.experiment_id
             if resuming:
@@ -254,7 +267,10 @@ class _Job:
             final = trainer.save_final_model(
                 model, self.checkpoint_dir, OmegaConf.to_yaml(_recordable(cfg))
             )
-        print(f"model: {final} ({command('evaluate')} checkpoint={final})", flush=True)
+        print(
+            f"model: {final} ({command('evaluate')} {shell_override('checkpoint', final)})",
+            flush=True,
+        )
         self._print_summary(cfg, test, analysis, result)  # 7.
         return self._recorded(cfg, result, final)
 
@@ -596,13 +612,37 @@ class _Job:
             flush=True,
         )
 
+    @contextlib.contextmanager
+    def _out_of_space_continues(self):
+        """A full disk while the run records (a checkpoint, an artifact, the model) is one
+        :class:`DiskFull` line, which the run also ends FAILED with: the file it could not
+        write (its partial copy already removed), the epoch its checkpoint keeps, and the
+        command that continues the run once there is space."""
+        try:
+            yield
+        except Exception as err:
+            if not isinstance(err, DiskFull) and not out_of_space(err):
+                raise
+            path = getattr(err, "path", None) or getattr(err, "filename", None) or "a file"
+            state = checkpoints.read_state(self.checkpoint_dir) if self.checkpoint_dir else None
+            kept = (
+                f"its checkpoint keeps epoch {state['epoch']} in {self.checkpoint_dir}"
+                if state
+                else "no epoch was committed yet"
+            )
+            raise DiskFull(
+                path,
+                f"; run {self.run_id} recorded FAILED, {kept}; free space there, then "
+                f"continue with: {self.resume_command()}",
+            ) from err
+
     def resume_command(self) -> str:
         """The command that continues this run, with the store when it is not the default
         (else following it would open an empty ``mlflow.db``); the URI shown redacted."""
         hint = f"{command('train')} resume={self.run_id}"
         uri = self.cfg.tracking.uri
         if uri != TrackingConfig.uri:
-            hint += f" tracking.uri={redact(uri)}"
+            hint += f" {shell_override('tracking.uri', redact(uri))}"
         return hint
 
     def record_failure(self, err: Exception) -> None:

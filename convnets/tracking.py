@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -184,7 +185,7 @@ def where_to_look(uri: str, experiment_id: str, run_id: str) -> str:
     them when the store is a local file: what a finished command prints last."""
     where = f"{ui_url(uri, experiment_id, run_id)}; all runs: {ui_url(uri, experiment_id)}"
     if uri.startswith("sqlite:"):
-        where = f"mlflow ui --backend-store-uri {uri}, then {where}"
+        where = f"mlflow ui --backend-store-uri {shlex.quote(uri)}, then {where}"
     return where
 
 

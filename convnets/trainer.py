@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -295,9 +294,8 @@ def save_final_model(model: keras.Model, checkpoint_dir: str | Path, config_yaml
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     path = checkpoint_dir / checkpoints.FINAL_MODEL
-    tmp = checkpoint_dir / f".tmp-{checkpoints.FINAL_MODEL}"  # Keras wants the .keras suffix
-    model.save(tmp)
-    os.replace(tmp, path)
+    with checkpoints.replacing(path, f".tmp-{checkpoints.FINAL_MODEL}") as tmp:
+        model.save(tmp)
     checkpoints.atomic_write_text(checkpoint_dir / checkpoints.FINAL_CONFIG, config_yaml)
     return path
 
@@ -464,9 +462,8 @@ class _EpochState(keras.callbacks.Callback):
             self.model.stop_training = True
 
     def _save(self, name: str) -> str:
-        tmp = self.write_dir / f".tmp-{name}"  # Keras wants the .weights.h5 suffix
-        self.model.save_weights(tmp)
-        os.replace(tmp, self.write_dir / name)
+        with checkpoints.replacing(self.write_dir / name, f".tmp-{name}") as tmp:
+            self.model.save_weights(tmp)
         return name
 
     def _commit(self) -> None:

@@ -5,6 +5,7 @@ instead of silently bringing back multi-line errors or a stale workaround."""
 from __future__ import annotations
 
 import inspect
+import shlex
 import sys
 from importlib.metadata import version
 
@@ -14,12 +15,14 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 from hydra._internal import utils as hydra_utils
 from hydra.errors import HydraException
+from hypothesis import given
+from hypothesis import strategies as st
 from omegaconf.errors import OmegaConfBaseException
 from packaging.requirements import Requirement
 
 import convnets.config  # noqa: F401  (registers the schemas)
 from convnets import cli
-from convnets.errors import ConfigError
+from convnets.errors import ConfigError, shell_override
 
 CONFIGS = str(REPO / "configs")
 
@@ -244,3 +247,15 @@ def test_a_finished_command_exits_normally(tmp_path, case):
     assert (tmp_path / "after_run_main").read_text() == "normal exit"
     if case == "thread":
         assert (tmp_path / "thread").read_text() == "done"
+
+
+@given(st.text(st.characters(blacklist_categories=("Cs", "Cc"))))
+def test_a_printed_override_pastes_back_as_the_same_value(value):
+    """What a hint prints (``checkpoint=<path>``, ``tracking.uri=<uri>``) is one shell word that
+    Hydra reads back as the same string, for folders with spaces, non-ASCII letters, quotes."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    [word] = shlex.split(shell_override("checkpoint", value))
+    [parsed] = OverridesParser.create().parse_overrides([word])
+    assert parsed.key_or_group == "checkpoint"
+    assert parsed.value() == value

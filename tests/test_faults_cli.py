@@ -32,6 +32,16 @@ CASES = {
         "error: trainer.batch_size=1 (the global batch) does not split evenly over 2 replicas "
         "(distribute.devices has 2): use a multiple of 2, e.g. 2",
     ),
+    "a path the shell split at its space": (
+        ["checkpoint_dir=/data/my", "runs/a1"],
+        "error: runs/a1: not an override (key=value): the shell split checkpoint_dir= at a "
+        "space; quote the whole value: \"checkpoint_dir='/data/my runs/a1'\"",
+    ),
+    "a path with non-ASCII letters": (
+        ["checkpoint_dir=/data/été/a1"],
+        "error: checkpoint_dir=/data/été/a1: Hydra reads a value with spaces or non-ASCII "
+        "letters only when it is quoted; write it as \"checkpoint_dir='/data/été/a1'\"",
+    ),
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -24,12 +25,13 @@ import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import CLI_ENV, free_port, sqlite_store, stop_process_group, wait_until_serving
+from conftest import CLI_ENV, REPO, free_port, sqlite_store, stop_process_group, wait_until_serving
 from PIL import Image
 from sklearn.datasets import load_digits
 
 import convnets
 from convnets.data import split_indices
+from convnets.errors import hydra_override
 from convnets.tracking import Tracker, model_name
 
 # Runs trained once for the module (in this process) and two model servers; the xdist group
@@ -48,7 +50,7 @@ SERVE_TIMEOUT_S = 180
 def train(tmp: Path, uri: str, *args: str) -> convnets.Run:
     """``convnets.train`` (quiet) into ``uri``, its files in a new folder under ``tmp``."""
     return convnets.train(
-        ["trainer.verbose=0", f"tracking.uri={uri}", *args],
+        ["trainer.verbose=0", hydra_override("tracking.uri", uri), *args],
         output_dir=tmp / f"run-{time.monotonic_ns()}",
     )
 
@@ -130,7 +132,8 @@ def serve_predict(store_uri: str, model_uri: str, images: np.ndarray, log: Path)
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("model_artifact")
+    # A folder name with a space and non-ASCII letters: every printed command must paste.
+    tmp = tmp_path_factory.mktemp("model artifact été")
     return tmp, sqlite_store(tmp)
 
 
@@ -154,7 +157,7 @@ def folder_run(store):
         uri,
         TINY,
         "dataset=image_folder",
-        f"dataset.path={root}",
+        hydra_override("dataset.path", root),
         "dataset.image_size=[8,8]",  # stored 12x12
         "trainer.epochs=3",
         "optimizer.lr=0.01",
@@ -254,7 +257,18 @@ def test_evaluate_checkpoint_on_the_locally_written_model(store, digits_run):
     assert path.name == "model.keras" and (path.parent / "config.yaml").is_file()
     assert path.is_relative_to(tmp)  # under the output_dir it was given
     (line,) = [line for line in printed.splitlines() if line.startswith("model: ")]
-    assert line == f"model: {path} (python evaluate.py checkpoint={path})"
+    command = line.removeprefix(f"model: {path} (").removesuffix(")")
+    assert command == f"python evaluate.py \"checkpoint='{path}'\""
+    pasted = subprocess.run(  # as the user pastes it into a shell, in that folder
+        command.replace("python evaluate.py", f"{sys.executable} {REPO / 'evaluate.py'}", 1),
+        shell=True,
+        cwd=tmp,
+        env=CLI_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert pasted.returncode == 0, pasted.stderr[-2000:]
     report = convnets.evaluate(checkpoint=path, output_dir=tmp / "eval")
     expected = run.data.metrics["test_accuracy"]
     assert report.metrics["eval_accuracy"] == pytest.approx(expected, abs=1e-4)
@@ -269,7 +283,8 @@ def test_done_line_opens_the_run_and_the_runs_table(store, digits_run):
     experiment = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}"
     assert returned.ui_url == f"{experiment}/runs/{run_id}"
     assert done.startswith("done: test_accuracy=")
-    assert f"mlflow ui --backend-store-uri {uri}, then {experiment}/runs/{run_id};" in done
+    ui = f"mlflow ui --backend-store-uri {shlex.quote(uri)}, then {experiment}/runs/{run_id};"
+    assert ui in done and " " in uri  # quoted, so it pastes
     assert done.endswith(f"all runs: {experiment}/runs)")
 
 
@@ -306,11 +321,11 @@ def test_fine_tuning_keeps_frozen_layers_and_beats_scratch(store):
         tmp,
         uri,
         *folder,
-        f"dataset.path={tmp / 'digits04'}",
+        hydra_override("dataset.path", tmp / "digits04"),
         "trainer.epochs=6",
         "optimizer.lr=0.01",
     ).run_id
-    few = [*folder, f"dataset.path={tmp / 'digits59'}", "dataset.val_fraction=0"]
+    few = [*folder, hydra_override("dataset.path", tmp / "digits59"), "dataset.val_fraction=0"]
     few += ["trainer.epochs=6", "trainer.batch_size=8"]
     scratch = train(tmp, uri, *few).run_id
     tuned = train(tmp, uri, *few, f"init_from={pretrained}", "trainer.freeze_layers=1").run_id
