@@ -178,7 +178,14 @@ def check(config: DictConfig) -> tuple[Settings, tuple[Objective, ...]]:
             "dataset.val_fraction=0: the objective val_accuracy needs validation data; set "
             "dataset.val_fraction=0.1 or optimise another objective (hydra.sweeper.objectives)"
         )
+    task = OmegaConf.select(config, "hydra.overrides.task", default=[])
+    parse_space(space_overrides(settings, task))  # a bound Optuna refuses
     return settings, objectives
+
+
+def space_overrides(settings: Settings, arguments: Sequence[str]) -> list[str]:
+    """The search space as overrides: ``hydra.sweeper.params``, then the command line's."""
+    return [*(f"{key}={value}" for key, value in settings.params.items()), *arguments]
 
 
 # ---------------------------------------------------------------- the search space
@@ -196,12 +203,6 @@ def parse_space(overrides: Sequence[str]) -> tuple[dict[str, Any], dict[str, str
     win.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import Transformer
-    from optuna.distributions import (
-        CategoricalDistribution,
-        FloatDistribution,
-        IntDistribution,
-    )
 
     space: dict[str, Any] = {}
     fixed: dict[str, str] = {}
@@ -212,28 +213,62 @@ def parse_space(overrides: Sequence[str]) -> tuple[dict[str, Any], dict[str, str
         if not override.is_sweep_override():
             fixed[key] = override.get_value_element_as_str()
             continue
-        value = override.value()
-        log_scale = "log" in getattr(value, "tags", set())
-        if override.is_interval_sweep():
-            if "int" in value.tags:  # Hydra parses interval bounds as floats
-                space[key] = IntDistribution(int(value.start), int(value.end), log=log_scale)
-            else:
-                space[key] = FloatDistribution(value.start, value.end, log=log_scale)
-        elif override.is_range_sweep() and not value.shuffle:
-            bounds = (value.start, value.stop, value.step)
-            if any(isinstance(v, float) for v in bounds):
-                # range(0, 1, 0.25) -> 0, 0.25, 0.5, 0.75 (the stop is excluded, as in Hydra)
-                high = value.start + value.step * (
-                    math.ceil((value.stop - value.start) / value.step) - 1
-                )
-                space[key] = FloatDistribution(value.start, high, step=value.step)
-            else:
-                high = value.start + value.step * ((value.stop - value.start - 1) // value.step)
-                space[key] = IntDistribution(value.start, high, step=value.step, log=log_scale)
-        else:
-            choices = list(override.sweep_iterator(transformer=Transformer.encode))
-            space[key] = CategoricalDistribution(choices)
+        try:
+            space[key] = _distribution(override)
+        except ValueError as err:  # Optuna refuses the bounds
+            raise ConfigError(_refused_distribution(override, err)) from err
     return space, fixed
+
+
+def _distribution(override: Any) -> Any:
+    from hydra.core.override_parser.types import Transformer
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    value = override.value()
+    log_scale = "log" in getattr(value, "tags", set())
+    if override.is_interval_sweep():
+        if "int" in value.tags:  # Hydra parses interval bounds as floats
+            return IntDistribution(int(value.start), int(value.end), log=log_scale)
+        return FloatDistribution(value.start, value.end, log=log_scale)
+    if override.is_range_sweep() and not value.shuffle:
+        bounds = (value.start, value.stop, value.step)
+        if value.step <= 0:
+            raise ValueError("a range's step must be above 0")
+        if any(isinstance(v, float) for v in bounds):
+            # range(0, 1, 0.25) -> 0, 0.25, 0.5, 0.75 (the stop is excluded, as in Hydra)
+            high = value.start + value.step * (
+                math.ceil((value.stop - value.start) / value.step) - 1
+            )
+            return FloatDistribution(value.start, high, step=value.step)
+        high = value.start + value.step * ((value.stop - value.start - 1) // value.step)
+        return IntDistribution(value.start, high, step=value.step, log=log_scale)
+    return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
+
+
+def _refused_distribution(override: Any, err: ValueError) -> str:
+    """One line for a search-space entry Optuna cannot sample: the entry as written, why,
+    and the fix."""
+    value = override.value()
+    where = override.input_line or override.get_key_element()
+    low = getattr(value, "start", None)
+    high = getattr(value, "end", getattr(value, "stop", None))
+    tags = getattr(value, "tags", set())
+    if "log" in tags and low is not None and low <= 0:
+        example = "1" if "int" in tags or override.is_range_sweep() else "1e-5"
+        why = f"a log scale needs a lower bound above 0 (it is {low:g}); start at e.g. {example}"
+    elif override.is_range_sweep() and value.step <= 0:
+        why = "a search samples a range upwards: give a step above 0, the smaller bound first"
+    elif override.is_range_sweep() and value.start >= value.stop:
+        why = f"range({low:g}, {high:g}) is empty (the stop is excluded); put the smaller first"
+    elif low is not None and high is not None and low > high:
+        why = f"the lower bound {low:g} is above the upper {high:g}; put the smaller first"
+    else:
+        why = f"{err} (Optuna refuses this search space)"
+    return f"{where}: {why}"
 
 
 def override_value(value: Any) -> str:
@@ -513,8 +548,7 @@ class Search:
         import optuna
 
         settings, objectives = check(self.config)
-        params = [f"{key}={value}" for key, value in settings.params.items()]
-        space, fixed = parse_space([*params, *arguments])
+        space, fixed = parse_space(space_overrides(settings, arguments))
         url = storage_url(settings, self.config)
         storage = open_storage(url, settings.stale_after_s)
         name = study_name(settings, self.config)
