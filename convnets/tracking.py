@@ -20,6 +20,7 @@ Store handling:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import importlib.metadata
@@ -189,6 +190,17 @@ def where_to_look(uri: str, experiment_id: str, run_id: str) -> str:
     return where
 
 
+def _denied(err: BaseException) -> OSError | None:
+    """The permission (or read-only filesystem) error in ``err``'s chain of causes, if any."""
+    while err is not None:
+        if isinstance(err, PermissionError) or (
+            isinstance(err, OSError) and err.errno == errno.EROFS
+        ):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (relative to the working directory), else None."""
     if not uri.startswith("sqlite:///"):
@@ -279,6 +291,15 @@ class Tracker:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _unusable(self, err: Exception) -> TrackingError:
+        denied = _denied(err)
+        if denied is not None and self.db_path is not None:
+            where = Path(denied.filename).parent if denied.filename else self.db_path.parent
+            return TrackingError(
+                f"tracking.uri={self.shown_uri}: cannot write in {where} ({denied.strerror}); "
+                f"SQLite and our lock write beside {self.db_path.name}, so its folder must be "
+                "writable by this user: fix its permissions or record elsewhere with "
+                "tracking.uri=sqlite:///<writable folder>/mlflow.db"
+            )
         lines = redact(str(err)).strip().splitlines()
         detail = _cut_at_word(lines[0], 160) if lines else ""
         return TrackingError(

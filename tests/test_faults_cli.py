@@ -1,10 +1,16 @@
 """Mistakes that used to reach TensorFlow (a traceback after seconds) or say too little, each
-refused through the real CLI in one ``error:`` line, exit 2, before a store file exists."""
+refused through the real CLI in one ``error:`` line (exit 2 for a config, 1 for a store), before
+a store file exists."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
-from conftest import command
+from conftest import CLI_ENV, REPO, command
 
 CASES = {
     "list index past the end": (
@@ -108,3 +114,30 @@ def test_a_local_config_without_its_package_line_says_how_to_fix_it(tmp_path):
         "local/); make '# @package _global_' its first line so they set top-level keys such as "
         "tracking.uri"
     ]
+
+
+def test_a_store_folder_without_write_permission_says_so(tmp_path):
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    folder.chmod(0o555)
+    # root ignores permissions: the command runs without the capability that lets it
+    as_user = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: permissions cannot apply")
+    result = subprocess.run(
+        [*(as_user if os.geteuid() == 0 else []), sys.executable, str(REPO / "train.py")]
+        + [f"tracking.uri=sqlite:///{folder}/mlflow.db", f"hydra.run.dir={tmp_path / 'out'}"],
+        cwd=tmp_path,
+        env=CLI_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: tracking.uri=sqlite:///{folder}/mlflow.db: cannot write in {folder} "
+        "(Permission denied); SQLite and our lock write beside mlflow.db, so its folder must "
+        "be writable by this user: fix its permissions or record elsewhere with "
+        "tracking.uri=sqlite:///<writable folder>/mlflow.db"
+    ]
+    assert list(folder.iterdir()) == []
