@@ -72,6 +72,10 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 RUN_NAME_LIMIT = sweep.RUN_NAME_LIMIT  # 60: MLflow's UI shows about that much of a name
 CODE_DIFF_ARTIFACT = "code/git_diff.patch"  # a dirty tree's changes against its commit
 INPUT_EXAMPLE_IMAGES = 4  # raw test images logged with the model as its input example
+# What the logged model's signature takes: the Keras model's own input dtype. With the stored
+# dtype (uint8) in the signature, MLflow's REST server casts posted floats to it, so a request
+# of normalised 0..1 floats was silently answered for an all-zero image.
+SERVED_DTYPE = "float32"
 # Overrides that say where or how a run is recorded, not what it is, and group choices the
 # name already shows (model, dataset): never part of a run's name outside a sweep.
 _NOT_IN_NAME = ("model", "dataset", *sweep.NOT_IN_NAME)
@@ -548,12 +552,13 @@ class _Job:
         model_uri, model_id = self.tracker.log_model(
             model,
             name=run_name,
-            input_example=images.numpy().astype(bundle.pixel_dtype),
+            input_example=images.numpy().astype(SERVED_DTYPE),
             metadata={
                 "input": (
-                    f"{cfg.dataset.name} images as stored: {bundle.pixel_dtype} pixels in "
-                    f"0..{bundle.max_pixel_value:g}, shape {list(bundle.input_shape)}; the model "
-                    "normalises them itself"
+                    f"{cfg.dataset.name} pixel values as stored ({bundle.pixel_dtype} "
+                    f"0..{bundle.max_pixel_value:g}), given as float32, shape "
+                    f"{list(bundle.input_shape)}; not normalised: the model normalises them "
+                    "itself, and reads any float as a pixel value"
                 ),
                 "max_pixel_value": bundle.max_pixel_value,
                 "mean": list(bundle.mean),

@@ -101,8 +101,9 @@ def accuracy(probabilities, labels) -> float:
     return float((np.asarray(probabilities).argmax(axis=1) == labels).mean())
 
 
-def serve_predict(store_uri: str, model_uri: str, images: np.ndarray, log: Path) -> np.ndarray:
-    """``mlflow models serve`` on 127.0.0.1 (a free port, bounded wait); POST the images."""
+def serve_predict(store_uri: str, model_uri: str, log: Path, *batches: np.ndarray) -> list:
+    """``mlflow models serve`` on 127.0.0.1 (a free port, bounded wait); POST each batch of
+    images as JSON; the predictions of each."""
     port = free_port()
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -116,13 +117,16 @@ def serve_predict(store_uri: str, model_uri: str, images: np.ndarray, log: Path)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(proc, f"{url}/ping", log, SERVE_TIMEOUT_S)
-        request = urllib.request.Request(
-            f"{url}/invocations",
-            data=json.dumps({"inputs": images.tolist()}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return np.array(json.loads(response.read())["predictions"])
+        predictions = []
+        for images in batches:
+            request = urllib.request.Request(
+                f"{url}/invocations",
+                data=json.dumps({"inputs": images.tolist()}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=60) as response:
+                predictions.append(np.array(json.loads(response.read())["predictions"]))
+        return predictions
     finally:
         stop_process_group(proc)
 
@@ -170,15 +174,24 @@ def folder_run(store):
 
 def assert_pyfunc_and_served_reproduce_test_accuracy(uri, run, images, labels, log: Path):
     """``mlflow.pyfunc`` and ``mlflow models serve`` on the raw images score the run's
-    test_accuracy."""
+    test_accuracy. The model takes float32 pixel values as stored; a request of other floats
+    (here normalised to 0..1, a common mistake) is read as those pixel values, not truncated
+    to integers (an all-zero image)."""
     model_uri = run.data.tags["model_uri"]
     mlflow.set_tracking_uri(uri)
     expected = run.data.metrics["test_accuracy"]
-    assert accuracy(mlflow.pyfunc.load_model(model_uri).predict(images), labels) == (
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    assert accuracy(pyfunc.predict(images.astype(np.float32)), labels) == (
         pytest.approx(expected, abs=1e-6)
     )
-    served = serve_predict(uri, model_uri, images, log)
+    scale = float(images.max())
+    normalised = images[:8] / scale
+    served, served_normalised = serve_predict(uri, model_uri, log, images, normalised)
     assert accuracy(served, labels) == pytest.approx(expected, abs=1e-6)
+    as_given = pyfunc.predict(normalised.astype(np.float32))
+    all_zero = pyfunc.predict(np.zeros_like(normalised, dtype=np.float32))
+    np.testing.assert_allclose(served_normalised, as_given, atol=1e-5)
+    assert not np.allclose(served_normalised, all_zero, atol=1e-5)
 
 
 def test_pyfunc_and_served_digits_model_take_raw_pixels(store, digits_run):
@@ -208,7 +221,8 @@ def test_logged_model_says_what_goes_in(store, digits_run):
     mlflow.set_tracking_uri(uri)
     info = mlflow.models.get_model_info(run.data.tags["model_uri"])
     (spec,) = info.signature.inputs.inputs
-    assert (spec.type, spec.shape) == (np.dtype("uint8"), (-1, 8, 8, 1))
+    assert (spec.type, spec.shape) == (np.dtype("float32"), (-1, 8, 8, 1))
+    assert "0..16" in info.metadata["input"] and "not normalised" in info.metadata["input"]
     assert info.metadata["max_pixel_value"] == 16.0 and info.metadata["class_names"][0] == "0"
     assert info.saved_input_example_info["type"] == "ndarray"
 
