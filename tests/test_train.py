@@ -151,8 +151,8 @@ def test_logged_model_loads_with_mlflow_tensorflow(recorded):
     assert probabilities.shape == (2, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     info = mlflow.models.get_model_info(model_uri)
-    assert info.signature.inputs.to_dict() == [  # digits as stored: uint8 pixels 0..16
-        {"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, 8, 8, 1)}}
+    assert info.signature.inputs.to_dict() == [  # digits' pixel values 0..16, as float32
+        {"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 8, 8, 1)}}
     ]
 
 
