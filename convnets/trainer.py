@@ -240,14 +240,18 @@ def fit(
                 verbose=trainer_cfg.verbose,
                 shuffle=False,  # the pipeline shuffles (seeded); Keras cannot shuffle a Dataset
             )
-        except tf.errors.ResourceExhaustedError as err:
+        except (tf.errors.ResourceExhaustedError, tf.errors.AbortedError) as err:
+            if not _out_of_memory(err):
+                raise
             done = (
                 f" after epoch {epoch_state.epoch} (its checkpoint is kept)"
                 if (epoch_state.epoch)
                 else ""
             )
+            lines = str(err.message).splitlines()
+            what = next((line for line in lines if _out_of_memory_line(line)), "")
             raise TrainingFailed(
-                f"out of memory{done}: {str(err.message).splitlines()[0][:200]}; lower "
+                f"out of memory{done}: {what.strip()[:200]}; lower "
                 f"trainer.batch_size (now {trainer_cfg.batch_size}), model.width or the filters"
             ) from None
         train_time = time.perf_counter() - started
@@ -333,6 +337,19 @@ def _steps_per_epoch(dataset, num_examples: int, batch_size: int) -> int:
 
 
 _FIRST_STEP_SEEN = False  # startup_s: only the process's first fit measures it
+
+
+# TensorFlow's allocator reports "OOM when allocating tensor ..." (ResourceExhaustedError); a
+# oneDNN kernel whose buffer cannot be allocated aborts the op with dnnl_out_of_memory, status 1
+# ("Status: 1, message: could not create a memory object", AbortedError).
+def _out_of_memory_line(line: str) -> bool:
+    return "OOM when allocating" in line or "Status: 1, message: could not create" in line
+
+
+def _out_of_memory(err: tf.errors.OpError) -> bool:
+    return isinstance(err, tf.errors.ResourceExhaustedError) or any(
+        _out_of_memory_line(line) for line in str(err.message).splitlines()
+    )
 
 
 def _process_age() -> float | None:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CLI_ENV, REPO, command
+from conftest import CLI_ENV, REPO, command, sqlite_store
 
 CASES = {
     "list index past the end": (
@@ -141,3 +141,35 @@ def test_a_store_folder_without_write_permission_says_so(tmp_path):
         "tracking.uri=sqlite:///<writable folder>/mlflow.db"
     ]
     assert list(folder.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_running_out_of_memory_in_training_is_one_line_and_a_failed_run(tmp_path):
+    """A stack the estimate lets through (a warning) in a process with less memory than the
+    machine, as under a container's or a scheduler's limit."""
+    import resource
+
+    from mlflow.tracking import MlflowClient
+
+    uri = sqlite_store(tmp_path)
+    limit = 6 * 2**30  # address space: TensorFlow's own ~3 GiB, not the ~12 GiB it needs
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), f"tracking.uri={uri}"]
+        + ["model.layers=[{filters:2048},{filters:2048}]", "trainer.batch_size=1024"]
+        + [f"hydra.run.dir={tmp_path / 'out'}", "trainer.verbose=0"],
+        cwd=tmp_path,
+        env=CLI_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: out of memory"), last
+    assert last.endswith("lower trainer.batch_size (now 1024), model.width or the filters")
+    [run] = MlflowClient(uri).search_runs(["1"])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_reason"] == last.removeprefix("error: ")
