@@ -30,6 +30,7 @@ import io
 import logging
 import math
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -42,6 +43,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from convnets.cli import report_user_errors
+from convnets.errors import ConfigError
 from convnets.sweep_files import SearchResults, SweepContext
 from convnets.sweep_files import experiment_name as experiment_name  # the job names it so
 
@@ -284,6 +286,18 @@ def _stop_sweep_on_error(method: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
+def check_launcher(config: DictConfig) -> None:
+    """Refuse a launcher that cannot start a job on this machine, before the parent run
+    exists: submitit's Slurm launcher outside a Slurm cluster fails only when it submits."""
+    target = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+    if target.endswith("SlurmLauncher") and shutil.which("srun") is None:
+        raise ConfigError(
+            "hydra/launcher=slurm: this machine is not on a Slurm cluster (no srun on PATH); "
+            "run the command on the cluster's login node, or run the sweep here with "
+            "hydra/launcher=submitit_local (or leave the launcher out)"
+        )
+
+
 class MlflowSweepCallback(Callback):
     """Parent MLflow run for a multirun: created before the fan-out, summarised at the end;
     the runs of jobs that could not end them, ended."""
@@ -296,6 +310,7 @@ class MlflowSweepCallback(Callback):
         from convnets.search import study_ref
         from convnets.tracking import Tracker
 
+        check_launcher(config)
         study = study_ref(config)  # checks an Optuna search before any run exists
         tracker = Tracker(config.tracking.uri, http_timeout_s=config.tracking.http_timeout_s)
         tracker.check_store()  # first contact: sqlite creates its schema here, once

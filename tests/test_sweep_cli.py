@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import heavy_modules_loaded
+from conftest import command, heavy_modules_loaded
 from omegaconf import OmegaConf
 
 from convnets import job, sweep
@@ -558,3 +558,25 @@ def test_an_unusable_store_stops_the_sweep_before_any_job(tmp_path):
     assert "error: tracking.uri=http://127.0.0.1:9" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "multirun" / "0").exists()  # no job ran
+
+
+def test_the_slurm_launcher_off_a_cluster_is_one_line_before_any_run(tmp_path):
+    no_srun = os.pathsep.join(
+        d for d in os.environ["PATH"].split(os.pathsep) if not (Path(d) / "srun").exists()
+    )
+    result = command(
+        "train.py",
+        "-m",
+        "hydra/launcher=slurm",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        cwd=tmp_path,
+        env={"PATH": no_srun},
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "error: hydra/launcher=slurm: this machine is not on a Slurm cluster (no srun on PATH); "
+        "run the command on the cluster's login node, or run the sweep here with "
+        "hydra/launcher=submitit_local (or leave the launcher out)"
+    ]
+    assert not (tmp_path / "mlflow.db").exists()
