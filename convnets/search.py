@@ -77,6 +77,7 @@ METRICS_ATTR = "metrics"  # trial user attribute, written by the job
 PRUNED_ATTR = "pruned"  # trial user attribute, written by the job
 RUN_ATTR = "mlflow_run_id"  # trial user attribute, written by the job
 HEARTBEAT_S = 10  # the sweeper records a heartbeat for every trial in flight this often
+STALE_AFTER_FLOOR_S = 2 * HEARTBEAT_S  # the least stale_after_s: two missed heartbeats
 MAX_RETRY = 3  # a trial whose process died is asked again at most this many times
 
 
@@ -154,6 +155,12 @@ def check(config: DictConfig) -> tuple[Settings, tuple[Objective, ...]]:
         raise ConfigError(f"hydra.sweeper.n_trials={settings.n_trials}: give 1 or more")
     if settings.n_jobs < 1:
         raise ConfigError(f"hydra.sweeper.n_jobs={settings.n_jobs}: give 1 or more")
+    if settings.stale_after_s < STALE_AFTER_FLOOR_S:
+        raise ConfigError(
+            f"hydra.sweeper.stale_after_s={settings.stale_after_s}: give {STALE_AFTER_FLOOR_S} "
+            f"or more (two missed heartbeats, one every {HEARTBEAT_S} s): a live trial must not "
+            "be taken for dead"
+        )
     if settings.sampler not in SAMPLERS:
         raise ConfigError(
             f"hydra.sweeper.sampler={settings.sampler}: unknown; use {', '.join(SAMPLERS)}"
@@ -366,7 +373,7 @@ def open_storage(url: str, stale_after_s: int = 60) -> optuna.storages.RDBStorag
             url,
             engine_kwargs=engine,
             heartbeat_interval=HEARTBEAT_S,
-            grace_period=max(stale_after_s, 2 * HEARTBEAT_S),
+            grace_period=max(stale_after_s, STALE_AFTER_FLOOR_S),  # check() refuses less
             **{stale: _retry_callback()(max_retry=MAX_RETRY)},
         )
 

@@ -169,6 +169,7 @@ def test_bad_objectives_are_one_line_naming_the_key(specs, message):
         ({"pruner": "asha"}, 0.1, "hydra.sweeper.pruner=asha: unknown; use none, median"),
         ({"sampler": "cmaes"}, 0.1, "hydra.sweeper.sampler=cmaes: unknown; use tpe, nsga2"),
         ({"n_trials": 0}, 0.1, "hydra.sweeper.n_trials=0: give 1 or more"),
+        ({"stale_after_s": 5}, 0.1, "hydra.sweeper.stale_after_s=5: give 20 or more"),
         ({"params": {"model.width": "tag(log, interval(0, 2))"}}, 0.1,
          r"model.width=tag\(log, interval\(0, 2\)\): a log scale needs a lower bound above 0"),
         ({}, 0.0, "dataset.val_fraction=0: the objective val_accuracy needs validation data"),
