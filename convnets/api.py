@@ -33,15 +33,23 @@ if TYPE_CHECKING:
     from convnets.comparison import CompareReport
     from convnets.evaluation import EvalReport
     from convnets.job import Run
+    from convnets.recording import Recorder
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
-def train(overrides: Sequence[str] = (), *, output_dir: str | Path | None = None) -> Run:
+def train(
+    overrides: Sequence[str] = (),
+    *,
+    output_dir: str | Path | None = None,
+    recorder: Recorder | None = None,
+) -> Run:
     """Train and record one run, as ``python train.py OVERRIDES`` does; return it.
 
     ``output_dir``: where the checkpoints and the final model go (default: the config's
-    ``hydra.run.dir``, ``outputs/<date>/<time>`` under the working folder).
+    ``hydra.run.dir``, ``outputs/<date>/<time>`` under the working folder). ``recorder``:
+    where the run is recorded (default: MLflow at ``tracking.uri``;
+    ``convnets.recording.MemoryRecorder()`` keeps the record in this process instead).
     """
     from convnets.checks import check_config
 
@@ -54,7 +62,7 @@ def train(overrides: Sequence[str] = (), *, output_dir: str | Path | None = None
     folder = Path(output_dir) if output_dir is not None else Path(hydra_cfg.run.dir)
     _save_config(folder, cfg, overrides)
     context = job.JobContext(overrides=tuple(overrides), output_dir=folder)
-    return job.train(cfg, context)
+    return job.train(cfg, context, recorder)
 
 
 def evaluate(overrides: Sequence[str] = (), **keys: Any) -> EvalReport:

@@ -23,6 +23,7 @@ from conftest import command, heavy_modules_loaded
 from omegaconf import OmegaConf
 
 from convnets import job, sweep
+from convnets.plan import Plan
 from convnets.sweep_files import SweepContext
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,8 +285,9 @@ def test_a_sweep_job_names_its_run_from_its_sweep_context():
     )
     cfg.tracking.run_name = None
     ctx = SweepContext("u", "1", "p", False, ("model.width",), 3, ("model.width=2.0",))
-    pending = job._Job(cfg, job.JobContext(overrides=ctx.overrides, multirun=True, sweep=ctx))
-    assert pending._run_name(cfg) == "j03 w=2"
+    context = job.JobContext(overrides=ctx.overrides, multirun=True, sweep=ctx)
+    planned = Plan(cfg, context, None, (), None, (8, 8, 1), 10, None, "1")
+    assert planned.run_name() == "j03 w=2"
 
 
 # ---------------------------------------------------------------- a job that could not end its run

@@ -1,0 +1,358 @@
+"""Where a training job is recorded: the :class:`Recorder` seam, with MLflow's and one in memory.
+
+A job (:mod:`convnets.job`) tells its recorder what happened (the run began, its definition,
+each epoch, its results, its model) and never talks to MLflow itself. :class:`MlflowRecorder`
+is the record every command writes; :class:`MemoryRecorder` keeps the same record in this
+process, for tests of what a job records without a store, and for a notebook that does not
+want one.
+
+The recorder is also the store a plan reads (``reproduce=``, ``resume=``, ``init_from=`` and
+the experiment), so a plan and its record always agree on where runs are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Protocol
+
+from omegaconf import DictConfig, OmegaConf
+
+from convnets.errors import TrackingError
+from convnets.tracking import (
+    CONFIG_ARTIFACT,
+    EPOCH_METRICS,
+    MODEL_URI_TAG,
+    failure_reason,
+    open_store,
+    redact,
+    ui_url,
+    where_to_look,
+)
+
+if TYPE_CHECKING:
+    from convnets.plan import Plan
+    from convnets.tracking import Run as MlflowRun
+    from convnets.tracking import Tracker
+
+
+@dataclass(frozen=True)
+class Definition:
+    """What a run is, recorded before it trains: params, text and JSON artifacts, tags, and the
+    data it reads (``splits``: ``{split: (digest, number of examples)}``)."""
+
+    params: dict[str, Any]
+    texts: dict[str, str]
+    dicts: dict[str, dict]
+    tags: dict[str, str]
+    data_name: str
+    data_source: str
+    splits: dict[str, tuple[str, int]]
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A run as its recorder has it now."""
+
+    run_name: str
+    metrics: dict[str, float]
+    params: dict[str, str]
+    tags: dict[str, str]
+
+    @property
+    def model_uri(self) -> str | None:
+        return self.tags.get(MODEL_URI_TAG)
+
+
+class Recorder(Protocol):
+    """What a job needs from where it is recorded. ``run`` starts (or, resuming, reopens) the
+    run and ends it FINISHED, FAILED with the reason, or KILLED on Ctrl-C; the other writes go
+    to that run."""
+
+    shown_uri: str
+
+    # the store a plan reads
+    def get_run(self, run_id: str, *, key: str = "run_id") -> MlflowRun: ...
+    def load_config(self, run_id: str, *, key: str = "run_id") -> DictConfig: ...
+    def experiment_id(self, name: str) -> str: ...
+
+    # one run
+    def run(
+        self, plan: Plan, tags: Mapping[str, str]
+    ) -> contextlib.AbstractContextManager[str]: ...
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+    def log_definition(self, definition: Definition) -> None: ...
+    def logged_epochs(self) -> set[int]: ...
+    def log_epoch(self, epoch: int, logs: Mapping[str, float]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float]) -> None: ...
+    def history(self) -> dict[str, list[float]]: ...
+    def log_figure(self, figure: Any, name: str) -> None: ...
+    def log_model(
+        self, model: Any, *, name: str, input_example: Any, metadata: Mapping[str, Any]
+    ) -> tuple[str, str]: ...
+    def recorded(self) -> Recorded: ...
+    def failed_job(
+        self, experiment_id: str, run_name: str, tags: Mapping[str, str],
+        parent_run_id: str | None, params: Mapping[str, Any], reason: str,
+    ) -> str: ...  # fmt: skip
+    def where_to_look(self, experiment_id: str, run_id: str) -> str: ...
+    def ui_url(self, experiment_id: str, run_id: str) -> str: ...
+
+
+# ---------------------------------------------------------------- MLflow
+
+
+class MlflowRecorder:
+    """The MLflow record at ``tracking.uri``. The store is opened on first use, so a plan that
+    refuses before it needs the store creates no store file."""
+
+    def __init__(self, uri: str, *, http_timeout_s: float = 10.0):
+        self.uri = uri
+        self.http_timeout_s = http_timeout_s
+        self.shown_uri = redact(uri)
+        self._tracker: Tracker | None = None
+        self.run_id: str | None = None
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = open_store(self.uri, http_timeout_s=self.http_timeout_s)
+        return self._tracker
+
+    def get_run(self, run_id: str, *, key: str = "run_id") -> MlflowRun:
+        return self.tracker.get_run(run_id, key=key)
+
+    def load_config(self, run_id: str, *, key: str = "run_id") -> DictConfig:
+        return self.tracker.load_config(run_id, key=key)
+
+    def experiment_id(self, name: str) -> str:
+        return self.tracker.experiment_id(name)
+
+    @contextlib.contextmanager
+    def run(self, plan: Plan, tags: Mapping[str, str]) -> Iterator[str]:
+        sweep = plan.context.sweep
+        with self.tracker.run(
+            experiment_id=plan.experiment_id,
+            run_name=plan.run_name(),
+            run_id=plan.source.run_id if plan.resuming else None,
+            parent_run_id=sweep.parent_run_id if sweep else None,
+            tags=tags,
+        ) as active:
+            self.run_id = active.info.run_id
+            if plan.resuming:
+                self.tracker.clear_failure_reason(self.run_id)
+            yield self.run_id
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.tracker.set_tags(tags)
+
+    def log_definition(self, definition: Definition) -> None:
+        self.tracker.log_params(definition.params)
+        for name, text in definition.texts.items():
+            self.tracker.log_text(text, name)
+        for name, content in definition.dicts.items():
+            self.tracker.log_dict(content, name)
+        self.tracker.set_tags(definition.tags)
+        self.tracker.log_data_inputs(
+            self.run_id,
+            name=definition.data_name,
+            source=definition.data_source,
+            splits=definition.splits,
+        )
+
+    def logged_epochs(self) -> set[int]:
+        return self.tracker.logged_steps(self.run_id)
+
+    def log_epoch(self, epoch: int, logs: Mapping[str, float]) -> None:
+        self.tracker.log_epoch(self.run_id, epoch, logs)
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        self.tracker.log_metrics(metrics)
+
+    def history(self) -> dict[str, list[float]]:
+        return self.tracker.history(self.run_id)
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        self.tracker.log_figure(figure, name)
+
+    def log_model(
+        self, model: Any, *, name: str, input_example: Any, metadata: Mapping[str, Any]
+    ) -> tuple[str, str]:
+        return self.tracker.log_model(
+            model, name=name, input_example=input_example, metadata=metadata
+        )
+
+    def recorded(self) -> Recorded:
+        run = self.tracker.get_run(self.run_id)
+        return Recorded(
+            run.info.run_name, dict(run.data.metrics), dict(run.data.params), dict(run.data.tags)
+        )
+
+    def failed_job(
+        self,
+        experiment_id: str,
+        run_name: str,
+        tags: Mapping[str, str],
+        parent_run_id: str | None,
+        params: Mapping[str, Any],
+        reason: str,
+    ) -> str:
+        run_id = self.tracker.create_run(
+            experiment_id, run_name=run_name, tags=dict(tags), parent_run_id=parent_run_id
+        )
+        self.tracker.log_params_to(run_id, params)
+        self.tracker.end_run(run_id, "FAILED", reason)
+        return run_id
+
+    def where_to_look(self, experiment_id: str, run_id: str) -> str:
+        return where_to_look(self.shown_uri, experiment_id, run_id)
+
+    def ui_url(self, experiment_id: str, run_id: str) -> str:
+        return ui_url(self.shown_uri, experiment_id, run_id)
+
+
+# ---------------------------------------------------------------- in memory
+
+
+@dataclass
+class MemoryRun:
+    """One run as :class:`MemoryRecorder` keeps it."""
+
+    run_id: str
+    experiment_id: str
+    run_name: str
+    status: str = "RUNNING"
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    epochs: dict[int, dict[str, float]] = field(default_factory=dict)  # epoch -> its metrics
+    artifacts: dict[str, Any] = field(default_factory=dict)  # name -> text, dict, figure, model
+
+    def as_mlflow_run(self) -> Any:
+        """The attributes of an MLflow ``Run`` a plan reads (``info``, ``data``)."""
+        return SimpleNamespace(
+            info=SimpleNamespace(
+                run_id=self.run_id,
+                run_name=self.run_name,
+                experiment_id=self.experiment_id,
+                status=self.status,
+            ),
+            data=SimpleNamespace(tags=self.tags, params=self.params, metrics=self.metrics),
+        )
+
+
+class MemoryRecorder:
+    """The record of every run this recorder saw, kept in this process (``runs``)."""
+
+    shown_uri = "memory:"
+
+    def __init__(self) -> None:
+        self.runs: dict[str, MemoryRun] = {}
+        self.experiments: dict[str, str] = {}
+        self.current: MemoryRun | None = None
+        self._ids = itertools.count(1)
+
+    def get_run(self, run_id: str, *, key: str = "run_id") -> MlflowRun:
+        if run_id not in self.runs:
+            raise TrackingError(f"{key}={run_id}: no such run in this process's memory record")
+        return self.runs[run_id].as_mlflow_run()
+
+    def load_config(self, run_id: str, *, key: str = "run_id") -> DictConfig:
+        self.get_run(run_id, key=key)
+        return OmegaConf.create(self.runs[run_id].artifacts[CONFIG_ARTIFACT])
+
+    def experiment_id(self, name: str) -> str:
+        return self.experiments.setdefault(name, str(len(self.experiments) + 1))
+
+    @contextlib.contextmanager
+    def run(self, plan: Plan, tags: Mapping[str, str]) -> Iterator[str]:
+        if plan.resuming:
+            run = self.runs[plan.source.run_id]
+            run.status = "RUNNING"
+            run.tags.pop("failure_reason", None)
+        else:
+            run_id = f"{next(self._ids):032x}"
+            run = self.runs[run_id] = MemoryRun(run_id, plan.experiment_id, plan.run_name())
+        run.tags.update({key: str(value) for key, value in tags.items()})
+        sweep = plan.context.sweep
+        if sweep is not None:
+            run.tags["mlflow.parentRunId"] = sweep.parent_run_id
+        self.current = run
+        try:
+            yield run.run_id
+        except KeyboardInterrupt as err:
+            run.status, run.tags["failure_reason"] = "KILLED", f"interrupted ({err})"
+            raise
+        except BaseException as err:
+            run.status, run.tags["failure_reason"] = "FAILED", failure_reason(err)
+            raise
+        else:
+            run.status = "FINISHED"
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.current.tags.update({key: str(value) for key, value in tags.items()})
+
+    def log_definition(self, definition: Definition) -> None:
+        self.current.params.update({key: str(v) for key, v in definition.params.items()})
+        self.current.artifacts.update(definition.texts)
+        self.current.artifacts.update(definition.dicts)
+        self.set_tags(definition.tags)
+
+    def logged_epochs(self) -> set[int]:
+        return set(self.current.epochs)
+
+    def log_epoch(self, epoch: int, logs: Mapping[str, float]) -> None:
+        self.current.epochs[epoch] = {k: float(logs[k]) for k in EPOCH_METRICS if k in logs}
+        self.current.metrics.update(self.current.epochs[epoch])  # the latest, as MLflow shows
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        self.current.metrics.update({key: float(value) for key, value in metrics.items()})
+
+    def history(self) -> dict[str, list[float]]:
+        epochs = [self.current.epochs[e] for e in sorted(self.current.epochs)]
+        keys = [key for key in EPOCH_METRICS if any(key in logs for logs in epochs)]
+        return {key: [logs[key] for logs in epochs if key in logs] for key in keys}
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        self.current.artifacts[name] = figure
+
+    def log_model(
+        self, model: Any, *, name: str, input_example: Any, metadata: Mapping[str, Any]
+    ) -> tuple[str, str]:
+        self.current.artifacts[name] = model
+        return f"memory:/{self.current.run_id}/{name}", f"m-{self.current.run_id}"
+
+    def recorded(self) -> Recorded:
+        run = self.current
+        return Recorded(run.run_name, dict(run.metrics), dict(run.params), dict(run.tags))
+
+    def failed_job(
+        self,
+        experiment_id: str,
+        run_name: str,
+        tags: Mapping[str, str],
+        parent_run_id: str | None,
+        params: Mapping[str, Any],
+        reason: str,
+    ) -> str:
+        run_id = f"{next(self._ids):032x}"
+        self.runs[run_id] = MemoryRun(
+            run_id,
+            experiment_id,
+            run_name,
+            status="FAILED",
+            params={key: str(v) for key, v in params.items()},
+            tags={**tags, "failure_reason": reason},
+        )
+        if parent_run_id is not None:
+            self.runs[run_id].tags["mlflow.parentRunId"] = parent_run_id
+        return run_id
+
+    def where_to_look(self, experiment_id: str, run_id: str) -> str:
+        return f"in memory: recorder.runs[{run_id!r}]"
+
+    def ui_url(self, experiment_id: str, run_id: str) -> str:
+        return f"memory:/{run_id}"

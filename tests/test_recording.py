@@ -1,0 +1,77 @@
+"""A job told to a recorder in memory: the same record the MLflow store gets (what the run is,
+each epoch once, its results, how it ended), without a store."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+import convnets  # noqa: E402
+from convnets.recording import MemoryRecorder  # noqa: E402
+
+TINY = [
+    "model.layers=[{filters:8},{filters:8,pool:max}]",
+    "trainer.verbose=0",
+    "tracking.log_model=false",
+]
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("memory")
+    cwd = os.getcwd()
+    os.chdir(folder)  # a store, if one were opened, would appear here
+    try:
+        recorder = MemoryRecorder()
+        run = convnets.train(
+            [*TINY, "trainer.epochs=2", "optimizer.lr=0.01", "trainer.deterministic=true"],
+            output_dir=folder / "out",
+            recorder=recorder,
+        )
+    finally:
+        os.chdir(cwd)
+    return folder, recorder, run
+
+
+def test_a_run_in_memory_is_the_record_it_returns(recorded):
+    folder, recorder, run = recorded
+    record = recorder.runs[run.run_id]
+    assert record.status == "FINISHED" and run.tracking_uri == "memory:"
+    assert run.metrics == record.metrics and run.params == record.params
+    assert sorted(record.epochs) == [1, 2]  # each epoch once, numbered from 1
+    assert record.metrics["val_loss"] == record.epochs[2]["val_loss"]
+    assert record.params["trainer.epochs"] == "2" and record.params["depth"] == "2"
+    assert record.tags["checkpoint_dir"] == str(folder / "out" / "checkpoints" / run.run_id)
+    assert {"config.yaml", "layers.txt", "layers.json", "training_curves.png"} <= set(
+        record.artifacts
+    )
+    assert run.test_accuracy > 0.2 and run.model_path.is_file()  # chance: 0.1
+    assert not list(folder.glob("mlflow.db*")) and not (folder / "mlruns").exists()
+
+
+def test_reproduce_reads_the_run_from_the_same_recorder(recorded):
+    folder, recorder, run = recorded
+    again = convnets.train(
+        [f"reproduce={run.run_id}"], output_dir=folder / "again", recorder=recorder
+    )
+    assert again.run_id != run.run_id
+    assert again.tags["reproduces"] == run.run_id
+    assert again.tags["reproduce_verdict"] == "identical"  # deterministic, same machine
+    assert again.metrics["reproduce_delta_test_accuracy"] == 0.0
+
+
+def test_a_run_that_fails_ends_failed_with_its_reason(tmp_path):
+    recorder = MemoryRecorder()
+    with pytest.raises(convnets.TrainingFailed) as failed:
+        convnets.train(
+            [*TINY, "optimizer=sgd", "optimizer.lr=1e6", "trainer.epochs=3"],
+            output_dir=tmp_path,
+            recorder=recorder,
+        )
+    [record] = recorder.runs.values()
+    assert record.status == "FAILED"
+    assert record.tags["failure_reason"] == str(failed.value)
+    assert str(failed.value).startswith("training loss became nan at epoch")
