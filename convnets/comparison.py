@@ -245,6 +245,23 @@ def compare(
     csv = out_dir / "runs.csv"
     table.to_csv(csv, index=False)
     figures = summary_figures(table, out_dir)
+    groups, groups_csv, figures["groups_accuracy_vs_params"] = seed_groups(table, out_dir, baseline)
+    for line in group_lines(groups):
+        print(line, flush=True)
+    if parent_id is not None:
+        for path in (csv, groups_csv, *figures.values()):
+            tracker.log_artifact_to(parent_id, path, COMPARE_DIR)
+    log.info("compare: %d runs in %d groups; report in %s", len(table), len(groups), out_dir)
+    return CompareReport(table, csv, figures, parent_id, groups, groups_csv)
+
+
+def seed_groups(
+    table: pd.DataFrame, out_dir: Path, baseline: str | None = None
+) -> tuple[pd.DataFrame, Path, Path]:
+    """Runs that differ only in ``trainer.seed`` as one row each (n, mean, std, 95% CI; the
+    Pareto front of the means; with ``baseline``, each group's verdict against it and the
+    test used): ``(groups, groups.csv, the figure of the means with error bars)``.
+    ``table``: :func:`runs_table` output."""
     groups = statistics.groups_table(table)
     groups["pareto_params"] = False
     groups.loc[
@@ -258,14 +275,7 @@ def compare(
         groups = statistics.verdicts(groups, table, base)
     groups_csv = out_dir / "groups.csv"
     groups.to_csv(groups_csv, index=False)
-    figures["groups_accuracy_vs_params"] = _group_figure(groups, out_dir)
-    for line in _group_lines(groups):
-        print(line, flush=True)
-    if parent_id is not None:
-        for path in (csv, groups_csv, *figures.values()):
-            tracker.log_artifact_to(parent_id, path, COMPARE_DIR)
-    log.info("compare: %d runs in %d groups; report in %s", len(table), len(groups), out_dir)
-    return CompareReport(table, csv, figures, parent_id, groups, groups_csv)
+    return groups, groups_csv, _group_figure(groups, out_dir)
 
 
 def _group_figure(groups: pd.DataFrame, out_dir: Path) -> Path:
@@ -284,7 +294,7 @@ def _group_figure(groups: pd.DataFrame, out_dir: Path) -> Path:
     return plots.save(fig, out_dir / "groups_accuracy_vs_params.png")
 
 
-def _group_lines(groups: pd.DataFrame) -> list[str]:
+def group_lines(groups: pd.DataFrame) -> list[str]:
     """One line a group: ``g1 width=1.0: n=3 test_accuracy 0.95 +- 0.01 (95% CI ...)``."""
     lines = []
     for i, row in groups.iterrows():

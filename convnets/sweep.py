@@ -531,14 +531,31 @@ def _log_optuna_results(context: SweepContext, results: SearchResults, sweep_dir
         tracker.set_tags_on(run_id, {"pareto_optimal": "false"})
 
 
+def _seed_groups(runs: pd.DataFrame, out_dir: Path) -> None:
+    """``groups.csv`` and the group means with error bars, beside ``jobs.csv``: the jobs that
+    differ only in ``trainer.seed`` as one configuration (n, mean, std, 95% CI). Printed when a
+    configuration ran with more than one seed."""
+    from convnets.comparison import group_lines, runs_table, seed_groups
+
+    tested = runs[(runs["status"] == "FINISHED") & runs["metrics.test_accuracy"].notna()]
+    if len(tested) == 0:
+        return
+    groups, _, _ = seed_groups(runs_table(tested.reset_index(drop=True)), out_dir)
+    if (groups["n"] > 1).any():
+        for line in group_lines(groups):
+            print(line, flush=True)
+
+
 def summarize(
     context: SweepContext, out_dir: Path, http_timeout_s: float = 10.0, end: bool = True
 ) -> pd.DataFrame:
     """Summary of the sweep's jobs on the parent run; ends the parent (unless ``end`` is
     false: other processes still run trials of the same study); returns the table.
 
-    Logs ``summary/jobs.csv`` (one row per job), ``summary/*.png`` (test accuracy against
-    parameter count coloured by receptive field, and against receptive field), the best
+    Logs ``summary/jobs.csv`` (one row per job), ``summary/groups.csv`` (jobs that differ only
+    in the seed as one configuration: n, mean, std, 95% CI), ``summary/*.png`` (test accuracy
+    against parameter count coloured by receptive field, and against receptive field; the
+    configurations' means with error bars), the best
     job (highest ``val_accuracy``, the objective) as tag ``best_run_id`` and metrics
     ``best_val_accuracy`` / ``best_test_accuracy``, and the job counts. The parent ends FINISHED, or FAILED when no
     job finished.
@@ -563,6 +580,7 @@ def summarize(
     if "metrics.test_accuracy" in runs.columns:  # some job finished
         # From the runs themselves, so points are labelled by the params that differ.
         summary_figures(runs, out_dir)  # accuracy vs params coloured by RF, vs RF; Pareto fronts
+        _seed_groups(runs, out_dir)
     tracker.log_artifacts_to(context.parent_run_id, out_dir, SUMMARY_DIR)
 
     finished = table[

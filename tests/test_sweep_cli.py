@@ -425,6 +425,24 @@ def test_grid_sweep_nests_jobs_under_a_summarised_parent_and_survives_a_bad_poin
 
 
 @pytest.mark.slow
+def test_a_sweep_over_seeds_reads_as_configurations_with_intervals(tmp_path):
+    s = run_sweep(tmp_path, *TINY, "model.width=0.5,1", "trainer.seed=0,1")
+    assert len(s.finished()) == 4
+    summary = s.artifacts(s.parent.info.run_id, "summary")
+    assert {"summary/groups.csv", "summary/groups_accuracy_vs_params.png"} <= summary
+    with open(s.dir / "summary" / "groups.csv") as f:
+        groups = {row["model.width"]: row for row in csv.DictReader(f)}
+    assert set(groups) == {"0.5", "1.0"}
+    for width, row in groups.items():
+        runs = [r for r in s.children if r.data.params["model.width"] == width]
+        accuracies = [r.data.metrics["test_accuracy"] for r in runs]
+        assert int(row["n"]) == 2 and sorted(row["seeds"].split()) == ["0", "1"]
+        assert float(row["test_accuracy_mean"]) == pytest.approx(sum(accuracies) / 2)
+        assert float(row["test_accuracy_ci_low"]) <= float(row["test_accuracy_mean"])
+    assert re.search(r"^g1 .*: n=2 test_accuracy \S+ \+- \S+ \(95% CI ", s.proc.stdout, re.M)
+
+
+@pytest.mark.slow
 def test_optuna_trials_are_nested_runs_and_a_failed_trial_does_not_stop_the_study(tmp_path):
     # Layer 0 strides by 2, so every trial the seeded sampler gives dilation 2 is invalid.
     s = run_sweep(
