@@ -47,6 +47,7 @@ def _check_valid_stack(cfg) -> tuple[int, int]:
 
 def test_the_issue_experiments_are_shipped():
     assert {"rf_vs_accuracy", "width_vs_depth", "stride_vs_pooling"} <= set(EXPERIMENTS)
+    assert "depth_over_seeds" in EXPERIMENTS  # two stacks over 5 seeds
     assert {"digits_optuna", "mnist_optuna", "cifar10_optuna"} <= set(SEARCHES)
 
 
@@ -65,7 +66,11 @@ def test_every_grid_point_composes_to_a_valid_stack(hydra_compose, name):
         assert cfg.dataset.name == base.dataset.name
         params_rf = _check_valid_stack(cfg)
         designs.add((str(cfg.model), params_rf))
-    assert len(designs) == len(grid)  # every grid point is a different model
+    # Every configuration is a different model; the seeds of a seed study repeat one.
+    configurations = {
+        tuple(o for o in point if not o.startswith("trainer.seed=")) for point in grid
+    }
+    assert len(designs) == len(configurations)
 
 
 def test_rf_vs_accuracy_spans_depth_dilation_and_kernel(hydra_compose):
@@ -187,3 +192,14 @@ def test_option_files_state_only_what_differs_from_the_schema(group):
         stated.pop("name", None), stated.pop("strategy", None)  # the option's own name
         restated = [k for k, v in stated.items() if k in defaults and v == defaults[k]]
         assert not restated, f"{path.name} restates the schema's defaults: {restated}"
+
+
+def test_the_seed_study_runs_two_stacks_over_the_same_five_seeds(hydra_compose):
+    base = hydra_compose(["experiment=depth_over_seeds"], return_hydra_config=True)
+    params = [f"{key}={value}" for key, value in base.hydra.sweeper.params.items()]
+    (grid,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)
+    seeds: dict[str, set[int]] = {}
+    for point in grid:
+        cfg = hydra_compose(["experiment=depth_over_seeds", *point])
+        seeds.setdefault(str(cfg.model.layers), set()).add(cfg.trainer.seed)
+    assert list(seeds.values()) == [{0, 1, 2, 3, 4}] * 2
