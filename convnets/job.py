@@ -109,6 +109,12 @@ def train(
     context = context or JobContext()
     if recorder is None:
         recorder = MlflowRecorder(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
+    if context.multirun and cfg.get("reproduce"):
+        parent = _study_parent(str(cfg.reproduce), recorder)
+        if parent is not None:  # -m reproduce=<parent>: every job of the study again
+            from convnets import study
+
+            return study.reproduce(cfg, context, recorder, parent)
     job = _Job(cfg, context, recorder)
     try:
         return job.run()
@@ -179,7 +185,7 @@ class _Job:
 
         if cfg.get("init_from"):  # every worker copies the same weights into its model
             self.init = transfer.plan(
-                _tracker_of(self.recorder),
+                tracker_of(self.recorder),
                 str(cfg.init_from),
                 build(),
                 cfg.trainer.freeze_layers,
@@ -516,13 +522,30 @@ def definition(plan: Plan, bundle: data.DataBundle) -> Definition:
     )
 
 
-def _tracker_of(recorder: Recorder):
-    """The MLflow store ``init_from`` downloads a logged model from."""
+def _study_parent(run_id: str, recorder: Recorder):
+    """The run ``reproduce=`` names when it is a sweep's or a search's parent, else None (an
+    unknown id is the plan's to refuse)."""
+    from convnets import study
+    from convnets.errors import TrackingError
+
+    try:
+        run = recorder.get_run(run_id, key="reproduce")
+    except TrackingError:
+        return None
+    return run if study.is_parent(run) else None
+
+
+def tracker_of(recorder: Recorder):
+    """The MLflow store behind ``recorder``: ``init_from`` downloads a logged model from it, a
+    study's reproduction searches its jobs."""
     tracker = getattr(recorder, "tracker", None)
     if tracker is None:
         from convnets.errors import ConfigError
 
-        raise ConfigError("init_from= loads a model logged in MLflow: record with MLflow")
+        raise ConfigError(
+            "init_from= and a study's reproduce= read models and runs from MLflow: record "
+            "with MLflow (the default recorder)"
+        )
     return tracker
 
 

@@ -194,6 +194,11 @@ def _resolve_source(
             f"be given: {shown}"
         )
     run = recorder.get_run(run_id, key=key)
+    if run.data.tags.get("sweep_role") == "parent":
+        raise ConfigError(
+            f"{key}={run_id} is the parent run of a sweep or search, not a training run; "
+            f"reproduce every job of its study with {command('train')} -m reproduce={run_id}"
+        )
     if key == "resume" and run_is_finished(run):
         raise TrackingError(
             f"resume={run_id}: the run already FINISHED; nothing to resume "

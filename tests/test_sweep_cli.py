@@ -425,8 +425,10 @@ def test_grid_sweep_nests_jobs_under_a_summarised_parent_and_survives_a_bad_poin
 
 
 @pytest.mark.slow
-def test_a_sweep_over_seeds_reads_as_configurations_with_intervals(tmp_path):
-    s = run_sweep(tmp_path, *TINY, "model.width=0.5,1", "trainer.seed=0,1")
+def test_a_sweep_over_seeds_reads_as_configurations_and_reproduces_as_a_study(tmp_path):
+    s = run_sweep(
+        tmp_path, *TINY, "model.width=0.5,1", "trainer.seed=0,1", "trainer.deterministic=true"
+    )
     assert len(s.finished()) == 4
     summary = s.artifacts(s.parent.info.run_id, "summary")
     assert {"summary/groups.csv", "summary/groups_accuracy_vs_params.png"} <= summary
@@ -440,6 +442,41 @@ def test_a_sweep_over_seeds_reads_as_configurations_with_intervals(tmp_path):
         assert float(row["test_accuracy_mean"]) == pytest.approx(sum(accuracies) / 2)
         assert float(row["test_accuracy_ci_low"]) <= float(row["test_accuracy_mean"])
     assert re.search(r"^g1 .*: n=2 test_accuracy \S+ \+- \S+ \(95% CI ", s.proc.stdout, re.M)
+
+    # The whole study again, under a new parent: every job identical, the study unchanged.
+    parent_id = s.parent.info.run_id
+    again = subprocess.run(
+        sweep_command(tmp_path, f"reproduce={parent_id}"),  # the summary above was read
+        cwd=REPO,
+        env=sweep_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count(": identical (delta test_accuracy=+0") == 4
+    assert f"study {parent_id}: same best (j" in again.stdout
+    assert "rank correlation 1.00 (Spearman, test_accuracy of 4 jobs); same Pareto front" in (
+        again.stdout
+    )
+    new_parent = next(
+        r
+        for r in s.client.search_runs([s.parent.info.experiment_id])
+        if r.data.tags.get("reproduces") == parent_id
+    )
+    assert new_parent.data.tags["sweep_role"] == "parent"
+    assert new_parent.data.tags["reproduce_same_best"] == "true"
+    assert new_parent.data.metrics["reproduce_rank_correlation"] == 1.0
+    copies = s.client.search_runs(
+        [s.parent.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{new_parent.info.run_id}'",
+    )
+    originals = {r.info.run_id: r for r in s.children}
+    assert sorted(r.data.tags["reproduces"] for r in copies) == sorted(originals)
+    for copy in copies:
+        original = originals[copy.data.tags["reproduces"]]
+        assert copy.info.run_name == f"{original.info.run_name}-reproduce"
+        assert copy.data.tags["sweep_job"] == original.data.tags["sweep_job"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,139 @@
+"""``python train.py -m reproduce=<sweep or search parent run id>``: a whole study, again.
+
+Every job of the study that finished (a search's pruned trials are left out: they have no
+final result) is trained again from its recorded config, each as ``reproduce=<its run id>``
+does for one run (same name with ``-reproduce``, its verdict), under this multirun's new
+parent, which is tagged ``reproduces=<the original parent>``. Then, for the study, one
+printed line and the new parent's record: whether the best job is the same one (by the
+objective the sweep picks its best by), the Spearman rank correlation of the jobs' test
+accuracies, and which jobs entered or left the accuracy-vs-parameters Pareto front.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+from omegaconf import DictConfig
+
+from convnets.errors import TrackingError
+
+PARENT_ROLE = "parent"  # the sweep_role tag of a sweep's or a search's parent run
+
+
+def is_parent(run) -> bool:
+    return run.data.tags.get("sweep_role") == PARENT_ROLE
+
+
+def reproduce(cfg: DictConfig, context, recorder, parent):
+    """Reproduce every finished job of ``parent``'s study under ``context``'s sweep; returns
+    the reproduction of the original best job (None when it failed)."""
+    from convnets import job
+    from convnets.recording import MlflowRecorder
+
+    tracker = job.tracker_of(recorder)
+    parent_id = parent.info.run_id
+    originals = _finished_jobs(tracker, parent)
+    if context.sweep is not None:
+        tracker.set_tags_on(context.sweep.parent_run_id, {"reproduces": parent_id})
+    reproduced = {}
+    for number, original in originals:
+        child_cfg = cfg.copy()
+        child_cfg.reproduce = original.info.run_id
+        sweep = context.sweep and dataclasses.replace(context.sweep, job_num=number)
+        child_context = dataclasses.replace(context, sweep=sweep)
+        child_recorder = MlflowRecorder(recorder.uri, http_timeout_s=recorder.http_timeout_s)
+        reproduced[number] = job.train(child_cfg, child_context, child_recorder)
+    line, record = summary(
+        [(n, run.data.metrics) for n, run in originals],
+        {n: run.metrics for n, run in reproduced.items() if run is not None},
+    )
+    print(f"study {parent_id}: {line}", flush=True)
+    if context.sweep is not None:
+        tracker.set_tags_on(context.sweep.parent_run_id, record["tags"])
+        if record["metrics"]:
+            tracker.log_metrics_to(context.sweep.parent_run_id, record["metrics"])
+    best = record["best_original"]
+    return reproduced.get(best)
+
+
+def _finished_jobs(tracker, parent) -> list[tuple[int, object]]:
+    """The study's finished, unpruned jobs as ``(job number, run)``, in job order."""
+    parent_id = parent.info.run_id
+    found = tracker.client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'FINISHED'",
+        max_results=10_000,
+    )
+    jobs = [
+        (int(run.data.tags.get("sweep_job", 0)), run)
+        for run in found
+        if run.data.tags.get("pruned") != "true" and "test_accuracy" in run.data.metrics
+    ]
+    if not jobs:
+        raise TrackingError(
+            f"reproduce={parent_id}: the study has no finished job with a test accuracy to "
+            "reproduce"
+        )
+    return sorted(jobs, key=lambda pair: pair[0])
+
+
+def objective(metrics: dict[str, float]) -> float:
+    """What a sweep picks its best job by: the restored best epoch's validation accuracy,
+    else the last epoch's."""
+    return metrics.get("best_val_accuracy", metrics.get("val_accuracy", math.nan))
+
+
+def summary(
+    originals: Sequence[tuple[int, dict[str, float]]], reproduced: dict[int, dict[str, float]]
+) -> tuple[str, dict]:
+    """The study line and the new parent's record, from each job's metrics (originals in job
+    order; reproduced by job number, a failed one missing)."""
+    from scipy import stats
+
+    from convnets.comparison import pareto_front
+
+    numbers = [n for n, _ in originals]
+    before = dict(originals)
+    best_before = max(numbers, key=lambda n: _finite(objective(before[n])))
+    done = [n for n in numbers if n in reproduced]
+    parts, tags, metrics = [], {}, {}
+    if best_before in reproduced:
+        best_after = max(done, key=lambda n: _finite(objective(reproduced[n])))
+        same = best_after == best_before
+        parts.append(
+            f"same best (j{best_before:02d})"
+            if same
+            else f"best changed (j{best_before:02d} -> j{best_after:02d})"
+        )
+        tags["reproduce_same_best"] = str(same).lower()
+    else:
+        parts.append(f"the best job j{best_before:02d} failed to reproduce")
+        tags["reproduce_same_best"] = "unknown"
+    accuracy_before = [before[n]["test_accuracy"] for n in done]
+    accuracy_after = [reproduced[n]["test_accuracy"] for n in done]
+    if accuracy_before == accuracy_after:
+        rho = 1.0  # also when every job scored the same (Spearman is undefined there)
+    elif len(done) >= 2:
+        rho = float(stats.spearmanr(accuracy_before, accuracy_after).statistic)
+    else:
+        rho = math.nan
+    parts.append(f"rank correlation {rho:.2f} (Spearman, test_accuracy of {len(done)} jobs)")
+    if math.isfinite(rho):
+        metrics["reproduce_rank_correlation"] = rho
+    params = [before[n].get("param_count", math.nan) for n in done]
+    front_before = {done[i] for i in pareto_front(params, accuracy_before)}
+    front_after = {done[i] for i in pareto_front(params, accuracy_after)}
+    changed = [f"+j{n:02d}" for n in sorted(front_after - front_before)]
+    changed += [f"-j{n:02d}" for n in sorted(front_before - front_after)]
+    parts.append(f"Pareto front changed: {' '.join(changed)}" if changed else "same Pareto front")
+    tags["reproduce_pareto_changed"] = " ".join(changed) or "none"
+    failed = [n for n in numbers if n not in reproduced]
+    if failed:
+        parts.append(f"{len(failed)} job(s) failed: {' '.join(f'j{n:02d}' for n in failed)}")
+    return "; ".join(parts), {"tags": tags, "metrics": metrics, "best_original": best_before}
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else -math.inf
