@@ -53,7 +53,14 @@ def check_compare(texts: list[str]) -> None:
     text = "".join(texts)
     assert "On the accuracy-vs-parameters front:" in text
     assert re.search(r"best run: [0-9a-f]{32} ", text)
-    assert "verdict" in texts[-1]  # the reproduce table, the notebook's last output
+    assert "reproduce_delta" not in text or "verdict" in text  # the best run's reproduce table
+    # five seeds of two stacks: two groups of n=5, each with a verdict against the baseline
+    assert re.search(r"n=5 test_accuracy .*; baseline", text)
+    assert re.search(
+        r"n=5 test_accuracy .*; (better|worse|indistinguishable) \(Welch's t-test, p=", text
+    )
+    assert re.search(r"study \(the 4 runs of section 1\): (same best|best changed)", texts[-1])
+    assert "rank correlation" in texts[-1]
 
 
 def check_feature_maps(texts: list[str]) -> None:
