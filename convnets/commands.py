@@ -33,7 +33,7 @@ def _train(cfg: DictConfig) -> float:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if not multirun:  # a sweep records a bad point as FAILED instead
         check_config(cfg)  # pure: refused before TensorFlow loads or a run is recorded
-    from convnets import job, sweep, trials  # MLflow: after the pure check
+    from convnets import job, study, sweep, trials  # MLflow: after the pure check
 
     context = job.JobContext(
         overrides=tuple(hydra_cfg.overrides.task),
@@ -43,7 +43,8 @@ def _train(cfg: DictConfig) -> float:
         trial=trials.current(hydra_cfg) if multirun else None,
     )
     try:
-        run = job.train(cfg, context)
+        parent = study.study_parent(cfg) if multirun else None  # -m reproduce=<sweep parent>
+        run = study.reproduce(cfg, context, parent) if parent else job.train(cfg, context)
     except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP: the run is recorded KILLED
         if multirun:
             sweep.mark_stopped(str(err) or "KeyboardInterrupt")  # the parent too

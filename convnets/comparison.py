@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,35 +19,12 @@ import pandas as pd
 
 from convnets import plots, statistics
 from convnets.errors import ConfigError, TrackingError, command
+from convnets.pareto import pareto_front
 from convnets.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 COMPARE_DIR = "compare"  # artifact folder of the compare report on a sweep parent run
-
-
-def pareto_front(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
-    """Indices of the points no other point beats on both: smaller-or-equal x, larger-or-equal y.
-
-    "Cheapest for its accuracy": minimise x (parameters, receptive field), maximise y
-    (accuracy). A point is on the front unless another has x <= its x and y >= its y with
-    one of them strict; identical points are all on it. NaN/inf points are ignored.
-    Returned in increasing x (the order to draw the front as a step line).
-    """
-    x = np.asarray(xs, dtype=float)
-    y = np.asarray(ys, dtype=float)
-    valid = [i for i in range(len(x)) if np.isfinite(x[i]) and np.isfinite(y[i])]
-    front: list[int] = []
-    best = -math.inf
-    for i in sorted(valid, key=lambda i: (x[i], -y[i])):
-        if y[i] > best:
-            front.append(i)
-            best = y[i]
-        elif y[i] == best and x[i] == x[front[-1]]:
-            front.append(i)
-    return front
-
-
 METRIC_COLUMNS = (
     "test_accuracy",
     "best_val_accuracy",

@@ -109,12 +109,6 @@ def train(
     context = context or JobContext()
     if recorder is None:
         recorder = MlflowRecorder(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
-    if context.multirun and cfg.get("reproduce"):
-        parent = _study_parent(str(cfg.reproduce), recorder)
-        if parent is not None:  # -m reproduce=<parent>: every job of the study again
-            from convnets import study
-
-            return study.reproduce(cfg, context, recorder, parent)
     job = _Job(cfg, context, recorder)
     try:
         return job.run()
@@ -520,19 +514,6 @@ def definition(plan: Plan, bundle: data.DataBundle) -> Definition:
         data_source=data.data_source(cfg.dataset),
         splits={split: (d, sizes[split]) for split, d in bundle.digests.items()},
     )
-
-
-def _study_parent(run_id: str, recorder: Recorder):
-    """The run ``reproduce=`` names when it is a sweep's or a search's parent, else None (an
-    unknown id is the plan's to refuse)."""
-    from convnets import study
-    from convnets.errors import TrackingError
-
-    try:
-        run = recorder.get_run(run_id, key="reproduce")
-    except TrackingError:
-        return None
-    return run if study.is_parent(run) else None
 
 
 def tracker_of(recorder: Recorder):

@@ -26,12 +26,28 @@ def is_parent(run) -> bool:
     return run.data.tags.get("sweep_role") == PARENT_ROLE
 
 
-def reproduce(cfg: DictConfig, context, recorder, parent):
+def study_parent(cfg: DictConfig):
+    """The run ``reproduce=`` names when it is a sweep's or a search's parent, else None (an
+    unknown id is the job's plan to refuse, as for one run)."""
+    from convnets.recording import MlflowRecorder
+
+    if not cfg.get("reproduce"):
+        return None
+    recorder = MlflowRecorder(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
+    try:
+        run = recorder.get_run(str(cfg.reproduce), key="reproduce")
+    except TrackingError:
+        return None
+    return run if is_parent(run) else None
+
+
+def reproduce(cfg: DictConfig, context, parent):
     """Reproduce every finished job of ``parent``'s study under ``context``'s sweep; returns
     the reproduction of the original best job (None when it failed)."""
     from convnets import job
     from convnets.recording import MlflowRecorder
 
+    recorder = MlflowRecorder(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
     tracker = job.tracker_of(recorder)
     parent_id = parent.info.run_id
     originals = _finished_jobs(tracker, parent)
@@ -92,7 +108,7 @@ def summary(
     order; reproduced by job number, a failed one missing)."""
     from scipy import stats
 
-    from convnets.comparison import pareto_front
+    from convnets.pareto import pareto_front
 
     numbers = [n for n, _ in originals]
     before = dict(originals)

@@ -307,7 +307,7 @@ class MlflowSweepCallback(Callback):
 
     @_stop_sweep_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from convnets.search import study_ref
+        from convnets.search_storage import study_ref
         from convnets.tracking import Tracker
 
         check_launcher(config)

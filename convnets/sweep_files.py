@@ -38,6 +38,10 @@ RESULTS_FILE = "optimization_results.yaml"
 PARETO_CSV = "pareto.csv"
 PARETO_PNG = "pareto.png"
 SEARCH_RESULTS_NAME = "convnets_optuna"  # the ``name`` field of RESULTS_FILE
+# A trial's user attributes, written by its job (convnets.trials), read by the search.
+RUN_ATTR = "mlflow_run_id"  # the job's MLflow run
+METRICS_ATTR = "metrics"  # its final metrics, the objectives among them
+PRUNED_ATTR = "pruned"  # the pruner stopped it
 _MAX_TAG = 5000  # MLflow allows 8000 characters per tag; the complete definition is elsewhere
 
 

@@ -19,8 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from convnets import search
-from convnets.sweep_files import TrialFile
+from convnets.search_settings import OBJECTIVES, is_search
+from convnets.search_storage import make_pruner, open_storage
+from convnets.sweep_files import METRICS_ATTR, PRUNED_ATTR, RUN_ATTR, TrialFile
 
 
 class TrialLink:
@@ -29,9 +30,9 @@ class TrialLink:
     def __init__(self, spec: TrialFile):
         import optuna
 
-        storage = search.open_storage(spec.storage, spec.stale_after_s)
+        storage = open_storage(spec.storage, spec.stale_after_s)
         study = optuna.load_study(
-            study_name=spec.study_name, storage=storage, pruner=search.make_pruner(spec.pruner)
+            study_name=spec.study_name, storage=storage, pruner=make_pruner(spec.pruner)
         )
         study_id = storage.get_study_id_from_name(spec.study_name)
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, spec.number)
@@ -42,7 +43,7 @@ class TrialLink:
         self.pruned = False
 
     def start(self, run_id: str) -> None:
-        self.trial.set_user_attr(search.RUN_ATTR, run_id)
+        self.trial.set_user_attr(RUN_ATTR, run_id)
 
     def report(self, epoch: int, logs: Mapping[str, Any]) -> bool:
         """Report the epoch's ``val_accuracy``; True when the pruner stops this trial (never
@@ -53,19 +54,19 @@ class TrialLink:
         self.trial.report(float(value), epoch)
         if epoch < self.last_epoch and self.trial.should_prune():
             self.pruned = True
-            self.trial.set_user_attr(search.PRUNED_ATTR, True)
+            self.trial.set_user_attr(PRUNED_ATTR, True)
         return self.pruned
 
     def finish(self, metrics: Mapping[str, float]) -> None:
-        """The final metrics the objectives are taken from (every one of search.OBJECTIVES)."""
-        wanted = {k: float(v) for k, v in metrics.items() if k in search.OBJECTIVES}
-        self.trial.set_user_attr(search.METRICS_ATTR, wanted)
+        """The final metrics the objectives are taken from (every one of the search's OBJECTIVES)."""
+        wanted = {k: float(v) for k, v in metrics.items() if k in OBJECTIVES}
+        self.trial.set_user_attr(METRICS_ATTR, wanted)
 
 
 def current(hydra_cfg) -> TrialLink | None:
     """The trial of a multirun job (``hydra_cfg``: the job's ``hydra`` config node, as the
     entry point has it), or None (another sweeper's job)."""
-    if not search.is_search(hydra_cfg.sweeper):
+    if not is_search(hydra_cfg.sweeper):
         return None
     spec = TrialFile.read(Path(hydra_cfg.sweep.dir).resolve(), hydra_cfg.job.num)
     return TrialLink(spec) if spec is not None else None

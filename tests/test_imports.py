@@ -151,7 +151,7 @@ def test_the_cycle_finder_reports_the_cycle():
 
 def test_the_walk_finds_the_known_edges():
     assert "convnets.sweep_files" in GRAPH["convnets.search"]
-    assert "convnets.search" in GRAPH["convnets.sweep"]  # lazy, in the callback
+    assert "convnets.search_storage" in GRAPH["convnets.sweep"]  # lazy, in the callback
     assert "convnets.search" in GRAPH["hydra_plugins.convnets_optuna.convnets_optuna_sweeper"]
 
 
@@ -163,9 +163,30 @@ def test_no_import_cycle_among_the_project_modules():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_sweep_and_search_do_not_import_each_other():
-    assert "convnets.sweep" not in _reachable("convnets.search")
-    assert "convnets.search" not in GRAPH["convnets.sweep_files"]
+SEARCH_MODULES = sorted(m for m in MODULES if m.split(".")[-1].startswith("search"))
+
+
+@pytest.mark.parametrize("module", SEARCH_MODULES)
+def test_sweep_and_search_do_not_import_each_other(module):
+    assert "convnets.sweep" not in _reachable(module)
+    assert module not in GRAPH["convnets.sweep_files"]
+
+
+def test_the_search_is_cut_by_concern():
+    # settings and space know nothing of the storage, the loop or the reports
+    assert SEARCH_MODULES == [
+        "convnets.search",
+        "convnets.search_report",
+        "convnets.search_settings",
+        "convnets.search_space",
+        "convnets.search_storage",
+    ]
+    assert not {m for m in _reachable("convnets.search_space") if m.startswith("convnets.search")}
+    assert {
+        m for m in _reachable("convnets.search_settings") if m.startswith("convnets.search")
+    } == {"convnets.search_space"}
+    assert "convnets.search" not in _reachable("convnets.search_storage")
+    assert "convnets.search" not in _reachable("convnets.search_report")
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from convnets import search
+from convnets import search, search_settings, search_space, search_storage
 from convnets.errors import ConfigError
 from convnets.sweep_files import PrunerSpec, SearchResults, TrialFile
 
@@ -93,7 +93,7 @@ def sweeper_config(**sweeper) -> OmegaConf:
 
 
 def test_sweep_syntax_becomes_optuna_distributions():
-    space, fixed = search.parse_space(
+    space, fixed = search_space.parse_space(
         [
             "optimizer.lr=tag(log, interval(1e-4, 1e-2))",
             "trainer.batch_size=tag(log, int, interval(16, 256))",
@@ -127,7 +127,7 @@ def test_sweep_syntax_becomes_optuna_distributions():
 
 def test_a_trial_becomes_hydra_overrides():
     params = {"model.layer_defaults.batch_norm": False, "optimizer.lr": 0.01, "trainer.seed": 3}
-    overrides = search.trial_overrides(params, {"trainer.seed": "1", "dataset": "digits"})
+    overrides = search_space.trial_overrides(params, {"trainer.seed": "1", "dataset": "digits"})
     assert overrides == [
         "model.layer_defaults.batch_norm=false",
         "optimizer.lr=0.01",
@@ -137,10 +137,12 @@ def test_a_trial_becomes_hydra_overrides():
 
 
 def test_objectives_take_a_direction_or_their_usual_one():
-    assert search.parse_objectives(["val_accuracy:max", "param_count", "receptive_field:max"]) == (
-        search.Objective("val_accuracy", "maximize"),
-        search.Objective("param_count", "minimize"),
-        search.Objective("receptive_field", "maximize"),
+    assert search_settings.parse_objectives(
+        ["val_accuracy:max", "param_count", "receptive_field:max"]
+    ) == (
+        search_settings.Objective("val_accuracy", "maximize"),
+        search_settings.Objective("param_count", "minimize"),
+        search_settings.Objective("receptive_field", "maximize"),
     )
 
 
@@ -155,7 +157,7 @@ def test_objectives_take_a_direction_or_their_usual_one():
 )
 def test_bad_objectives_are_one_line_naming_the_key(specs, message):
     with pytest.raises(ConfigError, match=r"^hydra\.sweeper\.objectives: ") as err:
-        search.parse_objectives(specs)
+        search_settings.parse_objectives(specs)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -179,27 +181,31 @@ def test_searches_that_cannot_run_are_refused(sweeper, val_fraction, message):
     config = sweeper_config(**sweeper)
     config.dataset.val_fraction = val_fraction
     with pytest.raises(ConfigError, match=message):
-        search.check(config)
+        search_settings.check(config)
 
 
 def test_a_test_accuracy_search_needs_no_validation_data():
     config = sweeper_config(objectives=["test_accuracy", "param_count"])
     config.dataset.val_fraction = 0.0
-    _, objectives = search.check(config)
+    _, objectives = search_settings.check(config)
     assert [o.name for o in objectives] == ["test_accuracy", "param_count"]
 
 
 def test_only_our_sweeper_is_a_search():
-    assert search.is_search(OmegaConf.create({"_target_": "hydra_plugins.convnets_optuna.a.B"}))
+    assert search_settings.is_search(
+        OmegaConf.create({"_target_": "hydra_plugins.convnets_optuna.a.B"})
+    )
     basic = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
-    assert not search.is_search(OmegaConf.create({"_target_": basic}))
+    assert not search_settings.is_search(OmegaConf.create({"_target_": basic}))
 
 
 def test_the_default_storage_sits_beside_a_sqlite_mlflow_store(tmp_path):
-    assert search.default_storage(f"sqlite:///{tmp_path}/mlflow.db") == (
+    assert search_storage.default_storage(f"sqlite:///{tmp_path}/mlflow.db") == (
         f"sqlite:///{tmp_path}/optuna.db"
     )
-    assert search.default_storage("http://mlflow:5000") == f"sqlite:///{Path.cwd()}/optuna.db"
+    assert (
+        search_storage.default_storage("http://mlflow:5000") == f"sqlite:///{Path.cwd()}/optuna.db"
+    )
 
 
 def test_job_numbers_follow_trial_numbers_in_consecutive_launches():
@@ -230,12 +236,6 @@ def test_trials_stopped_by_ctrl_c_are_asked_again_with_their_params():
     assert [t.state for t in s.trials] == [TrialState.FAIL, TrialState.WAITING]
     assert search.counted_trials(s.get_trials()) == 0  # the budget still has room for it
     assert s.ask({"x": FloatDistribution(0, 1)}).params == trial.params
-
-
-def test_pareto_2d_keeps_points_no_other_beats_on_both_axes():
-    acc = [0.9, 0.8, 0.95, 0.7, 0.9]
-    neg_params = [-100, -50, -400, -60, -120]  # fewer params is better
-    assert search.pareto_2d(acc, neg_params) == [0, 1, 2]
 
 
 def test_the_trial_file_round_trips(tmp_path):

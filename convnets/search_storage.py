@@ -1,0 +1,210 @@
+"""A search's study and where it lives: the Optuna storage (by default ``optuna.db`` beside a
+SQLite MLflow store), opened once per process with heartbeats and retries of dead trials; the
+pruner and the seeded sampler; the study a command starts or continues (:func:`study_ref`)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import inspect
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig
+
+from convnets.errors import ConfigError
+from convnets.search_settings import HEARTBEAT_S, STALE_AFTER_FLOOR_S, Settings, check, is_search
+from convnets.sweep_files import PrunerSpec, experiment_name
+
+if TYPE_CHECKING:
+    import optuna
+
+PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute
+MAX_RETRY = 3  # a trial whose process died is asked again at most this many times
+
+
+def default_storage(tracking_uri: str) -> str:
+    """``sqlite:///<dir of mlflow.db>/optuna.db`` for a SQLite MLflow store, else
+    ``sqlite:///<cwd>/optuna.db``: absolute, so every job process opens the same file."""
+    from convnets.tracking import sqlite_path
+
+    db = sqlite_path(tracking_uri)
+    folder = db.parent if db is not None else Path.cwd()
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
+def storage_url(settings: Settings, config: DictConfig) -> str:
+    if settings.storage is None:
+        return default_storage(config.tracking.uri)
+    from convnets.tracking import sqlite_path
+
+    db = sqlite_path(settings.storage)  # a relative SQLite path, made absolute for the jobs
+    return f"sqlite:///{db}" if db is not None else settings.storage
+
+
+def study_name(settings: Settings, config: DictConfig) -> str:
+    return settings.study_name or experiment_name(config)
+
+
+@contextlib.contextmanager
+def _storage_lock(url: str) -> Iterator[None]:
+    """Exclusive lock beside a SQLite database while its schema may be created (POSIX flock):
+    two processes creating Optuna's tables at once would collide. No-op for a server."""
+    from convnets.tracking import sqlite_path
+
+    db = sqlite_path(url)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@functools.cache
+def open_storage(url: str, stale_after_s: int = 60) -> optuna.storages.RDBStorage:
+    """The storage, once per process (a basic-launcher job reuses the sweeper's).
+
+    Heartbeats mark live trials; a RUNNING trial silent for ``stale_after_s`` is recorded
+    FAIL by ``fail_stale_trials`` and enqueued again with its parameters. SQLite waits up to
+    60 s for a lock rather than failing at once when several processes write.
+    """
+    import optuna
+    import sqlalchemy
+    from optuna.storages import RDBStorage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    # Optuna 4.9 renamed failed_trial_callback and its retry callback (removed in 6).
+    stale = "heartbeat_stale_trial_callback"
+    if stale not in inspect.signature(RDBStorage).parameters:
+        stale = "failed_trial_callback"
+
+    def create() -> RDBStorage:
+        return RDBStorage(
+            url,
+            engine_kwargs=engine,
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=max(stale_after_s, STALE_AFTER_FLOOR_S),  # check() refuses less
+            **{stale: retry_callback()(max_retry=MAX_RETRY)},
+        )
+
+    with _storage_lock(url), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
+        try:
+            try:
+                return create()
+            except sqlalchemy.exc.IntegrityError:
+                # Another process that does not take our lock (optuna-dashboard, a user's
+                # optuna.load_study) created the new database's schema at the same moment:
+                # it exists now.
+                time.sleep(1)
+                return create()
+        except Exception as err:  # noqa: BLE001 - a bad URL, a missing driver, no server
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            raise ConfigError(
+                f"hydra.sweeper.storage={redact_url(url)}: the Optuna storage cannot be used "
+                f"({first}); give a SQLAlchemy URL such as sqlite:///optuna.db"
+            ) from err
+
+
+def retry_callback() -> type:
+    """Optuna's callback that enqueues a stale trial again (renamed in 4.9)."""
+    from optuna import storages
+
+    return getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or (
+        storages.RetryFailedTrialCallback
+    )
+
+
+def make_pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
+    """Median: stop a trial whose val_accuracy after an epoch is below the median of the
+    earlier trials at that epoch (after 3 trials, from epoch 2). Hyperband: successive
+    halving over 1..max_epochs epochs."""
+    import optuna
+
+    if spec.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if spec.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.max_epochs)
+    return optuna.pruners.NopPruner()
+
+
+def make_sampler(settings: Settings, n_done: int) -> Any:
+    """Seeded with ``seed + trials already in the study``: reproducible, and a resumed
+    search does not replay its first random draws."""
+    import optuna
+
+    seed = settings.seed + n_done
+    if settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if settings.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    startup = max(0, settings.n_startup_trials - n_done)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+
+
+def load_study(url: str, name: str, stale_after_s: int = 60) -> optuna.Study | None:
+    """The study if it exists (nothing is created)."""
+    import optuna
+
+    storage = open_storage(url, stale_after_s)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+
+
+@dataclass(frozen=True)
+class StudyRef:
+    """The study a search runs in, and the MLflow parent run it already has (None: new)."""
+
+    storage_url: str
+    study_id: int
+    name: str
+    parent_run_id: str | None
+
+
+def study_ref(config: DictConfig) -> StudyRef | None:
+    """The study of this search, created if new, or None when not our sweeper. Checks the
+    search first, so a bad one stops before any run is made.
+
+    Creating the study is atomic in its storage (a concurrent creator's study is loaded), so
+    every process that starts the same search names the same study id; its parent run is
+    the one claimed for that id (:mod:`convnets.study_parent`), or for a study from before
+    claims, the one it remembers as a user attribute.
+    """
+    import optuna
+
+    from convnets import study_parent
+
+    if not is_search(config.hydra.sweeper):
+        return None
+    settings, objectives = check(config)
+    url = storage_url(settings, config)
+    name = study_name(settings, config)
+    storage = open_storage(url, settings.stale_after_s)
+    study = optuna.create_study(
+        storage=storage,
+        study_name=name,
+        directions=[o.direction for o in objectives],
+        load_if_exists=True,
+    )
+    study_id = storage.get_study_id_from_name(name)
+    parent = study_parent.claimed(url, study_id, name) or study.user_attrs.get(PARENT_ATTR)
+    return StudyRef(url, study_id, name, parent)
+
+
+def redact_url(url: str) -> str:
+    from convnets.tracking import redact
+
+    return redact(url)
