@@ -96,9 +96,22 @@ def counted_trials(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
     )
 
 
+def trial_id(storage: Any, study: str, number: int) -> int:
+    """A trial's id in its storage (what heartbeats are recorded against), through the
+    storage's public API: ``Trial`` keeps it only in a private attribute."""
+    return storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(study), number
+    )
+
+
 class _Heartbeat:
     """Records a heartbeat for each trial in flight every HEARTBEAT_S, from a thread of the
-    sweeper's process (alive while its jobs run, whatever the launcher)."""
+    sweeper's process (alive while its jobs run, whatever the launcher).
+
+    Optuna records heartbeats itself only inside ``study.optimize``, which runs the objective
+    in this process; a search launches its trials as Hydra jobs through ask/tell, so it calls
+    the storage's public ``record_heartbeat`` (tests/test_search_cli.py checks that Optuna's
+    ``fail_stale_trials`` still takes such a trial for alive, and a silent one for dead)."""
 
     def __init__(self, storage: Any, trial_ids: Sequence[int]):
         self.storage, self.trial_ids = storage, list(trial_ids)
@@ -182,7 +195,7 @@ class Search:
                 trials = [study.ask(space) for _ in range(min(settings.n_jobs, left))]
             by_number = {t.number: t for t in trials}
             with (
-                _Heartbeat(storage, [t._trial_id for t in trials]),
+                _Heartbeat(storage, [trial_id(storage, name, t.number) for t in trials]),
                 _retried_if_stopped(study, trials),
             ):
                 for numbers in consecutive_runs(sorted(by_number)):

@@ -238,6 +238,25 @@ def test_trials_stopped_by_ctrl_c_are_asked_again_with_their_params():
     assert s.ask({"x": FloatDistribution(0, 1)}).params == trial.params
 
 
+def test_heartbeats_recorded_outside_optimize_keep_a_trial_alive(tmp_path):
+    """What the search relies on: the storage's public record_heartbeat marks a trial asked
+    through ask/tell alive, and fail_stale_trials fails it once it falls silent."""
+    import time as clock
+
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{tmp_path}/o.db", heartbeat_interval=1, grace_period=2
+    )
+    study = optuna.create_study(storage=storage, study_name="s")
+    trial = study.ask()
+    trial_id = search.trial_id(storage, "s", trial.number)
+    storage.record_heartbeat(trial_id)
+    optuna.storages.fail_stale_trials(study)
+    assert study.trials[0].state == TrialState.RUNNING
+    clock.sleep(3)
+    optuna.storages.fail_stale_trials(study)
+    assert study.trials[0].state == TrialState.FAIL
+
+
 def test_the_trial_file_round_trips(tmp_path):
     spec = TrialFile("sqlite:///x.db", "s", 7, PrunerSpec("median", 5), 60)
     spec.write(tmp_path)
