@@ -136,17 +136,29 @@ def summary_figures(runs: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
+LABEL_LIMIT = 30  # characters of a point label; longer ones give way to the job's number
+
+
 def _point_labels(runs: pd.DataFrame) -> list[str] | None:
     """What tells the runs apart: the differing params (``kernel_size=5``) that
-    :func:`runs_table` found, else the run name."""
+    :func:`runs_table` found, else the run name; when those are long (several keys, long
+    floats), the job's or trial's number from its run name (``j03``, ``t05``; the CSV beside
+    the figure has its overrides), else the row number."""
+    names = next(
+        (list(runs[col].astype(str)) for col in ("name", "run_name") if col in runs.columns),
+        None,
+    )
     params = runs.attrs.get("params")
+    labels = names
     if params:
         short = {c: c.removeprefix("model.").removeprefix("layer_defaults.") for c in params}
-        return [", ".join(f"{short[c]}={row[c]}" for c in params) for _, row in runs.iterrows()]
-    for col in ("name", "run_name"):
-        if col in runs.columns:
-            return list(runs[col].astype(str))
-    return None
+        labels = [", ".join(f"{short[c]}={row[c]}" for c in params) for _, row in runs.iterrows()]
+    if labels is None or max(map(len, labels), default=0) <= LABEL_LIMIT:
+        return labels
+    numbers = [re.match(r"[jt]\d+\b", name) for name in names or []]
+    if names and all(numbers):
+        return [match[0] for match in numbers]
+    return [f"#{i + 1}" for i in range(len(labels))]
 
 
 @dataclass

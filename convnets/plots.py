@@ -373,7 +373,7 @@ def pareto_scatter(
         if labels is not None:
             for rank, i in enumerate(front):
                 right_half = rank >= len(front) / 2  # keep labels inside the axes
-                ax.annotate(
+                note = ax.annotate(
                     labels[i],
                     (x[i], y[i]),
                     textcoords="offset points",
@@ -382,6 +382,8 @@ def pareto_scatter(
                     fontsize=7,
                     color="crimson",
                 )
+                # A long label must not make the layout shrink the axes to fit it.
+                note.set_in_layout(False)
         ax.legend(loc="best")
     if log_x:
         ax.set_xscale("log")

@@ -218,3 +218,52 @@ def test_sweep_labels_keep_only_the_design_choices_that_differ():
         }
     )
     assert _point_labels(runs_table(runs)) == ["kernel_size=3", "kernel_size=5"]
+
+
+def test_summary_figures_stay_readable_with_many_keys_and_long_floats(tmp_path):
+    """A search over the learning rate and three other keys: points labelled by trial
+    number, the axes of normal size, no layout warning."""
+    import warnings
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from convnets.comparison import _point_labels, runs_table
+
+    rng = np.random.default_rng(0)
+    n = 8
+    runs = pd.DataFrame(
+        {
+            "run_id": [f"r{i}" for i in range(n)],
+            "tags.mlflow.runName": [f"t{i:02d} lr=1.2e-3 k=3 w=1" for i in range(n)],
+            "params.optimizer.lr": [str(v) for v in rng.uniform(1e-4, 1e-2, n)],
+            "params.model.layer_defaults.dropout": [str(v) for v in rng.uniform(0, 0.5, n)],
+            "params.model.layer_defaults.kernel_size": [str(3 + 2 * (i % 2)) for i in range(n)],
+            "params.model.width": [str(0.5 * (1 + i % 3)) for i in range(n)],
+            "metrics.test_accuracy": rng.uniform(0.8, 0.99, n),
+            "metrics.param_count": rng.uniform(1e3, 1e5, n),
+            "metrics.receptive_field": rng.integers(5, 30, n).astype(float),
+        }
+    )
+    table = runs_table(runs)
+    assert _point_labels(table) == [name.split()[0] for name in table["name"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a layout warning fails the test
+        paths = summary_figures(table, tmp_path)
+        x = table["param_count"].to_numpy(float)
+        acc = table["test_accuracy"].to_numpy(float)
+        long_labels = [f"lr={v}, dropout={v}, k=3, w=1" for v in runs["params.optimizer.lr"]]
+        fig = plots.pareto_scatter(
+            x,
+            acc,
+            pareto_front(x, acc),
+            xlabel="parameters",
+            title="t",
+            labels=long_labels,
+            color=table["receptive_field"],
+            color_label="receptive field",
+        )
+        FigureCanvasAgg(fig)
+        fig.savefig(tmp_path / "long.png")
+    box = fig.axes[0].get_position()
+    assert box.width > 0.7 and box.height > 0.7  # long labels do not shrink the axes
+    assert all(is_png(p, 10_000) for p in paths.values())
