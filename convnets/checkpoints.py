@@ -27,9 +27,9 @@ import hashlib
 import json
 import os
 import re
-import socket
 from pathlib import Path
 
+from convnets import folder_lock
 from convnets.errors import CheckpointError, DiskFull, out_of_space
 
 STATE_FILE = "state.json"
@@ -88,54 +88,19 @@ def verify(checkpoint_dir: str | Path, state: dict) -> None:
 def held(checkpoint_dir: str | Path):
     """Mark ``checkpoint_dir`` as being trained into by this process while the block runs, so
     that ``resume=`` refuses it instead of splicing a second training into a live one."""
-    import psutil
-
-    folder = Path(checkpoint_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    me = psutil.Process()
-    lock = folder / LOCK_FILE
-    record = {"host": socket.gethostname(), "pid": me.pid, "started": me.create_time()}
-    for _ in range(2):  # a stale lock (its process is gone) is replaced once
-        try:  # O_EXCL: of two processes starting at once, one gets the folder
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            holder = live_holder(folder)
-            if holder is not None:
-                raise CheckpointError(
-                    f"{folder}: {holder} is training into it; stop that process first (if it "
-                    f"is gone for good, delete {lock})"
-                ) from None
-            lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(record))
-        break
     try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
+        with folder_lock.held(checkpoint_dir, LOCK_FILE):
+            yield
+    except folder_lock.FolderHeld as err:
+        raise CheckpointError(
+            f"{err.folder}: {err.holder} is training into it; stop that process first (if "
+            f"it is gone for good, delete {err.lock})"
+        ) from None
 
 
 def live_holder(checkpoint_dir: str | Path) -> str | None:
-    """Who trains into ``checkpoint_dir`` now ("process 123 on host"), or None.
-
-    On this host a lock is live while its process runs (the pid with the same start time: a
-    reused pid is not it); a lock from another host cannot be checked from here and counts as
-    live (a machine that died leaves it: the refusal says to delete it)."""
-    import psutil
-
-    try:
-        record = json.loads((Path(checkpoint_dir) / LOCK_FILE).read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    who = f"process {record.get('pid')} on {record.get('host')}"
-    if record.get("host") != socket.gethostname():
-        return who
-    try:
-        alive = abs(psutil.Process(record["pid"]).create_time() - record["started"]) < 1.0
-    except (psutil.Error, KeyError, TypeError):
-        alive = False
-    return who if alive else None
+    """Who trains into ``checkpoint_dir`` now ("process 123 on host"), or None."""
+    return folder_lock.live_holder(checkpoint_dir, LOCK_FILE)
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from convnets.cli import report_user_errors
 from convnets.errors import ConfigError
-from convnets.sweep_files import SearchResults, SweepContext
+from convnets.sweep_files import SWEEP_LOCK, SearchResults, SweepContext
 from convnets.sweep_files import experiment_name as experiment_name  # the job names it so
 
 if TYPE_CHECKING:
@@ -304,6 +304,7 @@ class MlflowSweepCallback(Callback):
 
     def __init__(self) -> None:
         self._open_parent: tuple[str, str] | None = None  # (tracking_uri, run_id) until ended
+        self._folder_lock: Path | None = None  # this sweep's hold on its folder
 
     @_stop_sweep_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -311,6 +312,7 @@ class MlflowSweepCallback(Callback):
         from convnets.tracking import Tracker
 
         check_launcher(config)
+        self._hold_folder(Path(config.hydra.sweep.dir).resolve())
         study = study_ref(config)  # checks an Optuna search before any run exists
         tracker = Tracker(config.tracking.uri, http_timeout_s=config.tracking.http_timeout_s)
         tracker.check_store()  # first contact: sqlite creates its schema here, once
@@ -330,6 +332,27 @@ class MlflowSweepCallback(Callback):
         )
         context.write(Path(config.hydra.sweep.dir).resolve())  # before any job reads it
         log.info("sweep: MLflow parent run %s in experiment %s", run_id, experiment_id)
+
+    def _hold_folder(self, sweep_dir: Path) -> None:
+        """Hold the sweep's folder while it runs: a second live sweep given the same
+        ``hydra.sweep.dir`` would overwrite this one's ``mlflow_sweep.json`` under its jobs
+        (their runs would land under the other's parent) and its summary."""
+        from convnets import folder_lock
+
+        try:
+            self._folder_lock = folder_lock.claim(sweep_dir, SWEEP_LOCK)
+        except folder_lock.FolderHeld as err:
+            raise ConfigError(
+                f"hydra.sweep.dir={sweep_dir}: another sweep runs in this folder ({err.holder}); "
+                "give this one its own (leave hydra.sweep.dir out: every sweep gets a new "
+                f"folder), or wait for that one to end (if it is gone for good, delete {err.lock})"
+            ) from None
+        atexit.register(self._release_folder)
+
+    def _release_folder(self) -> None:
+        if self._folder_lock is not None:
+            self._folder_lock.unlink(missing_ok=True)
+            self._folder_lock = None
 
     def _study_parent(
         self, tracker: Any, config: DictConfig, definition: dict, study: Any
@@ -422,6 +445,7 @@ class MlflowSweepCallback(Callback):
                 flush=True,
             )
         self._open_parent = None
+        self._release_folder()
         if not (table["status"] == "FINISHED").any():
             print(
                 "error: no job of the sweep finished (each job's error is above)", file=sys.stderr

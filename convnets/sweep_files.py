@@ -33,6 +33,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 SWEEP_FILE = "mlflow_sweep.json"
+SWEEP_LOCK = "sweep.lock"  # held by the sweep's process while it runs (convnets.folder_lock)
 TRIALS_DIR = "optuna_trials"
 RESULTS_FILE = "optimization_results.yaml"
 PARETO_CSV = "pareto.csv"

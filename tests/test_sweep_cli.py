@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -637,3 +638,37 @@ def test_the_slurm_launcher_off_a_cluster_is_one_line_before_any_run(tmp_path):
         "hydra/launcher=submitit_local (or leave the launcher out)"
     ]
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_a_second_sweep_in_a_live_sweeps_folder_is_refused(tmp_path):
+    first = subprocess.Popen(
+        sweep_command(tmp_path, *TINY, "trainer.epochs=200", "model.width=1,2"),
+        cwd=REPO,
+        env=sweep_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "multirun" / "mlflow_sweep.json").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            time.sleep(0.2)
+        second = subprocess.run(
+            sweep_command(tmp_path, *TINY, "model.width=3"),
+            cwd=REPO,
+            env=sweep_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        os.killpg(first.pid, signal.SIGTERM)
+        first.wait(timeout=60)
+    assert second.returncode == 2, second.stderr[-2000:]
+    [line] = second.stderr.strip().splitlines()
+    assert line.startswith(f"error: hydra.sweep.dir={tmp_path / 'multirun'}: another sweep runs")
+    assert f"process {first.pid} on " in line
+    assert not (tmp_path / "multirun" / "sweep.lock").exists()  # the first let go as it ended
