@@ -27,13 +27,11 @@ class FolderHeld(Exception):
 def claim(folder: str | Path, name: str) -> Path:
     """Hold ``folder`` for this process (lock file ``name`` in it); the lock's path. Raises
     :class:`FolderHeld` when a live process holds it."""
-    import psutil
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    me = psutil.Process()
     lock = folder / name
-    record = {"host": socket.gethostname(), "pid": me.pid, "started": me.create_time()}
+    record = this_process()
     for _ in range(2):  # a stale lock (its process is gone) is replaced once
         try:  # O_EXCL: of two processes starting at once, one gets the folder
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -62,20 +60,36 @@ def held(folder: str | Path, name: str) -> Iterator[Path]:
 def live_holder(folder: str | Path, name: str) -> str | None:
     """Who holds ``folder`` now ("process 123 on host"), or None.
 
-    On this host a lock is live while its process runs (the pid with the same start time: a
-    reused pid is not it); a lock from another host cannot be checked from here and counts as
-    live (a machine that died leaves it: the refusals say to delete it)."""
-    import psutil
-
+    On this host a lock is live while its process runs (:func:`is_alive`); a lock from another
+    host cannot be checked from here and counts as live (a machine that died leaves it: the
+    refusals say to delete it)."""
     try:
         record = json.loads((Path(folder) / name).read_text())
     except (FileNotFoundError, ValueError):
         return None
-    who = f"process {record.get('pid')} on {record.get('host')}"
+    return describe(record) if is_alive(record) is not False else None
+
+
+def this_process() -> dict:
+    """This process as a lock records it: host, pid and start time."""
+    import psutil
+
+    me = psutil.Process()
+    return {"host": socket.gethostname(), "pid": me.pid, "started": me.create_time()}
+
+
+def describe(record: dict) -> str:
+    return f"process {record.get('pid')} on {record.get('host')}"
+
+
+def is_alive(record: dict) -> bool | None:
+    """Whether the process ``record`` names (:func:`this_process`) runs: on this host, the pid
+    with the same start time (a reused pid is not it); None for another host's."""
+    import psutil
+
     if record.get("host") != socket.gethostname():
-        return who
+        return None
     try:
-        alive = abs(psutil.Process(record["pid"]).create_time() - record["started"]) < 1.0
+        return abs(psutil.Process(record["pid"]).create_time() - record["started"]) < 1.0
     except (psutil.Error, KeyError, TypeError):
-        alive = False
-    return who if alive else None
+        return False

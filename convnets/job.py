@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig, OmegaConf
 
 from convnets import architecture, checkpoints, checks, sweep
-from convnets.config import TrackingConfig
 from convnets.errors import (
     ConvnetsError,
     DiskFull,
@@ -48,8 +47,8 @@ from convnets.plan import (
     sha256,
     warn,
 )
-from convnets.recording import Definition, MlflowRecorder, Recorder
-from convnets.tracking import CONFIG_ARTIFACT, failure_reason, flatten, git_changes, redact
+from convnets.recording import Definition, MlflowRecorder, Recorder, resume_command
+from convnets.tracking import CONFIG_ARTIFACT, failure_reason, flatten, git_changes
 
 if TYPE_CHECKING:
     import keras
@@ -445,13 +444,7 @@ class _Job:
             ) from err
 
     def resume_command(self) -> str:
-        """The command that continues this run, with the store when it is not the default
-        (else following it would open an empty ``mlflow.db``); the URI shown redacted."""
-        hint = f"{command('train')} resume={self.run_id}"
-        uri = self.cfg.tracking.uri
-        if uri != TrackingConfig.uri:
-            hint += f" {shell_override('tracking.uri', redact(uri))}"
-        return hint
+        return resume_command(self.run_id, self.cfg.tracking.uri)
 
     def record_failure(self, err: Exception) -> None:
         """In a multirun, a job that failed before its run started still leaves a FAILED run."""

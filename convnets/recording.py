@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -21,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
-from convnets.errors import TrackingError
+from convnets import liveness
+from convnets.errors import TrackingError, command, shell_override
 from convnets.tracking import (
     CONFIG_ARTIFACT,
     EPOCH_METRICS,
@@ -37,6 +40,17 @@ if TYPE_CHECKING:
     from convnets.plan import Plan
     from convnets.tracking import Run as MlflowRun
     from convnets.tracking import Tracker
+
+
+def resume_command(run_id: str, uri: str) -> str:
+    """The command that continues run ``run_id``, with the store when it is not the default
+    (else following it would open an empty ``mlflow.db``); the URI shown redacted."""
+    from convnets.config import TrackingConfig
+
+    hint = f"{command('train')} resume={run_id}"
+    if uri != TrackingConfig.uri:
+        hint += f" {shell_override('tracking.uri', redact(uri))}"
+    return hint
 
 
 @dataclass(frozen=True)
@@ -133,18 +147,49 @@ class MlflowRecorder:
 
     @contextlib.contextmanager
     def run(self, plan: Plan, tags: Mapping[str, str]) -> Iterator[str]:
+        """Start the run (ending first the runs of its experiment that a killed process left
+        RUNNING), with its process's tags and a heartbeat while it records."""
         sweep = plan.context.sweep
+        self._end_dead_runs(plan)
         with self.tracker.run(
             experiment_id=plan.experiment_id,
             run_name=plan.run_name(),
             run_id=plan.source.run_id if plan.resuming else None,
             parent_run_id=sweep.parent_run_id if sweep else None,
-            tags=tags,
+            tags={**tags, **liveness.process_tags()},
         ) as active:
             self.run_id = active.info.run_id
             if plan.resuming:
                 self.tracker.clear_failure_reason(self.run_id)
-            yield self.run_id
+            with liveness.Heartbeat(self._beat):
+                yield self.run_id
+
+    def _beat(self) -> None:
+        self.tracker.set_tags_on(self.run_id, {liveness.HEARTBEAT_TAG: str(int(time.time()))})
+
+    def _end_dead_runs(self, plan: Plan) -> None:
+        """End KILLED, with the reason, the RUNNING runs of the plan's experiment whose
+        process is gone (:func:`convnets.liveness.dead_reason`); a run resumed now is its
+        own."""
+        keep = plan.source.run_id if plan.resuming else None
+        running = self.tracker.client.search_runs(
+            [plan.experiment_id], "attributes.status = 'RUNNING'", max_results=1000
+        )
+        for run in running:
+            reason = liveness.dead_reason(run.data.tags)
+            if reason is None or run.info.run_id == keep:
+                continue
+            self.tracker.end_run(run.info.run_id, "KILLED", reason)
+            hint = (
+                f"; continue it with: {resume_command(run.info.run_id, self.uri)}"
+                if "checkpoint_dir" in run.data.tags
+                else ""
+            )
+            print(
+                f"warning: run {run.info.run_id} was left RUNNING: {reason}; recorded KILLED{hint}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.tracker.set_tags(tags)

@@ -92,6 +92,13 @@ def test_two_runs_in_one_folder_each_resume_from_their_own_checkpoint(tmp_path):
     shared = f"hydra.run.dir={shared_dir}"  # or two runs started in the same second
     first = kill_after([*args, shared], client, 2)
     second = kill_after([*args, shared], client, 2, known={first})
+    # The second found the first's process gone: it ended that run KILLED, saying why.
+    killed = client.get_run(first)
+    assert killed.info.status == "KILLED"
+    assert killed.data.tags["failure_reason"].startswith("its process (process ")
+    assert killed.data.tags["failure_reason"].endswith(
+        "ended without ending the run (killed with SIGKILL, or it crashed)"
+    )
 
     dirs = {r: Path(client.get_run(r).data.tags["checkpoint_dir"]) for r in (first, second)}
     assert dirs[first] != dirs[second]
@@ -107,7 +114,7 @@ def test_two_runs_in_one_folder_each_resume_from_their_own_checkpoint(tmp_path):
     assert error_line(refused).startswith(
         f"error: resume={first}: the checkpoint in {dirs[first]} belongs to run {second}"
     )
-    assert client.get_run(first).info.status == "RUNNING"
+    assert client.get_run(first).info.status == "KILLED"  # untouched by the refusal
     state_file.write_text(original)
 
     for run_id in (first, second):  # the kills needed processes; the resumes run here
