@@ -51,6 +51,11 @@ def out_of_space(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+class StorageLost(ConvnetsError):
+    """The Optuna storage of a search stopped answering (its server went down, the network
+    failed): the study keeps what it recorded, and rerunning the command continues it."""
+
+
 class TrainingFailed(ConvnetsError):
     """Training stopped for a recorded reason (e.g. NaN loss)."""
 

@@ -50,6 +50,7 @@ from convnets.search_storage import (
     open_storage,
     redact_url,
     retry_callback,
+    storage_errors,
     storage_url,
     study_name,
 )
@@ -163,11 +164,15 @@ class Search:
         self.sweep_dir = Path(config.hydra.sweep.dir).resolve()
 
     def run(self, arguments: Sequence[str]) -> None:
+        settings, objectives = check(self.config)
+        url = storage_url(settings, self.config)
+        with storage_errors(url):  # a storage lost mid-search: one line, the study kept
+            self._run(settings, objectives, url, arguments)
+
+    def _run(self, settings, objectives, url: str, arguments: Sequence[str]) -> None:
         import optuna
 
-        settings, objectives = check(self.config)
         space, fixed = parse_space(space_overrides(settings.params, arguments))
-        url = storage_url(settings, self.config)
         storage = open_storage(url, settings.stale_after_s)
         name = study_name(settings, self.config)
         pruner = PrunerSpec(settings.pruner, int(self.config.trainer.epochs))
@@ -212,7 +217,7 @@ class Search:
 
     def _fail_dead_trials(self, study: optuna.Study) -> None:
         """Trials whose process died (no heartbeat): FAIL, enqueued again, their MLflow runs
-        ended KILLED (a SIGKILL left them RUNNING)."""
+        ended KILLED when still RUNNING (a SIGKILL left them so)."""
         import optuna
         from optuna.trial import TrialState
 
@@ -233,7 +238,11 @@ class Search:
             if RUN_ATTR in trial.user_attrs:
                 reason = f"its process died (no heartbeat); trial {trial.number} is run again"
                 with contextlib.suppress(Exception):  # best effort: the search goes on
-                    tracker.end_run(trial.user_attrs[RUN_ATTR], "KILLED", reason)
+                    run_id = trial.user_attrs[RUN_ATTR]
+                    # A run that ended itself (FAILED with its cause, e.g. the storage lost)
+                    # keeps its status and reason: only a run left RUNNING is ended here.
+                    if tracker.get_run(run_id).info.status == "RUNNING":
+                        tracker.end_run(run_id, "KILLED", reason)
 
     def _check_same_objectives(self, study: optuna.Study, objectives: Sequence[Objective]):
         wanted = [f"{o.name}:{o.direction[:3]}" for o in objectives]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
-from convnets.errors import ConfigError
+from convnets.errors import ConfigError, StorageLost
 from convnets.search_settings import HEARTBEAT_S, STALE_AFTER_FLOOR_S, Settings, check, is_search
 from convnets.sweep_files import PrunerSpec, experiment_name
 
@@ -115,6 +115,31 @@ def open_storage(url: str, stale_after_s: int = 60) -> optuna.storages.RDBStorag
                 f"hydra.sweeper.storage={redact_url(url)}: the Optuna storage cannot be used "
                 f"({first}); give a SQLAlchemy URL such as sqlite:///optuna.db"
             ) from err
+
+
+@contextlib.contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """A storage that stops answering while the block runs is one :class:`StorageLost` line
+    naming it and its cause. Optuna wraps a database error of a commit in
+    ``StorageInternalError`` whose message blames "invalid data in the commit"; the cause is
+    what the database driver said."""
+    try:
+        yield
+    except Exception as err:
+        import sqlalchemy
+        from optuna.exceptions import StorageInternalError
+
+        if not isinstance(err, StorageInternalError | sqlalchemy.exc.SQLAlchemyError):
+            raise
+        cause = err
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+        raise StorageLost(
+            f"hydra.sweeper.storage={redact_url(url)}: the Optuna storage stopped answering "
+            f"({type(cause).__name__}: {first}); the study keeps what it recorded: rerun the "
+            "same command once it is back to continue it"
+        ) from err
 
 
 def retry_callback() -> type:

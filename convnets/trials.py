@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from convnets.search_settings import OBJECTIVES, is_search
-from convnets.search_storage import make_pruner, open_storage
+from convnets.search_storage import make_pruner, open_storage, storage_errors
 from convnets.sweep_files import METRICS_ATTR, PRUNED_ATTR, RUN_ATTR, TrialFile
 
 
@@ -36,6 +36,7 @@ class TrialLink:
         )
         study_id = storage.get_study_id_from_name(spec.study_name)
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, spec.number)
+        self.url = spec.storage
         self.number = spec.number
         self.last_epoch = spec.pruner.max_epochs
         self.trial = optuna.trial.Trial(study, trial_id)
@@ -43,7 +44,8 @@ class TrialLink:
         self.pruned = False
 
     def start(self, run_id: str) -> None:
-        self.trial.set_user_attr(RUN_ATTR, run_id)
+        with storage_errors(self.url):
+            self.trial.set_user_attr(RUN_ATTR, run_id)
 
     def report(self, epoch: int, logs: Mapping[str, Any]) -> bool:
         """Report the epoch's ``val_accuracy``; True when the pruner stops this trial (never
@@ -51,16 +53,18 @@ class TrialLink:
         value = logs.get("val_accuracy")
         if not self.reports or value is None or not math.isfinite(float(value)):
             return False
-        self.trial.report(float(value), epoch)
-        if epoch < self.last_epoch and self.trial.should_prune():
-            self.pruned = True
-            self.trial.set_user_attr(PRUNED_ATTR, True)
+        with storage_errors(self.url):
+            self.trial.report(float(value), epoch)
+            if epoch < self.last_epoch and self.trial.should_prune():
+                self.pruned = True
+                self.trial.set_user_attr(PRUNED_ATTR, True)
         return self.pruned
 
     def finish(self, metrics: Mapping[str, float]) -> None:
         """The final metrics the objectives are taken from (every one of the search's OBJECTIVES)."""
         wanted = {k: float(v) for k, v in metrics.items() if k in OBJECTIVES}
-        self.trial.set_user_attr(METRICS_ATTR, wanted)
+        with storage_errors(self.url):
+            self.trial.set_user_attr(METRICS_ATTR, wanted)
 
 
 def current(hydra_cfg) -> TrialLink | None:

@@ -6,11 +6,13 @@ travels only through libpq's ``PGPASSWORD``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -38,37 +40,57 @@ def _as_postgres(name: str, *args: str) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
-@pytest.fixture(scope="module")
-def postgres():
+class Cluster:
+    """A throwaway PostgreSQL cluster with the databases ``mlflow`` and ``optuna``."""
+
+    def __init__(self, root: Path):
+        self.root, self.data, self.port = root, root / "data", free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+        subprocess.run(
+            _as_postgres("pg_ctl", "-D", str(self.data), "-o", options, "-l",
+                         str(self.root / "log"), "-w", "start"),
+            check=True, capture_output=True,
+        )  # fmt: skip
+
+    def stop(self, mode: str = "fast") -> None:
+        subprocess.run(_as_postgres("pg_ctl", "-D", str(self.data), "-m", mode, "stop"))
+
+
+@contextlib.contextmanager
+def cluster():
     if _server_binary("pg_ctl") is None or _server_binary("initdb") is None:
         pytest.skip("PostgreSQL's server binaries (pg_ctl, initdb) are not installed")
     psycopg = pytest.importorskip("psycopg")
     root = Path(tempfile.mkdtemp(prefix="convnets-pg-"))  # not under pytest's root-only tmp
-    data, pwfile, port = root / "data", root / "pwfile", free_port()
+    pg, pwfile = Cluster(root), root / "pwfile"
     pwfile.write_text(PASSWORD)
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
         shutil.chown(pwfile, "postgres")
     subprocess.run(
-        _as_postgres("initdb", "-D", str(data), "-U", "postgres", f"--pwfile={pwfile}")
+        _as_postgres("initdb", "-D", str(pg.data), "-U", "postgres", f"--pwfile={pwfile}")
         + ["--auth=scram-sha-256"],
         check=True, capture_output=True,
     )  # fmt: skip
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
-    subprocess.run(
-        _as_postgres("pg_ctl", "-D", str(data), "-o", options, "-l", str(root / "log"), "-w")
-        + ["start"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    pg.start()
     try:
-        dsn = f"host=127.0.0.1 port={port} user=postgres password={PASSWORD} dbname=postgres"
+        dsn = f"host=127.0.0.1 port={pg.port} user=postgres password={PASSWORD} dbname=postgres"
         with psycopg.connect(dsn, autocommit=True) as conn:
             for name in ("mlflow", "optuna"):
                 conn.execute(f"CREATE DATABASE {name}")
-        yield {"port": port, "url": f"postgresql+psycopg://postgres@127.0.0.1:{port}"}
+        yield pg
     finally:
-        subprocess.run(_as_postgres("pg_ctl", "-D", str(data), "-m", "fast", "stop"))
+        pg.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    with cluster() as pg:
+        yield {"port": pg.port, "url": pg.url}
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +192,50 @@ def test_processes_claiming_a_studys_parent_at_once_on_postgres_agree(postgres, 
     url = f"{postgres['url']}/optuna"
     got = claim_at_once(url, tmp_path / "barrier", 4, env={"PGPASSWORD": PASSWORD})
     assert len(set(got)) == 1, got
+
+
+@pytest.mark.slow
+def test_a_search_whose_storage_stops_says_so_in_one_line_and_keeps_the_cause(tmp_path):
+    from conftest import sqlite_store
+
+    uri = sqlite_store(tmp_path)
+    client = MlflowClient(uri)
+    with cluster() as pg:
+        storage = f"{pg.url}/optuna"
+        proc = subprocess.Popen(
+            [sys.executable, "train.py", "-m", "hparams_search=digits_optuna", *TINY,
+             "hydra.sweeper.n_trials=2", "trainer.epochs=200", f"tracking.uri={uri}",
+             f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+            cwd=REPO, env={**CLI_ENV, "PGPASSWORD": PASSWORD},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 240
+            trial_run = None
+            while trial_run is None:
+                assert proc.poll() is None and time.monotonic() < deadline, "no epoch recorded"
+                time.sleep(0.2)
+                found = [
+                    r
+                    for r in client.search_runs(
+                        [e.experiment_id for e in client.search_experiments()]
+                    )
+                    if r.data.tags.get("sweep_role") != "parent"
+                ]
+                if found and client.get_metric_history(found[0].info.run_id, "loss"):
+                    trial_run = found[0].info.run_id
+            pg.stop("immediate")  # the database server goes down mid-trial
+            _, stderr = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode not in (0, None)
+    assert "Traceback" not in stderr, stderr[-3000:]
+    from convnets.tracking import redact
+
+    shown = redact(storage)  # the user name is left out too
+    cause = f"error: hydra.sweeper.storage={shown}: the Optuna storage stopped answering ("
+    assert stderr.strip().splitlines()[-1].startswith(cause), stderr[-3000:]
+    run = client.get_run(trial_run)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_reason"].startswith(cause.removeprefix("error: "))

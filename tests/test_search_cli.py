@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
-from conftest import CLI_ENV, REPO, heavy_modules_loaded, train_cli
+from conftest import CLI_ENV, REPO, heavy_modules_loaded, sqlite_store, train_cli
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
@@ -457,3 +457,41 @@ def test_a_search_killed_mid_trial_resumes_and_redoes_that_trial(tmp_path):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     by_run = {r.info.run_id: r for r in children}
     assert by_run[killed.user_attrs["mlflow_run_id"]].info.status == "KILLED"
+
+
+def test_a_dead_trials_run_that_ended_itself_keeps_its_status_and_cause(tmp_path):
+    """A trial whose job ended its run FAILED with a cause (the storage lost) and then fell
+    silent is retried; its run keeps that cause. A run left RUNNING (SIGKILL) ends KILLED."""
+    import time as clock
+
+    from mlflow.tracking import MlflowClient
+
+    from convnets.sweep_files import RUN_ATTR
+
+    uri = sqlite_store(tmp_path / "store")
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("s")
+    failed, silent = (client.create_run(experiment).info.run_id for _ in range(2))
+    client.set_tag(failed, "failure_reason", "the Optuna storage stopped answering")
+    client.set_terminated(failed, "FAILED")
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{tmp_path}/o.db", heartbeat_interval=1, grace_period=1
+    )
+    study = optuna.create_study(storage=storage, study_name="s")
+    for run_id in (failed, silent):
+        trial = study.ask()
+        trial.set_user_attr(RUN_ATTR, run_id)
+        storage.record_heartbeat(search.trial_id(storage, "s", trial.number))
+    clock.sleep(2.5)
+    config = OmegaConf.create(
+        {"hydra": {"sweep": {"dir": str(tmp_path)}}, "tracking": {"uri": uri, "http_timeout_s": 10}}
+    )
+    search.Search(config, launcher=None)._fail_dead_trials(study)
+
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+    kept = client.get_run(failed)
+    assert kept.info.status == "FAILED"
+    assert kept.data.tags["failure_reason"] == "the Optuna storage stopped answering"
+    ended = client.get_run(silent)
+    assert ended.info.status == "KILLED"
+    assert ended.data.tags["failure_reason"].startswith("its process died (no heartbeat)")
