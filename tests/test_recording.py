@@ -19,6 +19,9 @@ TINY = [
 ]
 
 
+pytestmark = pytest.mark.slow  # each test trains (in this process)
+
+
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     folder = tmp_path_factory.mktemp("memory")
