@@ -603,6 +603,26 @@ def test_submitit_local_executor_runs_the_jobs_under_the_parent(tmp_path):
     assert {r.data.params["model.layer_defaults.kernel_size"] for r in s.children} == {"3", "5"}
     assert s.parent.data.tags["launcher"] == "LocalLauncher"
     assert s.parent.info.status == "FINISHED"
+    # where the README says each job's output is
+    assert sorted(p.parent.name for p in s.dir.glob("*/train.log")) == ["0", "1"]
+    printed = sorted(s.dir.glob(".submitit/*/*_0_log.out"))
+    assert len(printed) == 2 and all("done: test_accuracy=" in p.read_text() for p in printed)
+
+
+@pytest.mark.slow
+def test_submitit_local_executor_runs_a_search(tmp_path):
+    s = run_sweep(
+        tmp_path,
+        "hydra/launcher=submitit_local",
+        "hparams_search=digits_optuna",
+        "hydra.sweeper.n_trials=2",
+        *TINY,
+    )
+    assert [r.info.status for r in s.children] == ["FINISHED"] * 2
+    assert s.parent.info.status == "FINISHED"
+    assert s.parent.data.metrics["optuna_best_value"] == max(
+        r.data.metrics["best_val_accuracy"] for r in s.children
+    )
 
 
 @pytest.mark.slow
