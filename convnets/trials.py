@@ -39,6 +39,9 @@ class TrialLink:
         self.url = spec.storage
         self.number = spec.number
         self.last_epoch = spec.pruner.max_epochs
+        # The sweeper asked this trial in its own process; Optuna has no public way to take
+        # hold of an asked trial from another one, so the Trial is built on its id (a
+        # constructor Optuna calls internally; tests/test_search_cli.py fails if it changes).
         self.trial = optuna.trial.Trial(study, trial_id)
         self.reports = len(study.directions) == 1  # Optuna: no intermediate values otherwise
         self.pruned = False

@@ -257,6 +257,21 @@ def test_heartbeats_recorded_outside_optimize_keep_a_trial_alive(tmp_path):
     assert study.trials[0].state == TrialState.FAIL
 
 
+def test_canary_a_trial_asked_elsewhere_is_reached_through_its_id(tmp_path):
+    """A job reaches the trial the sweeper asked through optuna.trial.Trial(study, trial_id),
+    which Optuna documents as internal: its reports must land on that very trial."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/o.db")
+    asked = optuna.create_study(storage=storage, study_name="s").ask()
+    study = optuna.load_study(study_name="s", storage=storage)
+    trial = optuna.trial.Trial(study, search.trial_id(storage, "s", asked.number))
+    trial.report(0.5, 1)
+    trial.set_user_attr("metrics", {"val_accuracy": 0.5})
+    [frozen] = study.get_trials()
+    assert trial.number == asked.number == frozen.number
+    assert frozen.intermediate_values == {1: 0.5}
+    assert frozen.user_attrs == {"metrics": {"val_accuracy": 0.5}}
+
+
 def test_the_trial_file_round_trips(tmp_path):
     spec = TrialFile("sqlite:///x.db", "s", 7, PrunerSpec("median", 5), 60)
     spec.write(tmp_path)
