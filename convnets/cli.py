@@ -306,12 +306,13 @@ def _unquoted_value(arg: str, overrides: Sequence[str] | None) -> str | None:
     words = sys.argv[1:]
     if arg not in words:
         return None
-    start = end = words.index(arg)
+    here = words.index(arg)
+    start = end = here
     while start > 0 and "=" not in words[start] and not words[start].startswith("-"):
         start -= 1
     while end + 1 < len(words) and "=" not in words[end + 1] and not words[end + 1].startswith("-"):
         end += 1
-    if start == words.index(arg) or "=" not in words[start]:
+    if start == here or "=" not in words[start]:
         return None
     key, value = words[start].split("=", 1)
     value = " ".join([value, *words[start + 1 : end + 1]])

@@ -48,7 +48,13 @@ from convnets.plan import (
     warn,
 )
 from convnets.recording import Definition, MlflowRecorder, Recorder, resume_command
-from convnets.tracking import CONFIG_ARTIFACT, failure_reason, flatten, git_changes
+from convnets.tracking import (
+    CONFIG_ARTIFACT,
+    MODEL_URI_TAG,
+    failure_reason,
+    flatten,
+    git_changes,
+)
 
 if TYPE_CHECKING:
     import keras
@@ -178,7 +184,7 @@ class _Job:
 
         if cfg.get("init_from"):  # every worker copies the same weights into its model
             self.init = transfer.plan(
-                tracker_of(self.recorder),
+                _tracker_of(self.recorder),
                 str(cfg.init_from),
                 build(),
                 cfg.trainer.freeze_layers,
@@ -351,7 +357,6 @@ class _Job:
         images = next(iter(bundle.test.unbatch().batch(INPUT_EXAMPLE_IMAGES)))[0]
         model_uri, model_id = self.recorder.log_model(
             model,
-            name=self.recorder.recorded().run_name,
             input_example=images.numpy().astype(SERVED_DTYPE),
             metadata={
                 "input": (
@@ -366,7 +371,7 @@ class _Job:
                 "class_names": list(bundle.class_names),
             },
         )
-        self.recorder.set_tags({"model_uri": model_uri, "model_id": model_id})
+        self.recorder.set_tags({MODEL_URI_TAG: model_uri, "model_id": model_id})
 
     def _reproduce_deltas(
         self, test: Mapping[str, float], bundle: data.DataBundle
@@ -509,17 +514,13 @@ def definition(plan: Plan, bundle: data.DataBundle) -> Definition:
     )
 
 
-def tracker_of(recorder: Recorder):
-    """The MLflow store behind ``recorder``: ``init_from`` downloads a logged model from it, a
-    study's reproduction searches its jobs."""
+def _tracker_of(recorder: Recorder):
+    """The MLflow store behind ``recorder``: ``init_from`` downloads a logged model from it."""
     tracker = getattr(recorder, "tracker", None)
     if tracker is None:
         from convnets.errors import ConfigError
 
-        raise ConfigError(
-            "init_from= and a study's reproduce= read models and runs from MLflow: record "
-            "with MLflow (the default recorder)"
-        )
+        raise ConfigError("init_from= loads a model logged in MLflow: record with MLflow")
     return tracker
 
 

@@ -71,7 +71,6 @@ class Definition:
 class Recorded:
     """A run as its recorder has it now."""
 
-    run_name: str
     metrics: dict[str, float]
     params: dict[str, str]
     tags: dict[str, str]
@@ -105,8 +104,8 @@ class Recorder(Protocol):
     def history(self) -> dict[str, list[float]]: ...
     def log_figure(self, figure: Any, name: str) -> None: ...
     def log_model(
-        self, model: Any, *, name: str, input_example: Any, metadata: Mapping[str, Any]
-    ) -> tuple[str, str]: ...
+        self, model: Any, *, input_example: Any, metadata: Mapping[str, Any]
+    ) -> tuple[str, str]: ...  # named after the run; (model URI, model id)
     def recorded(self) -> Recorded: ...
     def failed_job(
         self, experiment_id: str, run_name: str, tags: Mapping[str, str],
@@ -129,6 +128,7 @@ class MlflowRecorder:
         self.shown_uri = redact(uri)
         self._tracker: Tracker | None = None
         self.run_id: str | None = None
+        self.run_name: str | None = None  # as the store named the run (a resume keeps its own)
 
     @property
     def tracker(self) -> Tracker:
@@ -158,7 +158,7 @@ class MlflowRecorder:
             parent_run_id=sweep.parent_run_id if sweep else None,
             tags={**tags, **liveness.process_tags()},
         ) as active:
-            self.run_id = active.info.run_id
+            self.run_id, self.run_name = active.info.run_id, active.info.run_name
             if plan.resuming:
                 self.tracker.clear_failure_reason(self.run_id)
             with liveness.Heartbeat(self._beat):
@@ -224,17 +224,15 @@ class MlflowRecorder:
         self.tracker.log_figure(figure, name)
 
     def log_model(
-        self, model: Any, *, name: str, input_example: Any, metadata: Mapping[str, Any]
+        self, model: Any, *, input_example: Any, metadata: Mapping[str, Any]
     ) -> tuple[str, str]:
         return self.tracker.log_model(
-            model, name=name, input_example=input_example, metadata=metadata
+            model, name=self.run_name, input_example=input_example, metadata=metadata
         )
 
     def recorded(self) -> Recorded:
         run = self.tracker.get_run(self.run_id)
-        return Recorded(
-            run.info.run_name, dict(run.data.metrics), dict(run.data.params), dict(run.data.tags)
-        )
+        return Recorded(dict(run.data.metrics), dict(run.data.params), dict(run.data.tags))
 
     def failed_job(
         self,
@@ -365,14 +363,15 @@ class MemoryRecorder:
         self.current.artifacts[name] = figure
 
     def log_model(
-        self, model: Any, *, name: str, input_example: Any, metadata: Mapping[str, Any]
+        self, model: Any, *, input_example: Any, metadata: Mapping[str, Any]
     ) -> tuple[str, str]:
+        name = self.current.run_name
         self.current.artifacts[name] = model
         return f"memory:/{self.current.run_id}/{name}", f"m-{self.current.run_id}"
 
     def recorded(self) -> Recorded:
         run = self.current
-        return Recorded(run.run_name, dict(run.metrics), dict(run.params), dict(run.tags))
+        return Recorded(dict(run.metrics), dict(run.params), dict(run.tags))
 
     def failed_job(
         self,

@@ -29,13 +29,10 @@ def is_parent(run) -> bool:
 def study_parent(cfg: DictConfig):
     """The run ``reproduce=`` names when it is a sweep's or a search's parent, else None (an
     unknown id is the job's plan to refuse, as for one run)."""
-    from convnets.recording import MlflowRecorder
-
     if not cfg.get("reproduce"):
         return None
-    recorder = MlflowRecorder(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
     try:
-        run = recorder.get_run(str(cfg.reproduce), key="reproduce")
+        run = _store(cfg).get_run(str(cfg.reproduce), key="reproduce")
     except TrackingError:
         return None
     return run if is_parent(run) else None
@@ -45,10 +42,8 @@ def reproduce(cfg: DictConfig, context, parent):
     """Reproduce every finished job of ``parent``'s study under ``context``'s sweep; returns
     the reproduction of the original best job (None when it failed)."""
     from convnets import job
-    from convnets.recording import MlflowRecorder
 
-    recorder = MlflowRecorder(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
-    tracker = job.tracker_of(recorder)
+    tracker = _store(cfg)
     parent_id = parent.info.run_id
     originals = _finished_jobs(tracker, parent)
     if context.sweep is not None:
@@ -59,8 +54,7 @@ def reproduce(cfg: DictConfig, context, parent):
         child_cfg.reproduce = original.info.run_id
         sweep = context.sweep and dataclasses.replace(context.sweep, job_num=number)
         child_context = dataclasses.replace(context, sweep=sweep)
-        child_recorder = MlflowRecorder(recorder.uri, http_timeout_s=recorder.http_timeout_s)
-        reproduced[number] = job.train(child_cfg, child_context, child_recorder)
+        reproduced[number] = job.train(child_cfg, child_context)  # its own MLflow recorder
     line, record = summary(
         [(n, run.data.metrics) for n, run in originals],
         {n: run.metrics for n, run in reproduced.items() if run is not None},
@@ -72,6 +66,12 @@ def reproduce(cfg: DictConfig, context, parent):
             tracker.log_metrics_to(context.sweep.parent_run_id, record["metrics"])
     best = record["best_original"]
     return reproduced.get(best)
+
+
+def _store(cfg: DictConfig):
+    from convnets.tracking import open_store
+
+    return open_store(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
 
 
 def _finished_jobs(tracker, parent) -> list[tuple[int, object]]:
