@@ -95,8 +95,9 @@ def sweep_env(tmp: Path) -> dict[str, str]:
     return {**env, "SWEEP_TEST_MARK": str(tmp)}
 
 
-def run_sweep(tmp: Path, *overrides: str, timeout: float = 420) -> Sweep:
-    proc = subprocess.run(
+def sweep_process(tmp: Path, *overrides: str, timeout: float = 420):
+    """``train.py -m`` on the store and sweep folder in ``tmp``, run to its end."""
+    return subprocess.run(
         sweep_command(tmp, *overrides),
         cwd=REPO,
         env=sweep_env(tmp),
@@ -104,6 +105,10 @@ def run_sweep(tmp: Path, *overrides: str, timeout: float = 420) -> Sweep:
         text=True,
         timeout=timeout,
     )
+
+
+def run_sweep(tmp: Path, *overrides: str, timeout: float = 420) -> Sweep:
+    proc = sweep_process(tmp, *overrides, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return Sweep(tmp, proc)
 
@@ -446,14 +451,7 @@ def test_a_sweep_over_seeds_reads_as_configurations_and_reproduces_as_a_study(tm
 
     # The whole study again, under a new parent: every job identical, the study unchanged.
     parent_id = s.parent.info.run_id
-    again = subprocess.run(
-        sweep_command(tmp_path, f"reproduce={parent_id}"),  # the summary above was read
-        cwd=REPO,
-        env=sweep_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=420,
-    )
+    again = sweep_process(tmp_path, f"reproduce={parent_id}")  # the summary above was read
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count(": identical (delta test_accuracy=+0") == 4
     assert f"study {parent_id}: same best (j" in again.stdout
@@ -676,14 +674,7 @@ def test_a_second_sweep_in_a_live_sweeps_folder_is_refused(tmp_path):
         while not (tmp_path / "multirun" / "mlflow_sweep.json").exists():
             assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
             time.sleep(0.2)
-        second = subprocess.run(
-            sweep_command(tmp_path, *TINY, "model.width=3"),
-            cwd=REPO,
-            env=sweep_env(tmp_path),
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
+        second = sweep_process(tmp_path, *TINY, "model.width=3", timeout=240)
     finally:
         os.killpg(first.pid, signal.SIGTERM)
         first.wait(timeout=60)
