@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 COMPARE_DIR = "compare"  # artifact folder of the compare report on a sweep parent run
 METRIC_COLUMNS = (
     "test_accuracy",
-    "best_val_accuracy",
+    "selected_val_accuracy",  # the validation accuracy of the epoch tested (a search's objective)
     "param_count",
     "receptive_field",
     "effective_receptive_field",
@@ -64,10 +64,30 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
     table.attrs["params"] = [c[len("params.") :] for c in params]
     for m in METRIC_COLUMNS:
         table[m] = runs.get(f"metrics.{m}", pd.Series(np.nan, index=runs.index))
+    table["selected_val_accuracy"] = selected_val_accuracy(runs)
     # The measured ERF filled the whole image: it says nothing about the stack beyond that.
     saturated = runs.get("tags.erf_saturated", pd.Series(None, index=runs.index))
     table["erf_saturated"] = saturated.astype(str).eq("true")
     return table.sort_values("test_accuracy", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def selected_val_accuracy(runs: pd.DataFrame) -> pd.Series:
+    """Each run's ``selected_val_accuracy`` (``mlflow.search_runs`` output): the validation
+    accuracy of the epoch whose weights were tested and logged.
+
+    A run recorded before that metric existed lacks it; its record still says which epoch it
+    tested, so it gets the same figure: ``best_val_accuracy`` when it ran with
+    ``trainer.restore_best=true`` and had a best epoch (the weights it restored), else its
+    ``val_accuracy`` (MLflow's latest value: the last epoch's). NaN without validation data,
+    and for a run that tested nothing (failed, or stopped by a search's pruner).
+    """
+    nan = pd.Series(np.nan, index=runs.index)
+    selected = runs.get("metrics.selected_val_accuracy", nan)
+    restored = runs.get("params.trainer.restore_best", nan).astype(str).str.lower().eq("true")
+    best = runs.get("metrics.best_val_accuracy", nan).where(restored)
+    older = best.fillna(runs.get("metrics.val_accuracy", nan))
+    tested = runs.get("metrics.test_accuracy", nan).notna()
+    return selected.fillna(older.where(tested)).astype(float)
 
 
 def summary_figures(runs: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:

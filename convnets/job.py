@@ -76,8 +76,8 @@ SERVED_DTYPE = "float32"
 class Run:
     """A finished training run, as recorded.
 
-    ``objective``: the validation accuracy a sweep optimises, the restored best epoch's
-    when ``trainer.restore_best``, else the last epoch's (``nan`` without validation data).
+    ``objective``: the run's ``selected_val_accuracy``, the validation accuracy of the epoch
+    whose weights are tested and logged (``nan`` without validation data).
     ``model_path``: the final model beside the checkpoints (evaluable without the store);
     ``model_uri``: the logged MLflow model (``None`` with ``tracking.log_model=false``).
     """
@@ -233,6 +233,9 @@ class _Job:
     def _recorded(self, result, final: Path | None, pruned=False) -> Run:
         """The finished run as its record has it now (metrics, params and tags read back)."""
         recorded = self.recorder.recorded()
+        objective = recorded.metrics.get("selected_val_accuracy")
+        if objective is None:  # a pruned run logs none: its epochs so far say it
+            objective = _selected_val_accuracy(self.plan.cfg, result, result.history)
         return Run(
             run_id=self.run_id,
             experiment_id=self.plan.experiment_id,
@@ -242,7 +245,7 @@ class _Job:
             model_path=final,
             model_uri=recorded.model_uri,
             ui_url=self.recorder.ui_url(self.plan.experiment_id, self.run_id),
-            objective=_objective(self.plan.cfg, result),
+            objective=math.nan if objective is None else objective,
             pruned=pruned,
             tags=recorded.tags,
         )
@@ -341,12 +344,17 @@ class _Job:
             metrics["best_epoch"] = result.best_epoch
             metrics["best_val_accuracy"] = result.best_val_accuracy
             self.recorder.set_tags({"best_epoch_criterion": trainer.BEST_EPOCH_CRITERION})
+        history = self.recorder.history()  # every epoch, a resumed run's earlier ones too
+        selected = _selected_val_accuracy(cfg, result, history)
+        if selected is not None:
+            metrics["selected_val_accuracy"] = selected
         if self.plan.reproducing:
             metrics.update(self._reproduce_deltas(test, bundle))
         self.recorder.log_metrics(metrics)
-        if self.trial is not None:  # the search's objectives
-            self.trial.finish({**metrics, "val_accuracy": _objective(cfg, result)})
-        figure = plots.training_curves(self.recorder.history())
+        if self.trial is not None:  # the search's objectives, each under its own name
+            last = history.get("val_accuracy") or [math.nan]
+            self.trial.finish({**metrics, "val_accuracy": last[-1]})
+        figure = plots.training_curves(history)
         self.recorder.log_figure(figure, "training_curves.png")
         return test
 
@@ -549,8 +557,14 @@ def reproduce_verdict(
     return f"{verdict} ({'; '.join(notes)})" if notes else verdict
 
 
-def _objective(cfg: DictConfig, result: trainer.FitResult) -> float:
+def _selected_val_accuracy(
+    cfg: DictConfig, result: trainer.FitResult, history: Mapping[str, Sequence[float]]
+) -> float | None:
+    """The validation accuracy of the epoch whose weights are tested and logged: the restored
+    best epoch's under ``trainer.restore_best``, else the last epoch's (``history``: the run's
+    per-epoch metrics); None without validation data. The per-epoch ``val_accuracy``, whose
+    last value MLflow shows as the run's, is the last epoch's whatever was restored."""
     if cfg.trainer.restore_best and result.best_val_accuracy is not None:
         return float(result.best_val_accuracy)
-    values = result.history.get("val_accuracy") or []
-    return float(values[-1]) if values else float("nan")
+    values = history.get("val_accuracy") or []
+    return float(values[-1]) if values else None

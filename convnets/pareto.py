@@ -29,17 +29,3 @@ def pareto_front(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
         elif y[i] == best and x[i] == x[front[-1]]:
             front.append(i)
     return front
-
-
-METRIC_COLUMNS = (
-    "test_accuracy",
-    "best_val_accuracy",
-    "param_count",
-    "receptive_field",
-    "effective_receptive_field",
-    "macs",
-)
-# Parameters that differ between runs without being a design choice.
-_NOISE_PARAMS = ("tracking.", "hydra.", "reproduce", "resume", "trainer.verbose")
-# Derived from the stack (logged as params so that MLflow can group by them): not a choice.
-_NOISE_PARAMS += ("receptive_field", "depth")

@@ -16,13 +16,14 @@ everything it does lives here. A search is an Optuna study in a persistent stora
 
 Trial ``n`` runs as Hydra job ``n`` (``hydra.job.num``). The job finds its trial through
 ``<sweep dir>/optuna_trials/<n>.json`` (:class:`convnets.sweep_files.TrialFile`, read in
-:mod:`convnets.trials`), reports ``val_accuracy`` per epoch (pruning) and writes its final
-metrics to the trial's user attributes, from which the objectives are told. The results go to
-``optimization_results.yaml`` (:class:`convnets.sweep_files.SearchResults`), which the sweep
-callback logs on the parent run. The study's objectives carry their names
-(``Study.metric_names``), so optuna-dashboard shows ``val_accuracy``, not "Objective 0".
-Neither Optuna, MLflow nor TensorFlow is imported at module import: Hydra imports the plugin
-in every launch.
+:mod:`convnets.trials`), reports each epoch's ``val_accuracy`` (pruning) and writes its final
+metrics to the trial's user attributes, from which the objectives are told (each the run's
+final metric of that name: ``selected_val_accuracy``, the epoch it tested, is not the last
+epoch's ``val_accuracy``). The results go to ``optimization_results.yaml``
+(:class:`convnets.sweep_files.SearchResults`), which the sweep callback logs on the parent
+run. The study's objectives carry their names (``Study.metric_names``), so optuna-dashboard
+shows ``selected_val_accuracy``, not "Objective 0". Neither Optuna, MLflow nor TensorFlow is
+imported at module import: Hydra imports the plugin in every launch.
 """
 
 from __future__ import annotations

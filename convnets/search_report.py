@@ -1,6 +1,7 @@
 """What a search leaves for a researcher: ``optimization_results.yaml`` (the best trial, or the
 Pareto-optimal ones), ``pareto.csv`` and ``pareto.png`` for several objectives, and the
-objectives' names on the study (optuna-dashboard shows ``val_accuracy``, not "Objective 0")."""
+objectives' names on the study (optuna-dashboard shows ``selected_val_accuracy``, not
+"Objective 0")."""
 
 from __future__ import annotations
 

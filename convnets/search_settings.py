@@ -12,8 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 from convnets.errors import ConfigError
 from convnets.search_space import parse_space, space_overrides
 
-# Objective -> its usual direction (used when the config names no direction).
+# Objective -> its usual direction (used when the config names no direction). Each is the
+# run's final metric of that name: ``selected_val_accuracy`` is the validation accuracy of the
+# epoch whose weights are tested and logged (the restored best epoch under
+# trainer.restore_best); ``val_accuracy`` is the last epoch's, as MLflow shows it.
 OBJECTIVES = {
+    "selected_val_accuracy": "max",
     "val_accuracy": "max",
     "test_accuracy": "max",
     "param_count": "min",
@@ -22,6 +26,8 @@ OBJECTIVES = {
     "macs": "min",
     "train_time_s": "min",
 }
+# The objectives a run without validation data lacks; a pruned search optimises one of them.
+VALIDATION_OBJECTIVES = ("selected_val_accuracy", "val_accuracy")
 PRUNERS = ("none", "median", "hyperband")
 SAMPLERS = ("tpe", "nsga2", "random")
 HEARTBEAT_S = 10  # the sweeper records a heartbeat for every trial in flight this often
@@ -32,10 +38,10 @@ STALE_AFTER_FLOOR_S = 2 * HEARTBEAT_S  # the least stale_after_s: two missed hea
 class Settings:
     """``hydra.sweeper`` of ``hydra/sweeper=convnets_optuna`` (the plugin's config schema)."""
 
-    objectives: list[str] = field(default_factory=lambda: ["val_accuracy:max"])
+    objectives: list[str] = field(default_factory=lambda: ["selected_val_accuracy:max"])
     n_trials: int = 20  # the study's total: a rerun with more adds the difference
     n_jobs: int = 1  # trials asked and launched at once (with a parallel launcher)
-    pruner: str = "none"  # none | median | hyperband (one objective: val_accuracy)
+    pruner: str = "none"  # none | median | hyperband (one objective, a validation accuracy)
     sampler: str = "tpe"  # tpe | nsga2 | random
     n_startup_trials: int = 10  # TPE: random trials before it models the objective(s)
     seed: int = 0
@@ -64,10 +70,11 @@ def is_search(sweeper: DictConfig) -> bool:
 
 
 def parse_objectives(specs: Sequence[str]) -> tuple[Objective, ...]:
-    """``["val_accuracy:max", "param_count"]`` -> objectives (direction defaults per name)."""
+    """``["selected_val_accuracy:max", "param_count"]`` -> objectives (direction defaults per
+    name)."""
     if not specs:
         raise ConfigError(
-            "hydra.sweeper.objectives: empty; give at least one, e.g. [val_accuracy:max]"
+            "hydra.sweeper.objectives: empty; give at least one, e.g. [selected_val_accuracy:max]"
         )
     objectives = []
     for spec in specs:
@@ -118,15 +125,16 @@ def check(config: DictConfig) -> tuple[Settings, tuple[Objective, ...]]:
             f"hydra.sweeper.pruner={settings.pruner}: Optuna cannot prune a multi-objective "
             "search; use hydra.sweeper.pruner=none or a single objective"
         )
-    if settings.pruner != "none" and names != ["val_accuracy"]:
+    if settings.pruner != "none" and names[0] not in VALIDATION_OBJECTIVES:  # one, as above
         raise ConfigError(
             f"hydra.sweeper.pruner={settings.pruner}: pruning compares the trials' per-epoch "
-            "val_accuracy; it needs hydra.sweeper.objectives=[val_accuracy:max]"
+            "val_accuracy; it needs hydra.sweeper.objectives=[selected_val_accuracy:max] "
+            "(or [val_accuracy:max])"
         )
-    needs_val = "val_accuracy" in names or settings.pruner != "none"
+    needs_val = [n for n in names if n in VALIDATION_OBJECTIVES]  # a pruned search's too
     if needs_val and not OmegaConf.select(config, "dataset.val_fraction", default=0.1):
         raise ConfigError(
-            "dataset.val_fraction=0: the objective val_accuracy needs validation data; set "
+            f"dataset.val_fraction=0: the objective {needs_val[0]} needs validation data; set "
             "dataset.val_fraction=0.1 or optimise another objective (hydra.sweeper.objectives)"
         )
     task = OmegaConf.select(config, "hydra.overrides.task", default=[])

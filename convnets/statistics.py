@@ -20,7 +20,9 @@ SEED = "trainer.seed"
 CONFIDENCE = 0.95
 ALPHA = 1 - CONFIDENCE
 TEST_NAME = "Welch's t-test"
-MEASURED = ("test_accuracy", "best_val_accuracy")  # per group: mean, std, ci_low, ci_high
+# Per group: mean, std, ci_low, ci_high. selected_val_accuracy: the validation accuracy of the
+# epoch each run tested (the restored best one under trainer.restore_best).
+MEASURED = ("test_accuracy", "selected_val_accuracy")
 CARRIED = ("param_count", "receptive_field", "effective_receptive_field", "macs")
 
 

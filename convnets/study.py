@@ -96,9 +96,11 @@ def _finished_jobs(tracker, parent) -> list[tuple[int, object]]:
 
 
 def objective(metrics: dict[str, float]) -> float:
-    """What a sweep picks its best job by: the restored best epoch's validation accuracy,
-    else the last epoch's."""
-    return metrics.get("best_val_accuracy", metrics.get("val_accuracy", math.nan))
+    """What a sweep picks its best job by: ``selected_val_accuracy``, the validation accuracy
+    of the epoch the job tested. A job recorded before that metric existed: what its sweep
+    picked by then, its best epoch's validation accuracy, else its last epoch's."""
+    older = metrics.get("best_val_accuracy", metrics.get("val_accuracy", math.nan))
+    return metrics.get("selected_val_accuracy", older)
 
 
 def summary(

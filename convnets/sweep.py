@@ -62,7 +62,9 @@ SUMMARY_COLUMNS = {
     "tags.mlflow.runName": "run_name",
     "status": "status",
     "tags.sweep_overrides": "overrides",
-    "metrics.best_val_accuracy": "val_accuracy",  # the objective: the restored best epoch's
+    # The validation accuracy of the epoch each job tested (the restored best one under
+    # trainer.restore_best): a search's default objective, and what the best job is picked by.
+    "metrics.selected_val_accuracy": "selected_val_accuracy",
     "metrics.test_accuracy": "test_accuracy",
     "metrics.param_count": "param_count",
     "metrics.receptive_field": "receptive_field",
@@ -72,6 +74,7 @@ SUMMARY_COLUMNS = {
     "tags.failure_reason": "failure_reason",
     "tags.pruned": "pruned",  # stopped early by a search's pruner: not a candidate for best
 }
+BEST_BY = "selected_val_accuracy"  # the summary column the parent's best job maximises
 
 
 def sweep_context(hydra_cfg: DictConfig) -> SweepContext | None:
@@ -435,7 +438,11 @@ class MlflowSweepCallback(Callback):
             _log_optuna_results(context, results, sweep_dir)
         others = results.trials_running if results is not None else 0
         table = summarize(
-            context, sweep_dir / SUMMARY_DIR, config.tracking.http_timeout_s, end=not others
+            context,
+            sweep_dir / SUMMARY_DIR,
+            config.tracking.http_timeout_s,
+            end=not others,
+            objectives=results.objectives if results is not None else (),
         )
         if others:
             print(
@@ -570,8 +577,24 @@ def _seed_groups(runs: pd.DataFrame, out_dir: Path) -> None:
             print(line, flush=True)
 
 
+def best_criterion(objectives: Sequence[str] = ()) -> str:
+    """How the parent's best job is picked, as its ``best_criterion`` tag says it; for a search
+    that optimises something else, also where the search's own answer is (``objectives``: the
+    search's, ``name:max`` / ``name:min``)."""
+    criterion = f"{BEST_BY} (max)"
+    if not objectives or list(objectives) == [f"{BEST_BY}:max"]:
+        return criterion
+    if len(objectives) > 1:
+        return f"{criterion}; the search's Pareto front of {', '.join(objectives)}: pareto/"
+    return f"{criterion}; the search's best by {objectives[0]}: optuna_best_value"
+
+
 def summarize(
-    context: SweepContext, out_dir: Path, http_timeout_s: float = 10.0, end: bool = True
+    context: SweepContext,
+    out_dir: Path,
+    http_timeout_s: float = 10.0,
+    end: bool = True,
+    objectives: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Summary of the sweep's jobs on the parent run; ends the parent (unless ``end`` is
     false: other processes still run trials of the same study); returns the table.
@@ -579,14 +602,15 @@ def summarize(
     Logs ``summary/jobs.csv`` (one row per job), ``summary/groups.csv`` (jobs that differ only
     in the seed as one configuration: n, mean, std, 95% CI), ``summary/*.png`` (test accuracy
     against parameter count coloured by receptive field, and against receptive field; the
-    configurations' means with error bars), the best
-    job (highest ``val_accuracy``, the objective) as tag ``best_run_id`` and metrics
-    ``best_val_accuracy`` / ``best_test_accuracy``, and the job counts. The parent ends FINISHED, or FAILED when no
-    job finished.
+    configurations' means with error bars), the job counts, and the best job: the finished,
+    unpruned one with the highest ``selected_val_accuracy``, as tags ``best_run_id``,
+    ``best_run_name`` and ``best_criterion`` (:func:`best_criterion`; ``objectives``: a
+    search's) and metrics ``best_selected_val_accuracy`` / ``best_test_accuracy``, both that
+    run's. The parent ends FINISHED, or FAILED when no job finished.
     """
     import pandas as pd
 
-    from convnets.comparison import summary_figures
+    from convnets.comparison import selected_val_accuracy, summary_figures
     from convnets.tracking import Tracker, where_to_look
 
     tracker = Tracker(context.tracking_uri, http_timeout_s=http_timeout_s)
@@ -595,8 +619,7 @@ def summarize(
         filter_string=f"tags.`mlflow.parentRunId` = '{context.parent_run_id}'",
     )
     table = runs.reindex(columns=list(SUMMARY_COLUMNS)).rename(columns=SUMMARY_COLUMNS)
-    if "metrics.val_accuracy" in runs.columns:  # trainer.restore_best=false: the last epoch's
-        table["val_accuracy"] = table["val_accuracy"].fillna(runs["metrics.val_accuracy"])
+    table["selected_val_accuracy"] = selected_val_accuracy(runs)  # older runs' from their record
     table["job"] = pd.to_numeric(table["job"]).astype("Int64")
     table = table.sort_values("job", kind="stable").reset_index(drop=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -608,15 +631,20 @@ def summarize(
     tracker.log_artifacts_to(context.parent_run_id, out_dir, SUMMARY_DIR)
 
     finished = table[
-        (table["status"] == "FINISHED") & table["val_accuracy"].notna() & table["pruned"].isna()
+        (table["status"] == "FINISHED") & table[BEST_BY].notna() & table["pruned"].isna()
     ]
     metrics = {"jobs": len(table), "jobs_finished": len(finished)}
     metrics["jobs_failed"] = int((table["status"] == "FAILED").sum())
     if len(finished):
-        best = finished.loc[finished["val_accuracy"].idxmax()]
-        tags = {"best_run_id": best["run_id"], "best_overrides": str(best["overrides"])}
+        best = finished.loc[finished[BEST_BY].idxmax()]
+        tags = {
+            "best_run_id": best["run_id"],
+            "best_run_name": str(best["run_name"]),
+            "best_criterion": best_criterion(objectives),
+            "best_overrides": str(best["overrides"]),
+        }
         tracker.set_tags_on(context.parent_run_id, tags)
-        metrics["best_val_accuracy"] = best["val_accuracy"]
+        metrics["best_selected_val_accuracy"] = best["selected_val_accuracy"]
         if not math.isnan(best["test_accuracy"]):
             metrics["best_test_accuracy"] = best["test_accuracy"]
     tracker.log_metrics_to(context.parent_run_id, metrics)

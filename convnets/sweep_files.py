@@ -170,7 +170,7 @@ class SearchResults:
     front (``solutions``, with ``pareto.csv`` and ``pareto.png`` beside) for several."""
 
     study_name: str
-    objectives: tuple[str, ...]  # "val_accuracy:max", ...
+    objectives: tuple[str, ...]  # "selected_val_accuracy:max", ...
     trials_complete: int
     best_value: float | None = None  # one objective
     best_params: Mapping[str, Any] | None = None

@@ -45,6 +45,8 @@ def test_a_run_is_a_value_equal_to_its_record(store, two_runs):
     assert run.model_path.is_file() and run.model_path.name == "model.keras"
     assert run.model_uri == recorded.data.tags["model_uri"]
     assert run.ui_url.endswith(f"/#/experiments/{run.experiment_id}/runs/{run.run_id}")
+    # the objective: the validation accuracy of the epoch tested, the restored best one
+    assert run.objective == recorded.data.metrics["selected_val_accuracy"]
     assert run.objective == recorded.data.metrics["best_val_accuracy"]
     # a second call is a second run, with its own overrides and nothing of the first's
     assert other.run_id != run.run_id

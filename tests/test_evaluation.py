@@ -220,6 +220,31 @@ def test_sweep_labels_keep_only_the_design_choices_that_differ():
     assert _point_labels(runs_table(runs)) == ["kernel_size=3", "kernel_size=5"]
 
 
+def test_runs_recorded_before_selected_val_accuracy_get_it_from_their_record():
+    """The validation accuracy of the epoch each run tested: its own metric, else (a run
+    recorded before it existed) its best epoch's when it restored that one, else its last
+    epoch's; none for a run that tested nothing (pruned) or had no validation data."""
+    from convnets.comparison import runs_table
+
+    nan = float("nan")
+    runs = pd.DataFrame(
+        {
+            "run_id": ["new", "old_restored", "old_last", "pruned", "no_val"],
+            "params.trainer.restore_best": ["True", "True", "False", "True", "True"],
+            "metrics.selected_val_accuracy": [0.7, nan, nan, nan, nan],
+            "metrics.best_val_accuracy": [0.7, 0.8, 0.9, nan, nan],
+            "metrics.val_accuracy": [0.6, 0.75, 0.85, 0.5, nan],
+            "metrics.test_accuracy": [0.5, 0.5, 0.5, nan, 0.5],
+        }
+    )
+    table = runs_table(runs).set_index("run_id")
+    assert table["selected_val_accuracy"].to_dict() == pytest.approx(
+        {"new": 0.7, "old_restored": 0.8, "old_last": 0.85, "pruned": nan, "no_val": nan},
+        nan_ok=True,
+    )
+    assert "best_val_accuracy" not in table and "val_accuracy" not in table
+
+
 def test_summary_figures_stay_readable_with_many_keys_and_long_floats(tmp_path):
     """A search over the learning rate and three other keys: points labelled by trial
     number, the axes of normal size, no layout warning."""

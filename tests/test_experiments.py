@@ -114,7 +114,7 @@ def test_optuna_search_space_corners_compose_to_valid_stacks(hydra_compose, name
     base = hydra_compose([f"hparams_search={name}"], return_hydra_config=True)
     sweeper = base.hydra.sweeper
     assert "ConvnetsOptunaSweeper" in sweeper._target_
-    assert sweeper.objectives[0] == "val_accuracy:max" and sweeper.seed is not None
+    assert sweeper.objectives[0] == "selected_val_accuracy:max" and sweeper.seed is not None
     assert sweeper.storage is None  # optuna.db beside mlflow.db: rerunning resumes
     if name.endswith("_pareto"):  # accuracy against parameters, over whole stacks
         assert len(sweeper.objectives) == 2 and "model.layers" in sweeper.params

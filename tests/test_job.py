@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
+from omegaconf import OmegaConf
 
-from convnets.job import reproduce_verdict
+from convnets.job import _selected_val_accuracy, reproduce_verdict
 
 # At accuracy 0.9 on 100 test images two binomial standard errors are
 # 2 * sqrt(0.9 * 0.1 / 100) = 0.06: the band a rerun's accuracy may move within by chance.
@@ -39,3 +41,18 @@ def test_a_perfect_original_still_has_a_verdict():
     """accuracy 1.0 has no binomial spread: any change in accuracy differs, none is noise."""
     assert reproduce_verdict(0.0, 1e-6, accuracy=1.0, num_test=360) == "within noise"
     assert reproduce_verdict(-1 / 360, 0.01, accuracy=1.0, num_test=360) == "differs"
+
+
+@pytest.mark.parametrize(
+    "restore_best, best, history, selected",
+    [
+        (True, 0.9, [0.9, 0.8], 0.9),  # the restored best epoch, not the last one
+        (False, 0.9, [0.9, 0.8], 0.8),  # nothing restored: the last epoch is tested
+        (True, None, [0.3, 0.4], 0.4),  # no finite val_loss: nothing to restore
+        (True, None, [], None),  # no validation data
+    ],
+)
+def test_the_selected_val_accuracy_is_the_tested_epochs(restore_best, best, history, selected):
+    cfg = OmegaConf.create({"trainer": {"restore_best": restore_best}})
+    result = SimpleNamespace(best_val_accuracy=best)
+    assert _selected_val_accuracy(cfg, result, {"val_accuracy": history}) == selected

@@ -138,19 +138,26 @@ def test_a_trial_becomes_hydra_overrides():
 
 def test_objectives_take_a_direction_or_their_usual_one():
     assert search_settings.parse_objectives(
-        ["val_accuracy:max", "param_count", "receptive_field:max"]
+        ["selected_val_accuracy:max", "param_count", "receptive_field:max", "val_accuracy"]
     ) == (
-        search_settings.Objective("val_accuracy", "maximize"),
+        search_settings.Objective("selected_val_accuracy", "maximize"),
         search_settings.Objective("param_count", "minimize"),
         search_settings.Objective("receptive_field", "maximize"),
+        search_settings.Objective("val_accuracy", "maximize"),
     )
+
+
+def test_the_default_objective_is_the_tested_epochs_validation_accuracy():
+    settings, objectives = search_settings.check(sweeper_config())
+    assert settings.objectives == ["selected_val_accuracy:max"]
+    assert objectives == (search_settings.Objective("selected_val_accuracy", "maximize"),)
 
 
 @pytest.mark.parametrize(
     ("specs", "message"),
     [
-        (["accuracy"], "unknown objective 'accuracy'; valid: val_accuracy, test_accuracy,"),
-        (["val_accuracy:up"], "the direction is max or min (e.g. val_accuracy:max)"),
+        (["accuracy"], "unknown objective 'accuracy'; valid: selected_val_accuracy, val_accuracy,"),
+        (["selected_val_accuracy:up"], "max or min (e.g. selected_val_accuracy:max)"),
         (["macs", "macs:min"], "macs is given twice"),
         ([], "empty; give at least one"),
     ],
@@ -164,17 +171,21 @@ def test_bad_objectives_are_one_line_naming_the_key(specs, message):
 @pytest.mark.parametrize(
     ("sweeper", "val_fraction", "message"),
     [
-        ({"pruner": "median", "objectives": ["val_accuracy", "param_count"]}, 0.1,
+        ({"pruner": "median", "objectives": ["selected_val_accuracy", "param_count"]}, 0.1,
          "hydra.sweeper.pruner=median: Optuna cannot prune a multi-objective search"),
         ({"pruner": "hyperband", "objectives": ["test_accuracy"]}, 0.1,
-         "pruning compares the trials' per-epoch val_accuracy"),
+         r"pruning compares the trials' per-epoch val_accuracy; it needs "
+         r"hydra.sweeper.objectives=\[selected_val_accuracy:max\] \(or \[val_accuracy:max\]\)"),
         ({"pruner": "asha"}, 0.1, "hydra.sweeper.pruner=asha: unknown; use none, median"),
         ({"sampler": "cmaes"}, 0.1, "hydra.sweeper.sampler=cmaes: unknown; use tpe, nsga2"),
         ({"n_trials": 0}, 0.1, "hydra.sweeper.n_trials=0: give 1 or more"),
         ({"stale_after_s": 5}, 0.1, "hydra.sweeper.stale_after_s=5: give 20 or more"),
         ({"params": {"model.width": "tag(log, interval(0, 2))"}}, 0.1,
          r"model.width=tag\(log, interval\(0, 2\)\): a log scale needs a lower bound above 0"),
-        ({}, 0.0, "dataset.val_fraction=0: the objective val_accuracy needs validation data"),
+        ({}, 0.0,
+         "dataset.val_fraction=0: the objective selected_val_accuracy needs validation data"),
+        ({"objectives": ["param_count", "val_accuracy"]}, 0.0,
+         "dataset.val_fraction=0: the objective val_accuracy needs validation data"),
     ],
 )  # fmt: skip
 def test_searches_that_cannot_run_are_refused(sweeper, val_fraction, message):
@@ -182,6 +193,12 @@ def test_searches_that_cannot_run_are_refused(sweeper, val_fraction, message):
     config.dataset.val_fraction = val_fraction
     with pytest.raises(ConfigError, match=message):
         search_settings.check(config)
+
+
+@pytest.mark.parametrize("objective", ["selected_val_accuracy", "val_accuracy"])
+def test_a_pruned_search_optimises_either_validation_accuracy(objective):
+    _, objectives = search_settings.check(sweeper_config(pruner="median", objectives=[objective]))
+    assert [o.name for o in objectives] == [objective]
 
 
 def test_a_test_accuracy_search_needs_no_validation_data():
@@ -265,11 +282,11 @@ def test_canary_a_trial_asked_elsewhere_is_reached_through_its_id(tmp_path):
     study = optuna.load_study(study_name="s", storage=storage)
     trial = optuna.trial.Trial(study, search.trial_id(storage, "s", asked.number))
     trial.report(0.5, 1)
-    trial.set_user_attr("metrics", {"val_accuracy": 0.5})
+    trial.set_user_attr("metrics", {"selected_val_accuracy": 0.5})
     [frozen] = study.get_trials()
     assert trial.number == asked.number == frozen.number
     assert frozen.intermediate_values == {1: 0.5}
-    assert frozen.user_attrs == {"metrics": {"val_accuracy": 0.5}}
+    assert frozen.user_attrs == {"metrics": {"selected_val_accuracy": 0.5}}
 
 
 def test_the_trial_file_round_trips(tmp_path):
@@ -282,15 +299,17 @@ def test_the_trial_file_round_trips(tmp_path):
 
 def test_the_results_file_round_trips(tmp_path):
     assert SearchResults.read(tmp_path) is None
-    one = SearchResults("s", ("val_accuracy:max",), 3, 0.9, {"optimizer.lr": 0.01}, 2, "r2")
+    one = SearchResults("s", ("selected_val_accuracy:max",), 3, 0.9, {"optimizer.lr": 0.01}, 2,
+                        "r2")  # fmt: skip
     one.write(tmp_path)
     assert SearchResults.read(tmp_path) == one
     text = SearchResults.path(tmp_path).read_text()
     assert "solutions" not in text and "best_value: 0.9" in text
-    front = ({"trial": 1, "run_id": "r1", "values": {"val_accuracy": 0.9, "param_count": 10.0},
+    front = ({"trial": 1, "run_id": "r1",
+              "values": {"selected_val_accuracy": 0.9, "param_count": 10.0},
               "params": {"model.width": 0.5}},)  # fmt: skip
-    several = SearchResults("s", ("val_accuracy:max", "param_count:min"), 4, solutions=front,
-                            dominated_run_ids=("r0",))  # fmt: skip
+    several = SearchResults("s", ("selected_val_accuracy:max", "param_count:min"), 4,
+                            solutions=front, dominated_run_ids=("r0",))  # fmt: skip
     several.write(tmp_path)
     assert SearchResults.read(tmp_path) == several
     assert "best_value" not in SearchResults.path(tmp_path).read_text()
@@ -309,9 +328,11 @@ def test_the_launcher_process_stays_light():
     ("overrides", "line"),
     [
         (["hydra.sweeper.objectives=[accuracy]"],
-         "error: hydra.sweeper.objectives: unknown objective 'accuracy'; valid: val_accuracy,"),
+         "error: hydra.sweeper.objectives: unknown objective 'accuracy'; valid: "
+         "selected_val_accuracy, val_accuracy,"),
         (["dataset.val_fraction=0"],
-         "error: dataset.val_fraction=0: the objective val_accuracy needs validation data"),
+         "error: dataset.val_fraction=0: the objective selected_val_accuracy needs validation "
+         "data"),
         (["hydra.sweeper.pruner=median", "hydra.sweeper.objectives=[val_accuracy,macs]"],
          "error: hydra.sweeper.pruner=median: Optuna cannot prune a multi-objective search"),
         (["optimizer.lr=tag(log,interval(0,0.1))"],
@@ -355,7 +376,7 @@ def test_a_two_objective_search_resumes_into_the_same_study_and_parent(tmp_path)
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent}
     resumed = study(tmp_path, "digits_pareto")
     # The objectives carry their names: optuna-dashboard shows them, not "Objective 0/1".
-    assert resumed.metric_names == ["val_accuracy", "param_count"]
+    assert resumed.metric_names == ["selected_val_accuracy", "param_count"]
     trials = resumed.trials
     assert [t.number for t in trials] == list(range(8))
     assert all(t.state == TrialState.COMPLETE for t in trials)
@@ -370,10 +391,90 @@ def test_a_two_objective_search_resumes_into_the_same_study_and_parent(tmp_path)
     assert front and front == tagged
     for row in rows:  # no front point is beaten on both objectives by another trial
         if row["run_id"] in front:
-            acc, params = float(row["val_accuracy"]), float(row["param_count"])
+            acc, params = float(row["selected_val_accuracy"]), float(row["param_count"])
             assert not any(
-                float(o["val_accuracy"]) > acc and float(o["param_count"]) < params for o in rows
+                float(o["selected_val_accuracy"]) > acc and float(o["param_count"]) < params
+                for o in rows
             )
+
+
+@pytest.mark.slow
+def test_four_views_of_one_study_agree_on_every_figure_they_share(tmp_path):
+    """``compare=`` over the parent, the parent's summary, ``pareto.csv`` and the study as
+    optuna-dashboard reads it: per run the same figure under the same name. The objective is
+    the validation accuracy of the epoch each run tested (its restored best), never the last
+    epoch's ``val_accuracy`` under the objective's name."""
+    import convnets
+
+    objectives = ["selected_val_accuracy", "param_count"]
+    spec = "[selected_val_accuracy:max,param_count:min]"
+    ok(search_cli(tmp_path, "hparams_search=digits_optuna", *TINY, "trainer.epochs=2",
+                  "hydra.sweeper.n_trials=3", f"hydra.sweeper.objectives={spec}"))  # fmt: skip
+    [parent], children, client = runs(tmp_path)
+    assert [r.info.status for r in children] == ["FINISHED"] * 3
+    shared = (*objectives, "test_accuracy")
+    record = {r.info.run_id: {k: r.data.metrics[k] for k in shared} for r in children}
+    last = {}  # the last epoch's val_accuracy, as MLflow shows the per-epoch metric
+    for run in children:
+        metrics = run.data.metrics
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        by_epoch = {m.step: m.value for m in history}
+        assert metrics["selected_val_accuracy"] == by_epoch[int(metrics["best_epoch"])]
+        last[run.info.run_id] = by_epoch[max(by_epoch)]
+        assert metrics["val_accuracy"] == last[run.info.run_id]  # as MLflow shows the run
+
+    # The study, as optuna-dashboard shows it: named objectives, each trial's values.
+    dashboard = study(tmp_path, "digits_optuna")
+    assert dashboard.metric_names == objectives
+    assert {t.user_attrs["mlflow_run_id"] for t in dashboard.trials} == set(record)
+    for trial in dashboard.trials:
+        run_id = trial.user_attrs["mlflow_run_id"]
+        assert trial.values == [record[run_id][k] for k in objectives]
+        reported = trial.user_attrs["metrics"]
+        assert {k: reported[k] for k in shared} == record[run_id]
+        assert reported["val_accuracy"] == last[run_id]  # the last epoch's, under its own name
+
+    # pareto.csv in the sweep folder (and logged on the parent): one column per objective.
+    with open(tmp_path / "multirun" / "pareto.csv", newline="") as f:
+        pareto = list(csv.DictReader(f))
+    assert list(pareto[0]) == ["trial", "run_id", *objectives, "pareto_optimal", "params"]
+    assert {row["run_id"] for row in pareto} == set(record)
+    for row in pareto:
+        assert {k: float(row[k]) for k in objectives} == {
+            k: record[row["run_id"]][k] for k in objectives
+        }
+
+    # The parent: summary/jobs.csv, and its best job, one named run and its criterion.
+    local = client.download_artifacts(parent.info.run_id, "summary/jobs.csv", str(tmp_path))
+    with open(local, newline="") as f:
+        jobs = list(csv.DictReader(f))
+    assert "val_accuracy" not in jobs[0]
+    assert {row["run_id"] for row in jobs} == set(record)
+    for row in jobs:
+        assert {k: float(row[k]) for k in shared} == record[row["run_id"]]
+    tags, metrics = parent.data.tags, parent.data.metrics
+    best = record[tags["best_run_id"]]
+    assert best["selected_val_accuracy"] == max(r["selected_val_accuracy"] for r in record.values())
+    assert tags["best_run_name"] == client.get_run(tags["best_run_id"]).info.run_name
+    assert tags["best_criterion"] == (
+        "selected_val_accuracy (max); the search's Pareto front of selected_val_accuracy:max, "
+        "param_count:min: pareto/"
+    )
+    assert metrics["best_selected_val_accuracy"] == best["selected_val_accuracy"]
+    assert metrics["best_test_accuracy"] == best["test_accuracy"]
+    assert "best_val_accuracy" not in metrics
+
+    # evaluate.py compare=<parent>, in process.
+    report = convnets.compare(
+        parent.info.run_id,
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        output_dir=tmp_path / "compare",
+    )
+    assert "val_accuracy" not in report.table.columns
+    table = report.table.set_index("run_id")
+    assert set(table.index) == set(record)
+    for run_id, figures in record.items():
+        assert {k: table.loc[run_id, k] for k in shared} == figures
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ def table(rows: list[tuple[float, int, float]]) -> pd.DataFrame:
             "model.width": [w for w, _, _ in rows],
             "trainer.seed": [s for _, s, _ in rows],
             "test_accuracy": [a for _, _, a in rows],
-            "best_val_accuracy": [a - 0.01 for _, _, a in rows],
+            "selected_val_accuracy": [a - 0.01 for _, _, a in rows],
             "param_count": [1000 * w for w, _, _ in rows],
         }
     )
@@ -43,6 +43,8 @@ def test_groups_pool_the_seeds_with_a_t_interval():
     assert one["test_accuracy_std"] == pytest.approx(0.02)
     assert one["test_accuracy_ci_low"] == pytest.approx(0.92 - half)
     assert one["test_accuracy_ci_high"] == pytest.approx(0.92 + half)
+    assert one["selected_val_accuracy_mean"] == pytest.approx(0.91)
+    assert one["selected_val_accuracy_ci_low"] == pytest.approx(0.91 - half)
     single = groups.set_index("group").loc["width=2"]
     assert single["n"] == 1 and math.isnan(single["test_accuracy_ci_low"])
 

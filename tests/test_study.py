@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from convnets.study import summary
+from convnets.study import objective, summary
 
 
 def job(val: float, test: float, params: int = 100) -> dict[str, float]:
-    return {"best_val_accuracy": val, "test_accuracy": test, "param_count": params}
+    return {"selected_val_accuracy": val, "test_accuracy": test, "param_count": params}
 
 
 ORIGINAL = [(0, job(0.90, 0.91, 100)), (1, job(0.95, 0.94, 200)), (2, job(0.80, 0.85, 50))]
@@ -40,3 +40,11 @@ def test_a_job_that_failed_to_reproduce_is_named():
     assert line.startswith("the best job j01 failed to reproduce;")
     assert line.endswith("1 job(s) failed: j01")
     assert record["tags"]["reproduce_same_best"] == "unknown"
+
+
+def test_the_best_job_is_picked_by_the_tested_epochs_validation_accuracy():
+    # the last epoch's val_accuracy (higher here) is not what a sweep picks by
+    assert objective({"selected_val_accuracy": 0.9, "val_accuracy": 0.95}) == 0.9
+    # a job recorded before selected_val_accuracy existed: what its sweep picked by then
+    assert objective({"best_val_accuracy": 0.8, "val_accuracy": 0.85}) == 0.8
+    assert objective({"val_accuracy": 0.85}) == 0.85

@@ -208,6 +208,18 @@ def test_the_swept_keys_are_the_ranges_not_the_fixed_values():
     )
 
 
+def test_the_best_job_says_by_which_criterion_and_where_a_search_keeps_its_own():
+    assert sweep.best_criterion() == "selected_val_accuracy (max)"  # a grid sweep
+    assert sweep.best_criterion(["selected_val_accuracy:max"]) == "selected_val_accuracy (max)"
+    assert sweep.best_criterion(["selected_val_accuracy:max", "param_count:min"]) == (
+        "selected_val_accuracy (max); the search's Pareto front of selected_val_accuracy:max, "
+        "param_count:min: pareto/"
+    )
+    assert sweep.best_criterion(["test_accuracy:max"]) == (
+        "selected_val_accuracy (max); the search's best by test_accuracy:max: optuna_best_value"
+    )
+
+
 # ---------------------------------------------------------------- run names
 
 TRIAL = (
@@ -413,9 +425,15 @@ def test_grid_sweep_nests_jobs_under_a_summarised_parent_and_survives_a_bad_poin
     assert parent.data.params["sweep.model.layers.0.stride"] == "1,2"
     assert parent.data.params["sweep.model.layer_defaults.dilation"] == "1,2"
     assert parent.data.metrics["jobs"] == 4 and parent.data.metrics["jobs_failed"] == 1
-    best = max(s.finished(), key=lambda r: r.data.metrics["best_val_accuracy"])
-    assert parent.data.metrics["best_val_accuracy"] == best.data.metrics["best_val_accuracy"]
-    assert parent.data.tags["best_run_id"] in {r.info.run_id for r in s.finished()}
+    # The best job: one named run, and the criterion it is best by.
+    best = max(s.finished(), key=lambda r: r.data.metrics["selected_val_accuracy"])
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert parent.data.tags["best_run_name"] == best.info.run_name
+    assert parent.data.tags["best_criterion"] == "selected_val_accuracy (max)"
+    selected = best.data.metrics["selected_val_accuracy"]
+    assert parent.data.metrics["best_selected_val_accuracy"] == selected
+    assert parent.data.metrics["best_test_accuracy"] == best.data.metrics["test_accuracy"]
+    assert "best_val_accuracy" not in parent.data.metrics  # a run-level name of another meaning
     summary = s.artifacts(parent.info.run_id, "summary")
     assert {"summary/jobs.csv", "summary/accuracy_vs_params.png"} <= summary
     assert "sweep.yaml" in s.artifacts(parent.info.run_id)
@@ -428,6 +446,8 @@ def test_grid_sweep_nests_jobs_under_a_summarised_parent_and_survives_a_bad_poin
         if run.info.status == "FINISHED":
             assert float(row["test_accuracy"]) == run.data.metrics["test_accuracy"]
             assert float(row["receptive_field"]) == run.data.metrics["receptive_field"]
+            selected = run.data.metrics["selected_val_accuracy"]
+            assert float(row["selected_val_accuracy"]) == selected
 
 
 @pytest.mark.slow
@@ -496,7 +516,7 @@ def test_optuna_trials_are_nested_runs_and_a_failed_trial_does_not_stop_the_stud
     assert s.finished(), "the seeded sampler should draw dilation 1 at least once in 3 trials"
 
     results = OmegaConf.load(s.dir / "optimization_results.yaml")
-    objectives = [r.data.metrics["best_val_accuracy"] for r in s.finished()]
+    objectives = [r.data.metrics["selected_val_accuracy"] for r in s.finished()]
     assert results.best_value == pytest.approx(max(objectives))
     assert s.parent.info.status == "FINISHED"
     assert s.parent.data.tags["sweeper"] == "ConvnetsOptunaSweeper"
@@ -619,7 +639,7 @@ def test_submitit_local_executor_runs_a_search(tmp_path):
     assert [r.info.status for r in s.children] == ["FINISHED"] * 2
     assert s.parent.info.status == "FINISHED"
     assert s.parent.data.metrics["optuna_best_value"] == max(
-        r.data.metrics["best_val_accuracy"] for r in s.children
+        r.data.metrics["selected_val_accuracy"] for r in s.children
     )
 
 

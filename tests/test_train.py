@@ -112,6 +112,8 @@ def test_the_full_record(recorded):
     best = min(sorted(val_loss), key=lambda epoch: (val_loss[epoch], -val_accuracy[epoch]))
     assert metrics["best_epoch"] == best
     assert metrics["best_val_accuracy"] == val_accuracy[best]
+    # restore_best (the default): the epoch tested is the best one, whatever the last one says
+    assert metrics["selected_val_accuracy"] == val_accuracy[best]
     assert run.data.tags["best_epoch_criterion"] == "min val_loss (ties: max val_accuracy)"
     summary = recorded["stdout"].strip().splitlines()[-1]
     assert summary.startswith(f"done: test_accuracy={metrics['test_accuracy']:.4f} params=")
