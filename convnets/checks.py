@@ -72,6 +72,7 @@ RULES: tuple[_Rule, ...] = (
         "must be [H, W] with positive sides, or null",
     ),
     ("tracking.http_timeout_s", _positive, "must be > 0"),
+    ("tracking.outage_wait_s", _at_least(0), "must be >= 0"),
     (
         "tracking.uri",
         lambda v: bool(v and str(v).strip()),

@@ -214,6 +214,9 @@ class TrackingConfig:
     run_name: str | None = None
     log_model: bool = True
     http_timeout_s: float = 10.0  # bound on MLflow's HTTP retries for a remote store
+    # how long the end of a run waits for a store that stopped answering during it to take the
+    # epochs it kept; past that they go to the run's folder (unsent_metrics.jsonl)
+    outage_wait_s: float = 120.0
 
 
 # ---------------------------------------------------------------- entry points

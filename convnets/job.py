@@ -113,7 +113,11 @@ def train(
     """
     context = context or JobContext()
     if recorder is None:
-        recorder = MlflowRecorder(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
+        recorder = MlflowRecorder(
+            cfg.tracking.uri,
+            http_timeout_s=cfg.tracking.http_timeout_s,
+            outage_wait_s=cfg.tracking.outage_wait_s,
+        )
     job = _Job(cfg, context, recorder)
     try:
         return job.run()
@@ -207,6 +211,7 @@ class _Job:
                 self.checkpoint_dir = plan.output_dir() / "checkpoints" / run_id
                 self.recorder.set_tags({"checkpoint_dir": str(self.checkpoint_dir)})
                 self.recorder.log_definition(definition(plan, bundle))
+            self.recorder.set_folder(self.checkpoint_dir)
             if self.trial is not None:
                 self.trial.start(run_id)
             with checkpoints.held(self.checkpoint_dir):  # resume= refuses while this trains

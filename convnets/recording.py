@@ -18,20 +18,25 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
 from convnets import liveness
-from convnets.errors import TrackingError, command, shell_override
+from convnets.errors import ConvnetsError, TrackingError, command, shell_override
+from convnets.outbox import Epoch, Outbox, keep_unsent, upload_command
 from convnets.tracking import (
     CONFIG_ARTIFACT,
     EPOCH_METRICS,
     MODEL_URI_TAG,
+    absolute_uri,
+    describe_error,
     failure_reason,
     open_store,
     redact,
+    store_failure,
     ui_url,
     where_to_look,
 )
@@ -97,6 +102,7 @@ class Recorder(Protocol):
         self, plan: Plan, tags: Mapping[str, str]
     ) -> contextlib.AbstractContextManager[str]: ...
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+    def set_folder(self, folder: Path) -> None: ...  # the run's own: its checkpoints
     def log_definition(self, definition: Definition) -> None: ...
     def logged_epochs(self) -> set[int]: ...
     def log_epoch(self, epoch: int, logs: Mapping[str, float]) -> None: ...
@@ -120,15 +126,30 @@ class Recorder(Protocol):
 
 class MlflowRecorder:
     """The MLflow record at ``tracking.uri``. The store is opened on first use, so a plan that
-    refuses before it needs the store creates no store file."""
+    refuses before it needs the store creates no store file.
 
-    def __init__(self, uri: str, *, http_timeout_s: float = 10.0):
+    Training never waits on the store: each epoch's metrics go through an
+    :class:`~convnets.outbox.Outbox`, whose thread sends them and, while the store does not
+    answer, keeps them and tries again. Every other write or read of the run (its tags, its
+    results, its history, its end) first waits until the store has every epoch, at most
+    ``outage_wait_s``: the store answers again, or the epochs are kept in the run's folder
+    (:data:`~convnets.outbox.UNSENT_FILE`) and the run stops with one :class:`TrackingError`
+    line that names the file and the command that finishes the run.
+    """
+
+    def __init__(self, uri: str, *, http_timeout_s: float = 10.0, outage_wait_s: float = 120.0):
         self.uri = uri
         self.http_timeout_s = http_timeout_s
+        self.outage_wait_s = outage_wait_s
         self.shown_uri = redact(uri)
         self._tracker: Tracker | None = None
         self.run_id: str | None = None
         self.run_name: str | None = None  # as the store named the run (a resume keeps its own)
+        self.folder: Path | None = None  # the run's own (its checkpoints): unsent epochs go there
+        self.unsent_path: Path | None = None  # the file they went to, once they did
+        self._outbox: Outbox | None = None
+        self._resumable = False  # the run's definition is recorded: resume= can finish it
+        self._told = False  # a raised error line names the unsent file already
 
     @property
     def tracker(self) -> Tracker:
@@ -148,24 +169,133 @@ class MlflowRecorder:
     @contextlib.contextmanager
     def run(self, plan: Plan, tags: Mapping[str, str]) -> Iterator[str]:
         """Start the run (ending first the runs of its experiment that a killed process left
-        RUNNING), with its process's tags and a heartbeat while it records."""
+        RUNNING), with its process's tags, a heartbeat and the epochs' outbox while it records;
+        it ends once the store has every epoch. A store that stops answering while the run
+        records is one :class:`TrackingError` line, with the command that finishes the run."""
         sweep = plan.context.sweep
         self._end_dead_runs(plan)
-        with self.tracker.run(
-            experiment_id=plan.experiment_id,
-            run_name=plan.run_name(),
-            run_id=plan.source.run_id if plan.resuming else None,
-            parent_run_id=sweep.parent_run_id if sweep else None,
-            tags={**tags, **liveness.process_tags()},
-        ) as active:
-            self.run_id, self.run_name = active.info.run_id, active.info.run_name
-            if plan.resuming:
-                self.tracker.clear_failure_reason(self.run_id)
-            with liveness.Heartbeat(self._beat):
-                yield self.run_id
+        self.run_id, self.unsent_path, self._told = None, None, False
+        self._resumable = plan.resuming
+        try:
+            with self.tracker.run(
+                experiment_id=plan.experiment_id,
+                run_name=plan.run_name(),
+                run_id=plan.source.run_id if plan.resuming else None,
+                parent_run_id=sweep.parent_run_id if sweep else None,
+                tags={**tags, **liveness.process_tags()},
+            ) as active:
+                self.run_id, self.run_name = active.info.run_id, active.info.run_name
+                if plan.resuming:
+                    self.tracker.clear_failure_reason(self.run_id)
+                self._outbox = self._open_outbox(self.run_id)
+                try:
+                    with liveness.Heartbeat(self._beat):
+                        yield self.run_id
+                        self._send_all()
+                except BaseException as err:
+                    self._stop_sending(err)
+                    raise
+                else:
+                    self._keep_unsent(0.0)  # every epoch sent: this only ends the thread
+        except Exception as err:
+            if self.run_id is None or isinstance(err, ConvnetsError) or not store_failure(err):
+                raise
+            raise self._lost(err) from err
 
     def _beat(self) -> None:
-        self.tracker.set_tags_on(self.run_id, {liveness.HEARTBEAT_TAG: str(int(time.time()))})
+        with self.tracker.bounded():  # a beat that fails is skipped: no minutes of retries
+            self.tracker.set_tags_on(self.run_id, {liveness.HEARTBEAT_TAG: str(int(time.time()))})
+
+    # ------------------------------------------------------------ the epochs' outbox
+
+    def _open_outbox(self, run_id: str) -> Outbox:
+        def send(epochs: list[Epoch]) -> None:
+            with self.tracker.bounded():  # each call tried once; the outbox tries again
+                self.tracker.log_steps(
+                    run_id, [(e.step, e.timestamp_ms, e.metrics) for e in epochs]
+                )
+
+        def failing(err: Exception) -> None:
+            print(
+                f"warning: tracking.uri={self.shown_uri}: the MLflow store stopped answering "
+                f"({describe_error(err)}); training goes on, its epochs are kept and sent "
+                "once the store answers again",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        def recovered(count: int) -> None:
+            print(
+                f"tracking.uri={self.shown_uri} answers again: the {count} epochs it missed "
+                "are sent",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        return Outbox(send, failing=failing, recovered=recovered)
+
+    def _send_all(self) -> None:
+        """Wait until the store has every epoch, at most ``outage_wait_s``; past that, keep
+        them in the run's folder and raise the line that says so."""
+        if self._outbox is not None and not self._outbox.flush(self.outage_wait_s):
+            raise self._lost(self._outbox.error, waited=True)
+
+    def _keep_unsent(self, wait_s: float) -> Path | None:
+        """Close the outbox, its epochs given ``wait_s`` more; those still unsent appended to
+        the run's unsent file. The file, or None when the store has every epoch."""
+        if self._outbox is not None:
+            unsent, self._outbox = self._outbox.close(wait_s), None
+            folder = self.folder if self.folder is not None else Path.cwd()
+            try:
+                if unsent:
+                    uri = absolute_uri(self.uri)
+                    self.unsent_path = keep_unsent(folder, self.run_id, uri, unsent)
+            except OSError as err:  # a full disk: the error under way matters more
+                print(
+                    f"warning: run {self.run_id}: {len(unsent)} epochs the MLflow store did not "
+                    f"get could not be kept in {folder} ({err.strerror or err}); resume= sends "
+                    "them again from the checkpoint",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        return self.unsent_path
+
+    def _stop_sending(self, err: BaseException) -> None:
+        """The run ends with ``err``: its epochs get a moment (none while the store fails),
+        the rest go to the run's folder, and a warning line says so unless the error's own
+        line does."""
+        failing = self._outbox is not None and self._outbox.error is not None
+        path = self._keep_unsent(0.0 if failing else self.http_timeout_s)
+        told = self._told or (isinstance(err, Exception) and store_failure(err))
+        if path is not None and not told:
+            print(
+                f"warning: run {self.run_id}: the MLflow store did not get every epoch; they "
+                f"are kept in {path}; send them with: {upload_command(path)}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _lost(self, cause: BaseException | None, *, waited: bool = False) -> TrackingError:
+        """The one line of a store that stopped answering while run ``run_id`` recorded."""
+        path = self._keep_unsent(0.0)
+        self._told = True
+        when = (
+            f"did not answer at the end of run {self.run_id} within "
+            f"tracking.outage_wait_s={self.outage_wait_s:g}"
+            if waited
+            else f"stopped answering during run {self.run_id}"
+        )
+        why = f" ({describe_error(cause)})" if cause is not None else ""
+        if self._resumable:
+            fix = f"once it answers, finish the run with: {resume_command(self.run_id, self.uri)}"
+            if path is not None:
+                fix += f" (which sends them too), or send only them with: {upload_command(path)}"
+        else:
+            fix = "once it answers, run the command again"
+        kept = f"; the epochs it did not get are kept in {path}" if path is not None else ""
+        return TrackingError(
+            f"tracking.uri={self.shown_uri}: the MLflow store {when}{why}{kept}; {fix}"
+        )
 
     def _end_dead_runs(self, plan: Plan) -> None:
         """End KILLED, with the reason, the RUNNING runs of the plan's experiment whose
@@ -192,7 +322,11 @@ class MlflowRecorder:
             )
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._send_all()
         self.tracker.set_tags(tags)
+
+    def set_folder(self, folder: Path) -> None:
+        self.folder = Path(folder).absolute()  # named in lines a user copies
 
     def log_definition(self, definition: Definition) -> None:
         self.tracker.log_params(definition.params)
@@ -207,25 +341,33 @@ class MlflowRecorder:
             source=definition.data_source,
             splits=definition.splits,
         )
+        self._resumable = True
 
     def logged_epochs(self) -> set[int]:
-        return self.tracker.logged_steps(self.run_id)
+        queued = {epoch.step for epoch in self._outbox.pending()} if self._outbox else set()
+        return self.tracker.logged_steps(self.run_id) | queued
 
     def log_epoch(self, epoch: int, logs: Mapping[str, float]) -> None:
-        self.tracker.log_epoch(self.run_id, epoch, logs)
+        """Queued for the outbox's thread: returns at once, whether the store answers or not."""
+        metrics = {key: float(logs[key]) for key in EPOCH_METRICS if key in logs}
+        self._outbox.put(Epoch.now(epoch, metrics))
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        self._send_all()
         self.tracker.log_metrics(metrics)
 
     def history(self) -> dict[str, list[float]]:
+        self._send_all()
         return self.tracker.history(self.run_id)
 
     def log_figure(self, figure: Any, name: str) -> None:
+        self._send_all()
         self.tracker.log_figure(figure, name)
 
     def log_model(
         self, model: Any, *, input_example: Any, metadata: Mapping[str, Any]
     ) -> tuple[str, str]:
+        self._send_all()
         return self.tracker.log_model(
             model, name=self.run_name, input_example=input_example, metadata=metadata
         )
@@ -337,6 +479,9 @@ class MemoryRecorder:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.current.tags.update({key: str(value) for key, value in tags.items()})
+
+    def set_folder(self, folder: Path) -> None:
+        pass  # nothing is ever left unsent in memory
 
     def log_definition(self, definition: Definition) -> None:
         self.current.params.update({key: str(v) for key, v in definition.params.items()})

@@ -33,6 +33,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -209,26 +210,53 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path).resolve() if path and path != ":memory:" else None
 
 
+def absolute_uri(uri: str) -> str:
+    """``uri`` as a command run in another folder reaches the same store: a relative SQLite
+    path made absolute; credentials dropped (:func:`redact`)."""
+    path = sqlite_path(uri)
+    if path is None:
+        return redact(uri)
+    query = uri.partition("?")[2]
+    return f"sqlite:///{path}" + (f"?{query}" if query else "")
+
+
+_BOUNDED_LOCK = threading.Lock()
+_bounded_blocks = 0  # bounded blocks open now, in any thread
+_unbounded_env: dict[str, str | None] = {}  # the variables as they were before the first
+
+
 @contextlib.contextmanager
 def _bounded_http(timeout_s: float) -> Iterator[None]:
     """MLflow's HTTP client without retries and with a timeout, for the duration of the block.
 
-    MLflow reads these variables on every request (see ``mlflow.environment_variables``).
+    MLflow reads these variables on every request (see ``mlflow.environment_variables``), and
+    they are the process's: threads (the epoch sender, the heartbeat) share them with the main
+    thread. The first block to open sets them and the last to close restores them, so a
+    block that ends in one thread never undoes another's that is still open; while one is
+    open, every MLflow request of the process tries once, within the first block's timeout.
     """
+    global _bounded_blocks
     wanted = {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout_s))),
     }
-    saved = {key: os.environ.get(key) for key in wanted}
-    os.environ.update(wanted)
+    with _BOUNDED_LOCK:
+        if _bounded_blocks == 0:
+            _unbounded_env.clear()
+            _unbounded_env.update({key: os.environ.get(key) for key in wanted})
+            os.environ.update(wanted)
+        _bounded_blocks += 1
     try:
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        with _BOUNDED_LOCK:
+            _bounded_blocks -= 1
+            if _bounded_blocks == 0:
+                for key, value in _unbounded_env.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
 
 
 # ---------------------------------------------------------------- the store
@@ -475,11 +503,18 @@ class Tracker:
             mlflow.end_run(status="FINISHED")
 
     def _end(self, run_id: str, status: str, reason: str) -> None:
-        # Best effort: the store may be the thing that failed; the original error matters more.
-        with contextlib.suppress(Exception):
+        # Best effort, each call tried once: the store may be the thing that failed (MLflow's
+        # own retries would hold the error back for minutes); the original error matters more.
+        with self.bounded(), contextlib.suppress(Exception):
             self.client.set_tag(run_id, "failure_reason", shorten(redact(reason), 5000))
-        with contextlib.suppress(Exception):
+        with self.bounded(), contextlib.suppress(Exception):
             mlflow.end_run(status=status)
+
+    def bounded(self) -> contextlib.AbstractContextManager[None]:
+        """A block whose MLflow HTTP requests are each tried once, within ``http_timeout_s``
+        (MLflow's own retries take about four minutes): for a caller that retries itself or
+        can do without the answer (the epoch sender, the heartbeat)."""
+        return _bounded_http(self.http_timeout_s)
 
     # ------------------------------------------------------------ the record (active run)
 
@@ -504,11 +539,27 @@ class Tracker:
     def log_epoch(self, run_id: str, step: int, logs: Mapping[str, Any]) -> None:
         """One epoch's metrics in ONE store call (step = epoch number, starting at 1)."""
         now = int(time.time() * 1000)
-        metrics = [Metric(key, float(logs[key]), now, step) for key in EPOCH_METRICS if key in logs]
-        self.client.log_batch(run_id, metrics=metrics)
+        self.log_steps(run_id, [(step, now, {k: logs[k] for k in EPOCH_METRICS if k in logs})])
+
+    def log_steps(self, run_id: str, steps: Sequence[tuple[int, int, Mapping[str, float]]]) -> None:
+        """``(step, timestamp in ms, metrics)`` rows in one store call (MLflow splits a batch
+        past its limit), confirmed before it returns whatever ``MLFLOW_ENABLE_ASYNC_LOGGING``
+        says. The store keeps a metric as (key, value, timestamp, step) and ignores a row it
+        has already: sending the same rows again, after a call whose answer was lost, adds
+        nothing."""
+        metrics = [
+            Metric(key, float(value), timestamp, step)
+            for step, timestamp, logs in steps
+            for key, value in logs.items()
+        ]
+        self.client.log_batch(run_id, metrics=metrics, synchronous=True)
 
     def logged_steps(self, run_id: str, key: str = "loss") -> set[int]:
         return {m.step for m in self.client.get_metric_history(run_id, key)}
+
+    def metric_steps(self, run_id: str, keys: Sequence[str]) -> set[tuple[str, int]]:
+        """The (key, step) pairs of ``keys`` the run has recorded."""
+        return {(k, m.step) for k in keys for m in self.client.get_metric_history(run_id, k)}
 
     def history(self, run_id: str, keys: Sequence[str] = EPOCH_METRICS) -> dict[str, list[float]]:
         """Per-epoch metrics of a run ordered by step (covers every resumed part of the run)."""
@@ -715,6 +766,29 @@ def _cut_at_word(text: str, limit: int) -> str:
 def _signal_name(err: KeyboardInterrupt) -> str:
     """``SIGTERM`` / ``SIGHUP`` for :class:`~convnets.errors.Interrupted`, else Ctrl-C's."""
     return str(err) if isinstance(err, Interrupted) else "KeyboardInterrupt"
+
+
+def describe_error(err: BaseException, limit: int = 160) -> str:
+    """``err`` in a few words for a one-line message: its type and its first line, credentials
+    dropped, cut at a word past ``limit`` characters."""
+    lines = redact(str(err)).strip().splitlines()
+    detail = _cut_at_word(lines[0], limit) if lines else ""
+    return f"{type(err).__name__}{': ' + detail if detail else ''}"
+
+
+STORE_DOWN_CODES = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def store_failure(err: BaseException) -> bool:
+    """Whether ``err`` is the store not answering (no connection, a timeout, a server error
+    such as its database gone) rather than a request it refused: MLflow's REST client wraps a
+    failed connection in an ``INTERNAL_ERROR``; artifact uploads may raise ``requests``'s
+    own errors."""
+    import requests
+
+    if isinstance(err, MlflowException):
+        return err.error_code in STORE_DOWN_CODES
+    return isinstance(err, requests.exceptions.ConnectionError | requests.exceptions.Timeout)
 
 
 def failure_reason(err: BaseException) -> str:

@@ -22,6 +22,7 @@ CASES = [
     ("dataset.max_pixel_value=0", "dataset.max_pixel_value=0.0 must be > 0"),
     ("dataset.image_size=[0,8]", r"dataset.image_size=\[0,8\] must be \[H, W\]"),
     ("distribute.cpu_replicas=-1", "distribute.cpu_replicas=-1 must be >= 0"),
+    ("tracking.outage_wait_s=-1", "tracking.outage_wait_s=-1.0 must be >= 0"),
     ("distribute.strategy=horovod", "distribute.strategy"),
 ]
 
