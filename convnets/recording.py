@@ -58,6 +58,45 @@ def resume_command(run_id: str, uri: str) -> str:
     return hint
 
 
+def end_dead_runs(tracker: Tracker, experiment_id: str, uri: str, keep: str | None = None) -> None:
+    """End KILLED, with the reason, the RUNNING runs of the experiment whose process is gone
+    (:func:`convnets.liveness.dead_reason`: a training's, or every process sharing a sweep's
+    parent), saying so in a warning line with how to continue; ``keep``: a run this command
+    takes over."""
+    running = tracker.client.search_runs(
+        [experiment_id], "attributes.status = 'RUNNING'", max_results=1000
+    )
+    for run in running:
+        reason = liveness.dead_reason(run.data.tags)
+        if reason is None or run.info.run_id == keep:
+            continue
+        tracker.end_run(run.info.run_id, "KILLED", reason)
+        tags = run.data.tags
+        parent = tags.get("mlflow.parentRunId")
+        what, hint = "run", ""
+        if tags.get("sweep_role") == "parent":
+            what = "sweep parent run"
+            if _is_search(tags):
+                hint = "; rerun the search's command to continue its study under this parent run"
+        elif parent and _is_search(tracker.client.get_run(parent).data.tags):
+            hint = (
+                "; its search asks the trial again once it is stale "
+                "(hydra.sweeper.stale_after_s): rerun the search's command then"
+            )
+        elif "checkpoint_dir" in tags:
+            hint = f"; continue it with: {resume_command(run.info.run_id, uri)}"
+        print(
+            f"warning: {what} {run.info.run_id} was left RUNNING: {reason}; recorded KILLED{hint}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _is_search(parent_tags: Mapping[str, str]) -> bool:
+    """Whether a sweep's parent run (its tags) is a search's (our Optuna sweeper)."""
+    return parent_tags.get("sweeper", "").startswith("ConvnetsOptuna")
+
+
 @dataclass(frozen=True)
 class Definition:
     """What a run is, recorded before it trains: params, text and JSON artifacts, tags, and the
@@ -298,28 +337,9 @@ class MlflowRecorder:
         )
 
     def _end_dead_runs(self, plan: Plan) -> None:
-        """End KILLED, with the reason, the RUNNING runs of the plan's experiment whose
-        process is gone (:func:`convnets.liveness.dead_reason`); a run resumed now is its
-        own."""
+        """:func:`end_dead_runs` in the plan's experiment; a run resumed now is its own."""
         keep = plan.source.run_id if plan.resuming else None
-        running = self.tracker.client.search_runs(
-            [plan.experiment_id], "attributes.status = 'RUNNING'", max_results=1000
-        )
-        for run in running:
-            reason = liveness.dead_reason(run.data.tags)
-            if reason is None or run.info.run_id == keep:
-                continue
-            self.tracker.end_run(run.info.run_id, "KILLED", reason)
-            hint = (
-                f"; continue it with: {resume_command(run.info.run_id, self.uri)}"
-                if "checkpoint_dir" in run.data.tags
-                else ""
-            )
-            print(
-                f"warning: run {run.info.run_id} was left RUNNING: {reason}; recorded KILLED{hint}",
-                file=sys.stderr,
-                flush=True,
-            )
+        end_dead_runs(self.tracker, plan.experiment_id, self.uri, keep=keep)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._send_all()

@@ -12,7 +12,11 @@ creates the parent run, and writes the sweep's :class:`~convnets.sweep_files.Swe
 (``mlflow_sweep.json``). Every job, wherever it runs, reads it through :func:`sweep_context`
 and starts its own run with the sweep's ``experiment_id`` and ``parent_run_id`` (the MLflow UI
 nests it), named by :func:`job_run_name`. When the sweep ends, ``on_multirun_end`` writes the
-summary (CSV + figure + best job) on the parent and ends it.
+summary (CSV + figure + best job) on the parent and ends it. While the sweep runs, its
+process records itself on the parent and beats there (:class:`convnets.liveness.SharedRun`;
+every process of a search shares the study's one parent), so a sweep killed outright
+(SIGKILL, a lost machine) does not leave its parent RUNNING: the next command that records in
+the experiment ends it KILLED once no process of it is left.
 
 How a job's run ends is decided here, not in a launcher: a job ends its own run (FINISHED,
 FAILED or KILLED, :mod:`convnets.job`); a job that could not (its process died, or the sweep
@@ -308,6 +312,7 @@ class MlflowSweepCallback(Callback):
     def __init__(self) -> None:
         self._open_parent: tuple[str, str] | None = None  # (tracking_uri, run_id) until ended
         self._folder_lock: Path | None = None  # this sweep's hold on its folder
+        self._shared: Any = None  # liveness.SharedRun: this process's part in the parent
 
     @_stop_sweep_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -329,6 +334,7 @@ class MlflowSweepCallback(Callback):
         mark_stopped(None)  # a new sweep in this process: not stopped (yet)
         # If the sweep dies (Optuna raising, Ctrl-C), on_multirun_end never runs.
         atexit.register(self._end_abandoned_parent)
+        self._join_parent(tracker, experiment_id, run_id)
 
         context = SweepContext(
             config.tracking.uri, experiment_id, run_id, study is not None, swept_keys(definition)
@@ -351,6 +357,29 @@ class MlflowSweepCallback(Callback):
                 f"folder), or wait for that one to end (if it is gone for good, delete {err.lock})"
             ) from None
         atexit.register(self._release_folder)
+
+    def _join_parent(self, tracker: Any, experiment_id: str, run_id: str) -> None:
+        """Take part in the parent run: this process's tags and a heartbeat on it while the
+        sweep runs (a search's parent may be shared by several processes: each records
+        itself), without the reason a past end left on a reopened one; then end the runs of
+        the experiment whose process is gone, as a training does."""
+        from convnets import liveness
+        from convnets.recording import end_dead_runs
+
+        tracker.clear_failure_reason(run_id)
+        self._shared = liveness.SharedRun(tracker, run_id).join()
+        end_dead_runs(tracker, experiment_id, tracker.uri, keep=run_id)
+
+    def _leave_parent(self) -> bool:
+        """Stop beating on the parent and drop this process's tag from it; whether another
+        live process still shares it (then that one ends it)."""
+        shared, self._shared = self._shared, None
+        if shared is None:
+            return False
+        try:
+            return shared.leave()
+        except Exception:  # noqa: BLE001 - the store is gone: ending the parent says so
+            return False
 
     def _release_folder(self) -> None:
         if self._folder_lock is not None:
@@ -452,6 +481,7 @@ class MlflowSweepCallback(Callback):
                 flush=True,
             )
         self._open_parent = None
+        self._leave_parent()
         self._release_folder()
         if not (table["status"] == "FINISHED").any():
             print(
@@ -465,6 +495,8 @@ class MlflowSweepCallback(Callback):
         from convnets.tracking import Tracker
 
         uri, run_id = self._open_parent
+        if self._leave_parent():  # another process of the study still runs: it ends the parent
+            return
         if _stopped_by is not None:  # Ctrl-C, SIGTERM, SIGHUP: as its running job, KILLED
             Tracker(uri).end_run(run_id, "KILLED", f"interrupted ({_stopped_by})")
         else:

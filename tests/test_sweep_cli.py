@@ -374,6 +374,45 @@ def test_the_callback_ends_the_runs_a_dead_job_left_running(tmp_path, capfd):
     assert recorded.data.tags["failure_reason"] == "ChildProcessError: died while starting"
 
 
+def test_a_search_process_that_stops_leaves_a_parent_another_process_runs(tmp_path):
+    """A search's parent is the study's, shared by every process running it: one that stops
+    (Ctrl-C, an error) ends it only when no other live process shares it."""
+    import json
+
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    from convnets import folder_lock, liveness
+    from convnets.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri)
+    tracker.check_store()
+    experiment = tracker.experiment_id("x")
+    parents = [tracker.create_run(experiment, run_name="search", tags={}) for _ in range(2)]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = {**folder_lock.this_process(), "pid": other.pid}
+        record["started"] = psutil.Process(other.pid).create_time()
+        key = liveness.sharer_key(record)
+        tracker.set_tags_on(parents[0], {key: json.dumps({**record, "beat": time.time()})})
+        sweep.mark_stopped(None)  # stopped by an error, not a signal: FAILED when it ends it
+        for parent in parents:
+            callback = sweep.MlflowSweepCallback()
+            callback._open_parent = (uri, parent)
+            callback._join_parent(tracker, experiment, parent)
+            callback._end_abandoned_parent()
+    finally:
+        other.kill()
+        other.wait()
+    client = MlflowClient(uri)
+    shared, alone = (client.get_run(parent) for parent in parents)
+    assert shared.info.status == "RUNNING"  # the other process ends it
+    assert liveness.sharers(shared.data.tags).keys() == {key}  # this one left
+    assert alone.info.status == "FAILED"
+    assert alone.data.tags["failure_reason"] == "the sweep stopped before its end (see its log)"
+
+
 def test_what_the_launcher_and_callback_rely_on_in_hydra():
     # Canary. A failed job's error is handed out only by raising it from
     # JobReturn.return_value (which also prints a line the callback and launcher keep out of
@@ -703,3 +742,65 @@ def test_a_second_sweep_in_a_live_sweeps_folder_is_refused(tmp_path):
     assert line.startswith(f"error: hydra.sweep.dir={tmp_path / 'multirun'}: another sweep runs")
     assert f"process {first.pid} on " in line
     assert not (tmp_path / "multirun" / "sweep.lock").exists()  # the first let go as it ended
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_outright_is_ended_killed_by_the_next_command(tmp_path):
+    """SIGKILL leaves the sweep no chance to end its parent or its running job; the next
+    command recording in that experiment (a training) finds their process gone and ends
+    both KILLED, saying why."""
+    from mlflow.tracking import MlflowClient
+
+    from convnets import liveness
+
+    output = tmp_path / "sweep.log"
+    with output.open("w") as log:
+        sweep = subprocess.Popen(
+            sweep_command(tmp_path, *TINY, "trainer.epochs=200", "model.width=1,2"),
+            cwd=REPO,
+            env=sweep_env(tmp_path),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline, job = time.monotonic() + 240, None
+        while job is None:  # the parent exists (mlflow_sweep.json names it), job 0 has a run
+            assert sweep.poll() is None and time.monotonic() < deadline, output.read_text()[-3000:]
+            time.sleep(0.5)
+            context = SweepContext.read(tmp_path / "multirun")
+            if context is not None:  # the sweep made the store: open it only now
+                client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+                children = client.search_runs(
+                    [context.experiment_id],
+                    f"tags.`mlflow.parentRunId` = '{context.parent_run_id}'",
+                )
+                job = children[0] if children else None
+        parent = client.get_run(context.parent_run_id)
+        assert parent.data.tags["process"] and parent.data.tags["heartbeat"]
+        assert liveness.sharers(parent.data.tags)  # the sweep's process, as one of its own
+        os.killpg(sweep.pid, signal.SIGKILL)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+        sweep.wait(timeout=60)
+    assert client.get_run(context.parent_run_id).info.status == "RUNNING"
+
+    trained = command(
+        "train.py", *TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"hydra.run.dir={tmp_path}/run", timeout=300,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    gone = f"process {sweep.pid} on "
+    parent, job = client.get_run(context.parent_run_id), client.get_run(job.info.run_id)
+    for run in (parent, job):
+        assert run.info.status == "KILLED"
+        reason = run.data.tags["failure_reason"]
+        assert reason.startswith(f"its process ({gone}") and reason.endswith(
+            "ended without ending the run (killed with SIGKILL, or it crashed)"
+        )
+    warnings = [line for line in trained.stderr.splitlines() if line.startswith("warning: ")]
+    assert any(
+        x.startswith(f"warning: sweep parent run {parent.info.run_id} was left ") for x in warnings
+    )
+    assert any(x.startswith(f"warning: run {job.info.run_id} was left RUNNING: ") for x in warnings)
