@@ -11,7 +11,9 @@ everything it does lives here. A search is an Optuna study in a persistent stora
   run: the first to claim it in the study's database wins (:mod:`convnets.study_parent`);
 - a trial whose process died is found by its missing heartbeat (the sweeper records one for
   every trial in flight), recorded FAIL and asked again with the same parameters (Optuna's
-  ``fail_stale_trials`` with ``RetryFailedTrialCallback``);
+  ``fail_stale_trials`` with ``RetryFailedTrialCallback``); a rerun before then says which
+  trials no live process runs and when they are retried, and counts them in flight, not done
+  (:mod:`convnets.trial_liveness`);
 - several processes (or a parallel launcher) on one storage ask distinct trials from it.
 
 Trial ``n`` runs as Hydra job ``n`` (``hydra.job.num``). The job finds its trial through
@@ -39,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
+from convnets import folder_lock, trial_liveness
 from convnets.errors import ConfigError
 from convnets.search_report import name_objectives, write_results
 from convnets.search_settings import HEARTBEAT_S, Objective, check
@@ -187,18 +190,24 @@ class Search:
         self._check_same_objectives(study, objectives)
         name_objectives(study, objectives)
         self._fail_dead_trials(study)
+        # Trials no live process runs before they are stale keep their place, but not as done.
+        stalled = trial_liveness.report(study, storage, url, settings.stale_after_s)
         done = counted_trials(study.get_trials(deepcopy=False))
         study.sampler = make_sampler(settings, done)
         self._link_parent_run(study)
+        in_flight = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
         log.info(
-            "search: study %s in %s: %d of %d trials done, objectives %s, pruner %s",
-            name, redact_url(url), done, settings.n_trials,
+            "search: study %s in %s: %d of %d trials done, %d in flight (%d without a live "
+            "process), objectives %s, pruner %s",
+            name, redact_url(url), done - in_flight, settings.n_trials, in_flight, len(stalled),
             ", ".join(settings.objectives), settings.pruner,
         )  # fmt: skip
         while (left := settings.n_trials - counted_trials(study.get_trials(deepcopy=False))) > 0:
             with warnings.catch_warnings():  # heartbeats outside optimize(): see _Heartbeat
                 warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
                 trials = [study.ask(space) for _ in range(min(settings.n_jobs, left))]
+            for trial in trials:  # who runs it: a rerun tells a trial whose process is gone
+                trial.set_user_attr(trial_liveness.PROCESS_ATTR, folder_lock.this_process())
             by_number = {t.number: t for t in trials}
             with (
                 _Heartbeat(storage, [trial_id(storage, name, t.number) for t in trials]),
@@ -214,7 +223,8 @@ class Search:
                         initial_job_idx=numbers[0],
                     )
                     self._tell(study, batch, returns, objectives)
-        write_results(study, objectives, self.sweep_dir)
+        stalled = trial_liveness.find_stalled(study, storage, url, settings.stale_after_s)
+        write_results(study, objectives, self.sweep_dir, stalled={t.number for t in stalled})
 
     def _fail_dead_trials(self, study: optuna.Study) -> None:
         """Trials whose process died (no heartbeat): FAIL, enqueued again, their MLflow runs

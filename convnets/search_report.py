@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,9 +23,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def write_results(study: optuna.Study, objectives: Sequence[Objective], sweep_dir: Path) -> None:
+def write_results(
+    study: optuna.Study,
+    objectives: Sequence[Objective],
+    sweep_dir: Path,
+    stalled: Collection[int] = (),
+) -> None:
     """``optimization_results.yaml`` (and for several objectives ``pareto.csv`` and
-    ``pareto.png``) in the sweep dir; the sweep callback logs them on the parent run."""
+    ``pareto.png``) in the sweep dir; the sweep callback logs them on the parent run.
+    ``stalled``: RUNNING trials no live process runs (not counted as running elsewhere)."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
@@ -35,7 +41,9 @@ def write_results(study: optuna.Study, objectives: Sequence[Objective], sweep_di
         objectives=tuple(f"{o.name}:{o.direction[:3]}" for o in objectives),
         trials_complete=len(complete),
         # This process's trials are all told by now: these run in other processes.
-        trials_running=sum(t.state == TrialState.RUNNING for t in trials),
+        trials_running=sum(
+            t.state == TrialState.RUNNING and t.number not in stalled for t in trials
+        ),
     )
     if complete and len(objectives) == 1:
         best = study.best_trial
