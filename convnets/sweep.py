@@ -314,6 +314,12 @@ class MlflowSweepCallback(Callback):
         self._folder_lock: Path | None = None  # this sweep's hold on its folder
         self._shared: Any = None  # liveness.SharedRun: this process's part in the parent
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A parallel launcher (joblib, submitit, fresh_process) pickles the callbacks with
+        # each job. The sweeping process's part in the parent (a heartbeat thread and its
+        # lock) stays with that process: a job's copy takes no part in the parent.
+        return {**self.__dict__, "_shared": None}
+
     @_stop_sweep_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from convnets.search_storage import study_ref
