@@ -524,8 +524,8 @@ def test_two_processes_on_one_storage_share_the_study_without_duplicates(tmp_pat
         for folder in "ab"
     ]
     for proc in procs:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, (out[-2000:], err[-3000:])
 
     trials = study(tmp_path, "digits_optuna").trials
     # n_trials is the study's total; processes checking the budget at the same moment may
