@@ -52,6 +52,20 @@ def imported(result: subprocess.CompletedProcess) -> set[str]:
     }
 
 
+def ended_process() -> dict:
+    """The record (``convnets.folder_lock``'s: host, pid, start time) of a process of this
+    host that has ended."""
+    import psutil
+
+    from convnets import folder_lock
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    record = {**folder_lock.this_process(), "pid": proc.pid}
+    record["started"] = psutil.Process(proc.pid).create_time()
+    proc.wait()
+    return record
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,6 +9,8 @@ import sys
 import threading
 import time
 
+from conftest import ended_process
+
 from convnets import folder_lock, liveness
 
 
@@ -21,15 +23,10 @@ def test_a_run_of_a_live_process_on_this_host_is_alive():
 
 
 def test_a_run_whose_process_ended_on_this_host_is_dead_at_once():
-    import psutil
-
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    record = {**folder_lock.this_process(), "pid": proc.pid}
-    record["started"] = psutil.Process(proc.pid).create_time()
-    proc.wait()
+    record = ended_process()
     reason = liveness.dead_reason(tags_of(record, time.time()))
     assert reason == (
-        f"its process (process {proc.pid} on {record['host']}) ended without ending the run "
+        f"its process (process {record['pid']} on {record['host']}) ended without ending the run "
         "(killed with SIGKILL, or it crashed)"
     )
 
@@ -70,17 +67,6 @@ def shared_tags(*records: tuple[dict, float]) -> dict[str, str]:
         liveness.sharer_key(record): json.dumps({**record, "beat": beat})
         for record, beat in records
     }
-
-
-def ended_process() -> dict:
-    """The record of a process of this host that has ended."""
-    import psutil
-
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    record = {**folder_lock.this_process(), "pid": proc.pid}
-    record["started"] = psutil.Process(proc.pid).create_time()
-    proc.wait()
-    return record
 
 
 def test_a_shared_run_lives_while_any_of_its_processes_does():

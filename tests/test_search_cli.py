@@ -67,6 +67,21 @@ def study(tmp: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp}/optuna.db")
 
 
+def killed_in_trial(tmp: Path, args: list[str], number: int) -> subprocess.Popen:
+    """``train.py -m ARGS`` on the stores in ``tmp`` (sweep folder ``multirun``), killed with
+    SIGKILL (no handler, no atexit) once trial ``number`` has started its MLflow run."""
+    command = [sys.executable, "train.py", "-m", f"tracking.uri=sqlite:///{tmp}/mlflow.db"]
+    command += [f"hydra.sweep.dir={tmp}/multirun", *args]
+    proc = subprocess.Popen(command, cwd=REPO, env=CLI_ENV, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not running_trial(tmp, number):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    return proc
+
+
 def running_trial(tmp: Path, number: int) -> bool:
     if not (tmp / "optuna.db").exists():
         return False
@@ -550,15 +565,7 @@ def test_two_processes_on_one_storage_share_the_study_without_duplicates(tmp_pat
 def test_a_search_killed_mid_trial_resumes_and_redoes_that_trial(tmp_path):
     args = ["hparams_search=digits_optuna", *TINY, "trainer.epochs=1", "hydra.sweeper.n_trials=3"]
     args += ["hydra.sweeper.stale_after_s=20"]  # the least: two missed heartbeats
-    command = [sys.executable, "train.py", "-m", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
-    command += [f"hydra.sweep.dir={tmp_path}/multirun", *args]
-    proc = subprocess.Popen(command, cwd=REPO, env=CLI_ENV, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while not running_trial(tmp_path, 1):  # trial 1 has started its MLflow run
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.5)
-    proc.kill()  # SIGKILL while trial 1 runs: no handler, no atexit
-    proc.wait()
+    killed_in_trial(tmp_path, args, 1)
     killed = study(tmp_path, "digits_optuna").trials[1]
     assert killed.state == TrialState.RUNNING
 

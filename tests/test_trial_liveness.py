@@ -4,29 +4,16 @@ are named, with when Optuna retries them, and are counted in flight, not done.""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import time
 
 import optuna
 import pytest
-from conftest import CLI_ENV, REPO
+from conftest import ended_process
 from optuna.trial import TrialState
-from test_search_cli import TINY, ok, running_trial, runs, search_cli, study
+from test_search_cli import TINY, killed_in_trial, ok, runs, search_cli, study
 
 from convnets import folder_lock, search, trial_liveness
 from convnets.sweep_files import SearchResults
-
-
-def ended_process() -> dict:
-    """The record of a process of this host that has ended."""
-    import psutil
-
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    record = {**folder_lock.this_process(), "pid": proc.pid}
-    record["started"] = psutil.Process(proc.pid).create_time()
-    proc.wait()
-    return record
 
 
 def asked(*processes: dict | None) -> tuple[list, dict[int, int]]:
@@ -131,15 +118,7 @@ def test_a_study_reports_its_stalled_trials_from_its_storage(tmp_path, capsys):
 def test_a_rerun_before_a_killed_trial_is_stale_names_it_and_does_not_count_it_done(tmp_path):
     args = ["hparams_search=digits_optuna", *TINY, "trainer.epochs=10", "hydra.sweeper.n_trials=2"]
     args += ["hydra.sweeper.stale_after_s=600"]
-    command = [sys.executable, "train.py", "-m", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
-    command += [f"hydra.sweep.dir={tmp_path}/multirun", *args]
-    proc = subprocess.Popen(command, cwd=REPO, env=CLI_ENV, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while not running_trial(tmp_path, 1):  # trial 1 has started its MLflow run
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.5)
-    proc.kill()  # SIGKILL while trial 1 runs: no handler, no atexit
-    proc.wait()
+    proc = killed_in_trial(tmp_path, args, 1)
     killed = study(tmp_path, "digits_optuna").trials[1]
     assert killed.state == TrialState.RUNNING
     assert killed.user_attrs[trial_liveness.PROCESS_ATTR]["pid"] == proc.pid
