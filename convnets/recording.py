@@ -33,6 +33,7 @@ from convnets.tracking import (
     MODEL_URI_TAG,
     absolute_uri,
     describe_error,
+    epoch_metrics,
     failure_reason,
     open_store,
     redact,
@@ -369,8 +370,7 @@ class MlflowRecorder:
 
     def log_epoch(self, epoch: int, logs: Mapping[str, float]) -> None:
         """Queued for the outbox's thread: returns at once, whether the store answers or not."""
-        metrics = {key: float(logs[key]) for key in EPOCH_METRICS if key in logs}
-        self._outbox.put(Epoch.now(epoch, metrics))
+        self._outbox.put(Epoch.now(epoch, epoch_metrics(logs)))
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         self._send_all()
@@ -513,7 +513,7 @@ class MemoryRecorder:
         return set(self.current.epochs)
 
     def log_epoch(self, epoch: int, logs: Mapping[str, float]) -> None:
-        self.current.epochs[epoch] = {k: float(logs[k]) for k in EPOCH_METRICS if k in logs}
+        self.current.epochs[epoch] = epoch_metrics(logs)
         self.current.metrics.update(self.current.epochs[epoch])  # the latest, as MLflow shows
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:

@@ -56,6 +56,7 @@ from convnets.errors import ConvnetsError, Interrupted, TrackingError
 CONFIG_ARTIFACT = "config.yaml"
 MODEL_URI_TAG = "model_uri"  # the logged model's runs:/<run_id>/<name> URI, on its run
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr")
+
 SHORTENED = "...[shortened; full value in config.yaml]"
 VERSIONED_PACKAGES = (
     "convnets",
@@ -73,6 +74,11 @@ _CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]+@")
 
 
 # ---------------------------------------------------------------- pure helpers
+
+
+def epoch_metrics(logs: Mapping[str, Any]) -> dict[str, float]:
+    """The per-epoch metrics a run records (:data:`EPOCH_METRICS`) of Keras's epoch ``logs``."""
+    return {key: float(logs[key]) for key in EPOCH_METRICS if key in logs}
 
 
 def redact(text: str) -> str:
@@ -535,11 +541,6 @@ class Tracker:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         mlflow.set_tags({k: shorten(redact(str(v)), MAX_TAG_VAL_LENGTH) for k, v in tags.items()})
-
-    def log_epoch(self, run_id: str, step: int, logs: Mapping[str, Any]) -> None:
-        """One epoch's metrics in ONE store call (step = epoch number, starting at 1)."""
-        now = int(time.time() * 1000)
-        self.log_steps(run_id, [(step, now, {k: logs[k] for k in EPOCH_METRICS if k in logs})])
 
     def log_steps(self, run_id: str, steps: Sequence[tuple[int, int, Mapping[str, float]]]) -> None:
         """``(step, timestamp in ms, metrics)`` rows in one store call (MLflow splits a batch

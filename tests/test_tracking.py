@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import mlflow
 import pytest
@@ -16,12 +17,26 @@ from omegaconf import OmegaConf
 
 import convnets.config  # noqa: F401  (registers the schemas)
 from convnets.errors import TrackingError
-from convnets.tracking import SHORTENED, Tracker, flatten, redact, sqlite_path, to_params
+from convnets.tracking import (
+    SHORTENED,
+    Tracker,
+    epoch_metrics,
+    flatten,
+    redact,
+    sqlite_path,
+    to_params,
+)
 
 
 @pytest.fixture
 def store(tmp_path):
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def log_epoch(tracker: Tracker, run_id: str, step: int, logs: dict) -> None:
+    """One epoch's metrics as the MLflow recorder sends them: the run's per-epoch metrics of
+    Keras's logs, one store call."""
+    tracker.log_steps(run_id, [(step, int(time.time() * 1000), epoch_metrics(logs))])
 
 
 def test_flatten_and_params():
@@ -63,7 +78,7 @@ def test_run_status_and_failure_reason(store):
     tracker = Tracker(store)
     experiment_id = tracker.experiment_id("statuses")
     with tracker.run(experiment_id=experiment_id, run_name="ok") as ok:
-        tracker.log_epoch(ok.info.run_id, 1, {"loss": 0.5, "lr": 0.1, "ignored": 3.0})
+        log_epoch(tracker, ok.info.run_id, 1, {"loss": 0.5, "lr": 0.1, "ignored": 3.0})
     with pytest.raises(ValueError), tracker.run(experiment_id=experiment_id) as bad:
         raise ValueError("boom")
     with pytest.raises(KeyboardInterrupt), tracker.run(experiment_id=experiment_id) as killed:
@@ -114,14 +129,16 @@ def test_unknown_run_id_is_one_clear_line(store):
 
 RACER = BARRIER_WAIT + textwrap.dedent(
     """
-    from convnets.tracking import Tracker
+    import time
+    from convnets.tracking import Tracker, epoch_metrics
     tracker = Tracker(sys.argv[1])
     tracker.check_store()
     experiment_id = tracker.experiment_id("race")
     with tracker.run(experiment_id=experiment_id, run_name=name) as run:
         tracker.log_params({"name": name, "model.layers.0.filters": 8})
         for epoch in (1, 2, 3):
-            tracker.log_epoch(run.info.run_id, epoch, {"loss": 1.0 / epoch, "val_accuracy": 0.1})
+            logs = epoch_metrics({"loss": 1.0 / epoch, "val_accuracy": 0.1})
+            tracker.log_steps(run.info.run_id, [(epoch, int(time.time() * 1000), logs)])
         tracker.log_metrics({"test_accuracy": 0.5})
         import mlflow
         mlflow.log_text(name, "config.yaml")
@@ -174,8 +191,8 @@ def test_real_server_store(mlflow_server):
     assert tracker.experiment_id("remote") == experiment_id
     with tracker.run(experiment_id=experiment_id, run_name="remote-run") as active:
         tracker.log_params({"tracking.uri": "http://bob:pw@example.org", "trainer.epochs": 2})
-        tracker.log_epoch(active.info.run_id, 1, {"loss": 1.0, "accuracy": 0.5})
-        tracker.log_epoch(active.info.run_id, 2, {"loss": 0.5, "accuracy": 0.75})
+        log_epoch(tracker, active.info.run_id, 1, {"loss": 1.0, "accuracy": 0.5})
+        log_epoch(tracker, active.info.run_id, 2, {"loss": 0.5, "accuracy": 0.75})
         mlflow.log_text("trainer:\n  epochs: 2\n", "config.yaml")
     assert tracker.history(active.info.run_id) == {"loss": [1.0, 0.5], "accuracy": [0.5, 0.75]}
     run = tracker.get_run(active.info.run_id)
