@@ -103,10 +103,13 @@ def open_storage(url: str, stale_after_s: int = 60) -> optuna.storages.RDBStorag
         try:
             try:
                 return create()
-            except sqlalchemy.exc.IntegrityError:
+            except sqlalchemy.exc.DatabaseError as err:
                 # Another process that does not take our lock (optuna-dashboard, a user's
                 # optuna.load_study) created the new database's schema at the same moment:
-                # it exists now.
+                # a unique row inserted twice, or (SQLite commits each CREATE TABLE on its
+                # own) a table made between the check and the create. It exists now.
+                if not _schema_race(err):
+                    raise
                 time.sleep(1)
                 return create()
         except Exception as err:  # noqa: BLE001 - a bad URL, a missing driver, no server
@@ -115,6 +118,12 @@ def open_storage(url: str, stale_after_s: int = 60) -> optuna.storages.RDBStorag
                 f"hydra.sweeper.storage={redact_url(url)}: the Optuna storage cannot be used "
                 f"({first}); give a SQLAlchemy URL such as sqlite:///optuna.db"
             ) from err
+
+
+def _schema_race(err: Exception) -> bool:
+    import sqlalchemy
+
+    return isinstance(err, sqlalchemy.exc.IntegrityError) or "already exists" in str(err)
 
 
 @contextlib.contextmanager

@@ -89,8 +89,8 @@ def running_trial(tmp: Path, number: int) -> bool:
         trials = study(tmp, "digits_optuna").trials
     except KeyError:  # not created yet
         return False
-    except sqlalchemy.exc.IntegrityError:  # this poll and the search created the schema at once
-        return False
+    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+        return False  # this poll and the search created the schema at once
     return len(trials) > number and "mlflow_run_id" in trials[number].user_attrs
 
 
