@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
-from convnets.cli import exit_status, report_user_errors, run_main
+from convnets.cli import exit_status, freeze_loaded_libraries, report_user_errors, run_main
 
 CONFIG_PATH = "configs"  # beside this file: package data
 
@@ -41,6 +41,7 @@ def _train(cfg: DictConfig) -> float:
         multirun=multirun,
         sweep=sweep.sweep_context(hydra_cfg) if multirun else None,
         trial=trials.current(hydra_cfg) if multirun else None,
+        libraries_loaded=freeze_loaded_libraries,
     )
     try:
         parent = study.study_parent(cfg) if multirun else None  # -m reproduce=<sweep parent>

@@ -161,6 +161,8 @@ class _Job:
         from convnets import data, distribute, trainer, transfer
         from convnets.model import PixelScaling, build_model
 
+        if self.context.libraries_loaded is not None:
+            self.context.libraries_loaded()
         distribute.configure_devices(cfg.distribute)  # before TF touches its devices
         trainer.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
         trainer.set_precision(cfg.trainer.precision)

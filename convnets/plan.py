@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +59,9 @@ class JobContext:
     multirun: bool = False
     sweep: sweep.SweepContext | None = None
     trial: TrialLink | None = None
+    # Called once TensorFlow, Keras and MLflow are loaded, before the data and the model: the
+    # entry point's process-wide settings that need them (a library caller sets none).
+    libraries_loaded: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
