@@ -58,7 +58,9 @@ def _train(cfg: DictConfig) -> float:
 def _evaluate(cfg: DictConfig) -> float | None:
     from convnets import evaluate_job  # MLflow
 
-    report = evaluate_job.run(cfg, HydraConfig.get().runtime.output_dir)
+    report = evaluate_job.run(
+        cfg, HydraConfig.get().runtime.output_dir, libraries_loaded=freeze_loaded_libraries
+    )
     return None if cfg.compare else report.metrics["eval_accuracy"]
 
 

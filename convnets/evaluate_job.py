@@ -9,6 +9,7 @@ TensorFlow (with :mod:`convnets.evaluation`) loads only to evaluate a model, and
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,11 +26,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, default_out_dir: str | Path) -> EvalReport | comparison.CompareReport:
+def run(
+    cfg: DictConfig,
+    default_out_dir: str | Path,
+    libraries_loaded: Callable[[], None] | None = None,
+) -> EvalReport | comparison.CompareReport:
     """Evaluate ``run_id``'s logged model or the ``checkpoint`` file, or compare the runs of
     ``compare`` (an experiment name or a sweep's parent run id). Files go to ``output_dir``
     (default ``default_out_dir``, Hydra's run directory): ``evaluation/*.png`` or the
-    compare report.
+    compare report. ``libraries_loaded`` is called once TensorFlow is loaded, before the
+    model: the entry point's process-wide settings that need it.
     """
     chosen = [key for key in ("run_id", "checkpoint", "compare") if cfg.get(key)]
     if len(chosen) != 1:
@@ -43,7 +49,7 @@ def run(cfg: DictConfig, default_out_dir: str | Path) -> EvalReport | comparison
         check_dataset(cfg)
     out_dir = Path(cfg.output_dir or default_out_dir)
     if cfg.checkpoint:
-        evaluation = _evaluation()
+        evaluation = _evaluation(libraries_loaded)
         report = evaluation.evaluate_checkpoint(
             cfg.checkpoint,
             out_dir / evaluation.EVAL_DIR,
@@ -64,7 +70,7 @@ def run(cfg: DictConfig, default_out_dir: str | Path) -> EvalReport | comparison
         return comparison.compare(tracker, str(cfg.compare), out_dir, cfg.baseline)
     run_id = str(cfg.run_id)
     tracker.get_run(run_id)  # an unknown id is refused here, before TensorFlow loads
-    evaluation = _evaluation()
+    evaluation = _evaluation(libraries_loaded)
     report = evaluation.evaluate_run(
         tracker, run_id, out_dir / evaluation.EVAL_DIR, batch_size=cfg.batch_size
     )
@@ -72,10 +78,12 @@ def run(cfg: DictConfig, default_out_dir: str | Path) -> EvalReport | comparison
     return report
 
 
-def _evaluation():
+def _evaluation(libraries_loaded: Callable[[], None] | None):
     """:mod:`convnets.evaluation` (TensorFlow), imported only to evaluate a model."""
     from convnets import evaluation
 
+    if libraries_loaded is not None:
+        libraries_loaded()
     return evaluation
 
 
