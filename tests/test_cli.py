@@ -285,8 +285,8 @@ print(earlier() is None, frozen > 0, gc.get_freeze_count() == frozen, later() is
 
 
 def test_freezing_the_loaded_libraries_keeps_no_garbage_and_later_cycles_are_collected():
-    """The entry points move what the libraries keep alive out of the collector's walks; what
-    was garbage then is collected first, not kept for good, and cycles made afterwards (a
+    """The entry points move what the libraries keep alive out of the collector's walks; the
+    garbage just made is collected first, not kept for good, and cycles made afterwards (a
     sweep's finished job) are still collected. In a process of its own: freezing is
     process-wide."""
     import subprocess
