@@ -122,9 +122,12 @@ def train(
     try:
         return job.run()
     except KeyboardInterrupt as err:
-        where = f"; checkpoint kept in {job.checkpoint_dir}" if job.checkpoint_dir else ""
-        hint = f"; continue with: {job.resume_command()}" if job.run_id else ""
         by = f" by {err}" if isinstance(err, Interrupted) else ""
+        if job.run_id is None:  # stopped while starting: no run of this job was opened
+            print(f"interrupted{by} before the run was recorded: nothing recorded", file=sys.stderr)
+            raise
+        where = f"; checkpoint kept in {job.checkpoint_dir}" if job.checkpoint_dir else ""
+        hint = f"; continue with: {job.resume_command()}"
         print(f"interrupted{by}: run {job.run_id} recorded KILLED{where}{hint}", file=sys.stderr)
         raise
     except Exception as err:

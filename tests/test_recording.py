@@ -78,3 +78,22 @@ def test_a_run_that_fails_ends_failed_with_its_reason(tmp_path):
     assert record.status == "FAILED"
     assert record.tags["failure_reason"] == str(failed.value)
     assert str(failed.value).startswith("training loss became nan at epoch")
+
+
+def test_a_job_stopped_before_its_run_opens_says_nothing_was_recorded(
+    tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C or SIGTERM while the job loads its data: no run exists yet, so the line says so
+    rather than naming a run (``run None``) that was never recorded."""
+    from convnets import data
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "load_data", stopped)
+    recorder = MemoryRecorder()
+    with pytest.raises(KeyboardInterrupt):
+        convnets.train([*TINY, "trainer.epochs=1"], output_dir=tmp_path, recorder=recorder)
+    assert recorder.runs == {}
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "interrupted before the run was recorded: nothing recorded"
