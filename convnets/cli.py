@@ -78,16 +78,15 @@ def freeze_loaded_libraries() -> None:
     """Leave what the loaded libraries keep alive out of the cyclic collector's walks, once
     per process.
 
-    TensorFlow, Keras and MLflow leave about half a million objects that live until the
-    process ends; every full collection walked them all again (0.7 s on a 2-core machine):
-    Keras's ``clear_session(free_memory=True)`` after each job of a sweep, and the
-    interpreter's exit, which spent ~2 s in such walks after a command's last line.
-    :func:`gc.freeze` (Python's own tool for this) moves them to its permanent generation.
-    The youngest generation is collected first: the start-up's fresh garbage is there (~600
-    objects of ~730; the rest, ~130, is frozen with the living), and collecting it costs
-    0.03 s where a full collection would walk the half million again. Reference counting
-    still frees frozen objects; cycles made from here on are collected as before. The
-    command's process only, like :data:`GC_THRESHOLD`.
+    TensorFlow, Keras and MLflow leave several hundred thousand objects that live until the
+    process ends, and every full collection walked them all again: Keras's
+    ``clear_session(free_memory=True)`` after each job of a sweep, and the interpreter's exit
+    after a command's last line. :func:`gc.freeze` (Python's own tool for this) moves them to
+    its permanent generation. Only the youngest generation is collected first: the start-up's
+    fresh garbage is there (most of it; the few left are frozen with the living), and a full
+    collection would walk everything once more. Reference counting still frees frozen
+    objects; cycles made from here on are collected as before. The command's process only,
+    like :data:`GC_THRESHOLD`; the costs are in benchmarks/README.md.
     """
     if gc.get_freeze_count() == 0:
         gc.collect(0)
