@@ -56,7 +56,6 @@ from convnets.errors import ConvnetsError, Interrupted, TrackingError
 CONFIG_ARTIFACT = "config.yaml"
 MODEL_URI_TAG = "model_uri"  # the logged model's runs:/<run_id>/<name> URI, on its run
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr")
-
 SHORTENED = "...[shortened; full value in config.yaml]"
 VERSIONED_PACKAGES = (
     "convnets",
