@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -154,22 +155,34 @@ def test_running_out_of_memory_in_training_is_one_line_and_a_failed_run(tmp_path
     uri = sqlite_store(tmp_path)
     limit = 6 * 2**30  # address space: TensorFlow's own ~3 GiB, not the ~12 GiB it needs
 
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), f"tracking.uri={uri}"]
-        + ["model.layers=[{filters:2048},{filters:2048}]", "trainer.batch_size=1024"]
-        + [f"hydra.run.dir={tmp_path / 'out'}", "trainer.verbose=0"],
-        cwd=tmp_path,
-        env=CLI_ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
-    )
+    def train():
+        return subprocess.run(
+            [sys.executable, str(REPO / "train.py"), f"tracking.uri={uri}"]
+            + ["model.layers=[{filters:2048},{filters:2048}]", "trainer.batch_size=1024"]
+            + [f"hydra.run.dir={tmp_path / 'out'}", "trainer.verbose=0"],
+            cwd=tmp_path,
+            env=CLI_ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
+        )
+
+    result = train()
+    crashes = 0
+    if result.returncode == -signal.SIGSEGV:
+        # TensorFlow's own crash, not this test's subject: on a Xeon with AMX, oneDNN's
+        # kernels now and then dereference an allocation that failed instead of reporting it
+        # (2 runs of 32 here, under load), and a process that segfaults can say nothing. The run
+        # it left RUNNING is ended KILLED by the next command (liveness); that next command
+        # is this retry, which must then report the failure it is about.
+        crashes, result = 1, train()
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: out of memory"), last
     assert last.endswith("lower trainer.batch_size (now 1024), model.width or the filters")
-    [run] = MlflowClient(uri).search_runs(["1"])
+    run, *crashed = MlflowClient(uri).search_runs(["1"], order_by=["attributes.start_time DESC"])
     assert run.info.status == "FAILED"
     assert run.data.tags["failure_reason"] == last.removeprefix("error: ")
+    assert [r.info.status for r in crashed] == ["KILLED"] * crashes
