@@ -18,19 +18,21 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-import keras
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 from omegaconf import OmegaConf
 
-from convnets import data
-from convnets.architecture import resolve_stack
 from convnets.config import DatasetConfig
-from convnets.model import PixelScaling, build_model
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+    from convnets import data
+
+# TensorFlow, Keras, TFDS and the modules that import them load inside the functions, after
+# the arguments are parsed, as in the other benchmarks: --help answers at once.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CASES = {  # name: (dataset config, synthetic train size or None for the real data)
@@ -47,6 +49,8 @@ def dataset_config(name: str):
 
 def synthetic_tfds(num_examples: int):
     """``mock_data`` whose builders return ``num_examples`` random uint8 images from memory."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
 
     def as_dataset(self, *args, **kwargs):
         features = self.info.features
@@ -72,6 +76,11 @@ def pipeline_rate(ds: tf.data.Dataset, epochs: int) -> tuple[float, int]:
 
 def step_rate(model_name: str, bundle: data.DataBundle, batch_size: int, steps: int) -> float:
     """Images/s of the compiled model's train step on one fixed batch (data cost excluded)."""
+    import keras
+
+    from convnets.architecture import resolve_stack
+    from convnets.model import PixelScaling, build_model
+
     keras.utils.set_random_seed(0)
     model_cfg = OmegaConf.load(CONFIGS / "model" / f"{model_name}.yaml")
     scaling = PixelScaling(bundle.max_pixel_value, bundle.mean, bundle.std)
@@ -95,6 +104,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed model steps")
     parser.add_argument("--model", default="simple_cnn", help="configs/model/<name>.yaml")
     args = parser.parse_args()
+    import tensorflow as tf
+
+    from convnets import data
 
     results = {}
     for case, (config_name, synthetic) in CASES.items():
