@@ -34,6 +34,7 @@ def two_runs(store):
     return first, second
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("api")
 def test_a_run_is_a_value_equal_to_its_record(store, two_runs):
     _, uri = store
@@ -55,6 +56,7 @@ def test_a_run_is_a_value_equal_to_its_record(store, two_runs):
     assert recorded.data.tags["hydra_overrides"].startswith("model.layers=")
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("api")
 def test_evaluate_and_compare_in_process(store, two_runs):
     folder, uri = store

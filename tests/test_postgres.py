@@ -197,6 +197,7 @@ def test_two_machines_starting_one_search_on_postgres_share_one_parent(
     )
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("postgres")
 def test_processes_claiming_a_studys_parent_at_once_on_postgres_agree(postgres, tmp_path):
     from test_study_parent import claim_at_once

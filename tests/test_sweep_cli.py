@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import command, heavy_modules_loaded
+from conftest import command, heavy_modules_loaded, sqlite_store
 from omegaconf import OmegaConf
 
 from convnets import job, sweep
@@ -325,7 +325,7 @@ def test_the_callback_ends_the_runs_a_dead_job_left_running(tmp_path, capfd):
 
     from convnets.tracking import Tracker
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path)
     tracker = Tracker(uri)
     tracker.check_store()
     experiment = tracker.experiment_id("x")
@@ -385,7 +385,7 @@ def test_a_search_process_that_stops_leaves_a_parent_another_process_runs(tmp_pa
     from convnets import folder_lock, liveness
     from convnets.tracking import Tracker
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path)
     tracker = Tracker(uri)
     tracker.check_store()
     experiment = tracker.experiment_id("x")

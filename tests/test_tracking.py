@@ -9,7 +9,15 @@ import time
 
 import mlflow
 import pytest
-from conftest import BARRIER_TIMEOUT_S, BARRIER_WAIT, CLI_ENV, REPO, free_port, release_when_ready
+from conftest import (
+    BARRIER_TIMEOUT_S,
+    BARRIER_WAIT,
+    CLI_ENV,
+    REPO,
+    free_port,
+    release_when_ready,
+    sqlite_store,
+)
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
@@ -30,7 +38,7 @@ from convnets.tracking import (
 
 @pytest.fixture
 def store(tmp_path):
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return sqlite_store(tmp_path)
 
 
 def log_epoch(tracker: Tracker, run_id: str, step: int, logs: dict) -> None:
