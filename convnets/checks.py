@@ -27,6 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from convnets.architecture import check_stack
 from convnets.errors import ConfigError
+from convnets.memory_limit import MemoryLimit, memory_limit
 
 _Rule = tuple[str, Callable[[Any], bool], str]
 
@@ -197,7 +198,7 @@ def _show(value: Any) -> str:
 _ACTIVATION_COPIES = 6
 _BYTES = 4  # float32
 _PARAM_COPIES = 4  # weights, gradients, Adam's two moments
-WARN_FRACTION = 0.5  # of the machine's memory
+WARN_FRACTION = 0.5  # of the memory this process may use
 
 
 def training_memory(analysis: Any, batch_size: int) -> int:
@@ -208,27 +209,24 @@ def training_memory(analysis: Any, batch_size: int) -> int:
     return activations + analysis.param_count * _PARAM_COPIES * _BYTES
 
 
-def check_memory(analysis: Any, batch_size: int, total: int | None = None) -> str | None:
-    """Refuse a stack whose training step cannot fit in this machine's memory (one line with
-    the estimate and the machine's size); return a warning above :data:`WARN_FRACTION` of it.
-    The machine's memory, not a GPU's: this runs before TensorFlow has seen any device."""
-    if total is None:
-        import psutil
-
-        total = psutil.virtual_memory().total
+def check_memory(analysis: Any, batch_size: int, limit: MemoryLimit | None = None) -> str | None:
+    """Refuse a stack whose training step cannot fit in the memory this process may use (one
+    line with the estimate and the limit: the machine's memory, or a container's, a job's or
+    ``ulimit -v``'s where smaller, see :mod:`convnets.memory_limit`); return a warning above
+    :data:`WARN_FRACTION` of it. Host memory, not a GPU's: this runs before TensorFlow has
+    seen any device."""
+    if limit is None:
+        limit = memory_limit()
     need = training_memory(analysis, batch_size)
     shown = (
         f"~{need / 2**30:.1f} GiB for a batch of {batch_size} (activations with the "
         f"backward pass, parameters with gradients and optimizer state)"
     )
-    if need > total:
+    if need > limit.bytes:
         raise ConfigError(
-            f"model.layers: this stack needs {shown}, more than this machine's "
-            f"{total / 2**30:.1f} GiB; lower trainer.batch_size, model.width or the filters"
+            f"model.layers: this stack needs {shown}, more than {limit.what}; lower "
+            "trainer.batch_size, model.width or the filters"
         )
-    if need > WARN_FRACTION * total:
-        return (
-            f"model.layers: this stack needs {shown}, over half of this machine's "
-            f"{total / 2**30:.1f} GiB"
-        )
+    if need > WARN_FRACTION * limit.bytes:
+        return f"model.layers: this stack needs {shown}, over half of {limit.what}"
     return None
