@@ -366,7 +366,8 @@ class MlflowRecorder:
 
     def logged_epochs(self) -> set[int]:
         queued = {epoch.step for epoch in self._outbox.pending()} if self._outbox else set()
-        return self.tracker.logged_steps(self.run_id) | queued
+        logged = {step for _, step in self.tracker.metric_steps(self.run_id, ["loss"])}
+        return logged | queued
 
     def log_epoch(self, epoch: int, logs: Mapping[str, float]) -> None:
         """Queued for the outbox's thread: returns at once, whether the store answers or not."""

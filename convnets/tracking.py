@@ -554,9 +554,6 @@ class Tracker:
         ]
         self.client.log_batch(run_id, metrics=metrics, synchronous=True)
 
-    def logged_steps(self, run_id: str, key: str = "loss") -> set[int]:
-        return {m.step for m in self.client.get_metric_history(run_id, key)}
-
     def metric_steps(self, run_id: str, keys: Sequence[str]) -> set[tuple[str, int]]:
         """The (key, step) pairs of ``keys`` the run has recorded."""
         return {(k, m.step) for k in keys for m in self.client.get_metric_history(run_id, k)}
