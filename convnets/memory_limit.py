@@ -23,9 +23,7 @@ class MemoryLimit(NamedTuple):
     what: str  # e.g. "this machine's 23.5 GiB", for "more than ..." and "over half of ..."
 
 
-def memory_limit(
-    cgroup_root: Path = Path("/sys/fs/cgroup"), cgroups: Path = Path("/proc/self/cgroup")
-) -> MemoryLimit:
+def memory_limit() -> MemoryLimit:
     """The smallest of the machine's memory, this process's control-group limit and its
     address-space limit, with words that say which it is."""
     import psutil
@@ -33,7 +31,7 @@ def memory_limit(
     gib = 2**30
     total = psutil.virtual_memory().total
     best = MemoryLimit(total, f"this machine's {total / gib:.1f} GiB")
-    group = cgroup_limit(cgroup_root, cgroups)
+    group = cgroup_limit(Path("/sys/fs/cgroup"), Path("/proc/self/cgroup"))
     if group is not None and group < best.bytes:
         best = MemoryLimit(group, f"the {group / gib:.1f} GiB its control group allows")
     space = resource.getrlimit(resource.RLIMIT_AS)[0]
