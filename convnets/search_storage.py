@@ -98,9 +98,11 @@ def open_storage(url: str, stale_after_s: int = 60) -> optuna.storages.RDBStorag
             **{stale: retry_callback()(max_retry=MAX_RETRY)},
         )
 
-    with _storage_lock(url), warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
-        try:
+    # A bad URL, a missing driver, no server, or a SQLite file (or its lock beside it) that
+    # cannot be made there: one line.
+    try:
+        with _storage_lock(url), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
             try:
                 return create()
             except sqlalchemy.exc.DatabaseError as err:
@@ -112,12 +114,12 @@ def open_storage(url: str, stale_after_s: int = 60) -> optuna.storages.RDBStorag
                     raise
                 time.sleep(1)
                 return create()
-        except Exception as err:  # noqa: BLE001 - a bad URL, a missing driver, no server
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-            raise ConfigError(
-                f"hydra.sweeper.storage={redact_url(url)}: the Optuna storage cannot be used "
-                f"({first}); give a SQLAlchemy URL such as sqlite:///optuna.db"
-            ) from err
+    except Exception as err:  # noqa: BLE001
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ConfigError(
+            f"hydra.sweeper.storage={redact_url(url)}: the Optuna storage cannot be used "
+            f"({first}); give a SQLAlchemy URL such as sqlite:///optuna.db"
+        ) from err
 
 
 def _schema_race(err: Exception) -> bool:

@@ -359,6 +359,9 @@ def test_the_launcher_process_stays_light():
         (["trainer.batch_size=range(64,32)"],
          "error: trainer.batch_size=range(64,32): range(64, 32) is empty (the stop is "
          "excluded); put the smaller first"),
+        (["hydra.sweeper.storage=sqlite:////proc/convnets/optuna.db"],  # cannot be made there
+         "error: hydra.sweeper.storage=sqlite:////proc/convnets/optuna.db: the Optuna storage "
+         "cannot be used ("),
     ],
 )  # fmt: skip
 def test_a_bad_search_is_one_line_before_any_run(tmp_path, overrides, line):
