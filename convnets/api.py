@@ -113,6 +113,7 @@ def _compose(config_name: str, overrides: Sequence[str]) -> tuple[DictConfig, Di
     from hydra import compose, initialize_config_dir
 
     import convnets.config  # noqa: F401  (registers the schemas)
+    from convnets.checks import check_interpolations
     from convnets.cli import config_error_line
     from convnets.credentials import credentials_in, credentials_in_config
 
@@ -131,6 +132,7 @@ def _compose(config_name: str, overrides: Sequence[str]) -> tuple[DictConfig, Di
         if line is None:
             raise
         raise ConfigError(line) from err
+    check_interpolations(cfg)
     try:
         refused = credentials_in_config(cfg)  # config files, interpolations: resolved
     except Exception as err:  # noqa: BLE001 - an interpolation that cannot resolve

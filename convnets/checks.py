@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from convnets.architecture import check_stack
 from convnets.errors import ConfigError
@@ -83,9 +85,36 @@ RULES: tuple[_Rule, ...] = (
 )
 
 
+def check_interpolations(cfg: DictConfig) -> None:
+    """Every ``${...}`` in the config resolves: one that does not (an unset ``${oc.env:NAME}``,
+    a key that is not there) is one line naming the key, not OmegaConf's traceback from
+    wherever the value is first read."""
+    try:
+        for key in cfg:
+            if key == "hydra":  # Hydra's own node (the API composes with it): Hydra's to resolve
+                continue
+            value = cfg[key]  # a plain value resolves here, a section below
+            if OmegaConf.is_config(value):
+                OmegaConf.to_container(value, resolve=True)
+    except InterpolationResolutionError as err:
+        cause = re.sub(r"^\w+ raised while resolving interpolation: ", "", str(err).splitlines()[0])
+        raise ConfigError(
+            f"{err.full_key or 'config'}: its ${{...}} cannot be resolved ({cause.strip(chr(34))}); "
+            "set what it refers to (an environment variable, a key of the config), or give "
+            "an environment variable a default: ${oc.env:NAME,default}"
+        ) from None
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise the :class:`ConfigError` of the first mistake in a training config; pure Python."""
+    check_interpolations(cfg)
     check_known_keys(cfg)
+    for key in ("reproduce", "resume", "init_from"):
+        if cfg.get(key) == "":  # an unset shell variable: resume=$RUN_ID
+            raise ConfigError(
+                f"{key}= is empty: give a run id ({key}=<run id>), or leave {key} out to train "
+                "a new run"
+            )
     _check_rules(cfg, RULES)
     if cfg.optimizer.warmup_epochs >= cfg.trainer.epochs:
         raise ConfigError(

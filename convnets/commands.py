@@ -36,7 +36,7 @@ def _train(cfg: DictConfig) -> float:
     from convnets import job, study, sweep, trials  # MLflow: after the pure check
 
     context = job.JobContext(
-        overrides=tuple(hydra_cfg.overrides.task),
+        overrides=convnets.config.override_texts(hydra_cfg.overrides.task),
         output_dir=Path(hydra_cfg.runtime.output_dir),
         multirun=multirun,
         sweep=sweep.sweep_context(hydra_cfg) if multirun else None,

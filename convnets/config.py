@@ -18,7 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, ListConfig, OmegaConf
 
 # ---------------------------------------------------------------- fixed sets of choices
 # ``StrEnum``: Hydra refuses any other value while composing and lists the valid ones; the
@@ -72,6 +72,15 @@ RUNTIME_KEYS = (
     "trainer.verbose",
     "tracking",
 )
+
+
+def override_texts(overrides: ListConfig | list[str]) -> tuple[str, ...]:
+    """Hydra's ``overrides.task`` as the text typed: not resolved, so an override whose value
+    holds ``${...}`` (``'x=${oc.env:NAME}'``) is read as written, not resolved in Hydra's node
+    (where it fails, or means something else)."""
+    if isinstance(overrides, ListConfig):
+        return tuple(OmegaConf.to_container(overrides, resolve=False))
+    return tuple(overrides)
 
 
 def is_runtime_key(key: str) -> bool:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig
 
 from convnets import comparison
-from convnets.checks import check_dataset, check_known_keys
+from convnets.checks import check_dataset, check_interpolations, check_known_keys
 from convnets.errors import ConfigError, TrackingError
 from convnets.tracking import Tracker, sqlite_path
 
@@ -37,6 +37,7 @@ def run(
     compare report. ``libraries_loaded`` is called once TensorFlow is loaded, before the
     model: the entry point's process-wide settings that need it.
     """
+    check_interpolations(cfg)
     chosen = [key for key in ("run_id", "checkpoint", "compare") if cfg.get(key)]
     if len(chosen) != 1:
         given = ", ".join(chosen) if chosen else "none"

@@ -16,6 +16,7 @@ import sys
 from omegaconf import DictConfig, OmegaConf
 
 from convnets.architecture import analysis_to_dict, analyze, format_table, resolve_stack
+from convnets.checks import check_interpolations
 from convnets.errors import ConfigError
 
 FORMATS = ("table", "json")
@@ -42,6 +43,7 @@ def input_shape_and_classes(cfg: DictConfig) -> tuple:
 
 def run(cfg: DictConfig) -> dict:
     """Analyse ``cfg.model`` and print the table or the JSON object; return the JSON dict."""
+    check_interpolations(cfg)
     if cfg.format not in FORMATS:
         raise ConfigError(f"format must be table or json, got {cfg.format!r}")
     stack = resolve_stack(cfg.model)

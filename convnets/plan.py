@@ -178,6 +178,12 @@ def _resolve_source(
 ) -> tuple[Source | None, DictConfig, list[str]]:
     """The config to train: the command line's, or the recorded one of reproduce=/resume=."""
     keys = [key for key in ("reproduce", "resume") if cfg.get(key)]
+    if cfg.get("checkpoint_dir") and keys != ["resume"]:
+        raise ConfigError(
+            f"checkpoint_dir={cfg.checkpoint_dir} says where resume=<run id> finds a copy of "
+            "that run's checkpoint folder; a new or reproduced run keeps its checkpoints in "
+            "<its run dir>/checkpoints/<run id>: leave checkpoint_dir out"
+        )
     if not keys:
         return None, cfg, []
     if len(keys) == 2:

@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from convnets.config import override_texts
 from convnets.errors import ConfigError
 from convnets.search_space import parse_space, space_overrides
 
@@ -137,6 +138,6 @@ def check(config: DictConfig) -> tuple[Settings, tuple[Objective, ...]]:
             f"dataset.val_fraction=0: the objective {needs_val[0]} needs validation data; set "
             "dataset.val_fraction=0.1 or optimise another objective (hydra.sweeper.objectives)"
         )
-    task = OmegaConf.select(config, "hydra.overrides.task", default=[])
+    task = override_texts(OmegaConf.select(config, "hydra.overrides.task", default=[]))
     parse_space(space_overrides(settings.params, task))  # a bound Optuna refuses
     return settings, objectives

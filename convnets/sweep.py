@@ -47,6 +47,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from convnets.cli import report_user_errors
+from convnets.config import override_texts
 from convnets.errors import ConfigError
 from convnets.sweep_files import SWEEP_LOCK, SearchResults, SweepContext
 from convnets.sweep_files import experiment_name as experiment_name  # the job names it so
@@ -85,7 +86,9 @@ def sweep_context(hydra_cfg: DictConfig) -> SweepContext | None:
     """The sweep a multirun job belongs to (``hydra_cfg``: the job's ``hydra`` config node, as
     the entry point has it), or ``None`` when its ``mlflow_sweep.json`` is missing."""
     context = SweepContext.read(
-        hydra_cfg.sweep.dir, job_num=hydra_cfg.job.num, overrides=tuple(hydra_cfg.overrides.task)
+        hydra_cfg.sweep.dir,
+        job_num=hydra_cfg.job.num,
+        overrides=override_texts(hydra_cfg.overrides.task),
     )
     if context is None:
         log.warning(
@@ -103,7 +106,7 @@ def sweep_overrides(config: DictConfig) -> dict[str, str]:
     """
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
     overrides = [f"{key}={value}" for key, value in params.items()]
-    overrides += list(config.hydra.overrides.task)
+    overrides += override_texts(config.hydra.overrides.task)
     return dict(override.split("=", 1) for override in overrides if "=" in override)
 
 
@@ -302,6 +305,21 @@ def check_launcher(config: DictConfig) -> None:
             "hydra/launcher=slurm: this machine is not on a Slurm cluster (no srun on PATH); "
             "run the command on the cluster's login node, or run the sweep here with "
             "hydra/launcher=submitit_local (or leave the launcher out)"
+        )
+    # Each parallel launcher refuses these only once it launches, after the parent run exists.
+    n_jobs = OmegaConf.select(config, "hydra.launcher.n_jobs", default=None)
+    if n_jobs is None:
+        return
+    fresh = target.endswith("FreshProcessLauncher")
+    if (
+        not isinstance(n_jobs, int)
+        or isinstance(n_jobs, bool)
+        or n_jobs == 0
+        or (fresh and n_jobs < 0)
+    ):
+        counts = "1 or more" if fresh else "1 or more, or -1 for every core (joblib's count)"
+        raise ConfigError(
+            f"hydra.launcher.n_jobs={n_jobs}: how many jobs run at once; give {counts}"
         )
 
 
@@ -542,7 +560,7 @@ def _end_failed_job(config: DictConfig, error: BaseException) -> None:
     context = SweepContext.read(
         config.hydra.sweep.dir,
         job_num=config.hydra.job.num,
-        overrides=tuple(config.hydra.overrides.task),
+        overrides=override_texts(config.hydra.overrides.task),
     )
     if context is None:
         return

@@ -24,6 +24,9 @@ CASES = [
     ("distribute.cpu_replicas=-1", "distribute.cpu_replicas=-1 must be >= 0"),
     ("tracking.outage_wait_s=-1", "tracking.outage_wait_s=-1.0 must be >= 0"),
     ("distribute.strategy=horovod", "distribute.strategy"),
+    ("tracking.run_name=${model.nope}", r"tracking.run_name: its \$\{...\} cannot be resolved"),
+    ("reproduce=", "reproduce= is empty: give a run id"),
+    ("init_from=", "init_from= is empty: give a run id"),
 ]
 
 
@@ -33,3 +36,12 @@ def test_refused_before_anything_runs(tmp_path, monkeypatch, override, message):
     with pytest.raises(convnets.ConfigError, match=message):
         convnets.train([override, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_every_command_refuses_an_interpolation_it_cannot_resolve():
+    """Not OmegaConf's traceback from wherever the value is first read."""
+    unset = "${oc.env:CONVNETS_TEST_UNSET}"
+    with pytest.raises(convnets.ConfigError, match=r"^run_id: its \$\{...\} cannot be resolved"):
+        convnets.evaluate([f"run_id={unset}"])
+    with pytest.raises(convnets.ConfigError, match=r"^model.name: its \$\{...\} cannot be"):
+        convnets.inspect([f"model.name={unset}"])

@@ -48,6 +48,23 @@ CASES = {
         "error: runs/a1: not an override (key=value): the shell split checkpoint_dir= at a "
         "space; quote the whole value: \"checkpoint_dir='/data/my runs/a1'\"",
     ),
+    "an unset environment variable": (
+        ["tracking.experiment=${oc.env:CONVNETS_TEST_UNSET}"],
+        "error: tracking.experiment: its ${...} cannot be resolved (Environment variable "
+        "'CONVNETS_TEST_UNSET' not found); set what it refers to (an environment variable, a key "
+        "of the config), or give an environment variable a default: ${oc.env:NAME,default}",
+    ),
+    "an empty run id (an unset shell variable)": (
+        ["resume="],
+        "error: resume= is empty: give a run id (resume=<run id>), or leave resume out to train "
+        "a new run",
+    ),
+    "a checkpoint folder without resume=": (
+        ["checkpoint_dir=/data/copy"],
+        "error: checkpoint_dir=/data/copy says where resume=<run id> finds a copy of that run's "
+        "checkpoint folder; a new or reproduced run keeps its checkpoints in <its run "
+        "dir>/checkpoints/<run id>: leave checkpoint_dir out",
+    ),
     "a path with non-ASCII letters": (
         ["checkpoint_dir=/data/été/a1"],
         "error: checkpoint_dir=/data/été/a1: Hydra reads a value with spaces or non-ASCII "

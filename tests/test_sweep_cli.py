@@ -717,6 +717,28 @@ def test_the_slurm_launcher_off_a_cluster_is_one_line_before_any_run(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize(
+    ("launcher", "counts"),
+    [
+        ("joblib", "1 or more, or -1 for every core (joblib's count)"),
+        ("fresh_process", "1 or more"),
+    ],
+)
+def test_a_launcher_told_to_run_no_job_at_once_is_one_line_before_any_run(
+    tmp_path, launcher, counts
+):
+    result = command(
+        "train.py", "-m", "trainer.seed=1,2", f"hydra/launcher={launcher}",
+        "hydra.launcher.n_jobs=0", f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: hydra.launcher.n_jobs=0: how many jobs run at once; give {counts}"
+    ]
+    assert not (tmp_path / "mlflow.db").exists()  # no parent run
+
+
 @pytest.mark.slow
 def test_a_second_sweep_in_a_live_sweeps_folder_is_refused(tmp_path):
     first = subprocess.Popen(
