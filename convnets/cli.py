@@ -322,6 +322,8 @@ def _unquoted_value(arg: str, overrides: Sequence[str] | None) -> str | None:
             f"{arg}: Hydra reads a value with spaces or non-ASCII letters only when it is "
             f"quoted; write it as {quoted}"
         )
+    if _names_a_key(arg):  # model.width 2, or model.width = 2: the '=' went missing
+        return f"{arg}: an override needs its value: write {arg}=<value> (no space around '=')"
     if overrides is not None:
         return None
     words = sys.argv[1:]
@@ -341,6 +343,23 @@ def _unquoted_value(arg: str, overrides: Sequence[str] | None) -> str | None:
         f"{arg}: not an override (key=value): the shell split {key}= at a space; quote the "
         f"whole value: {shell_override(key, value)}"
     )
+
+
+def _names_a_key(word: str) -> bool:
+    """``word`` reads as a config key (``model.width``, ``+trainer.x``, ``resume``) of any
+    command, not as a value the shell split off (``runs/a1``, ``v2``)."""
+    import dataclasses
+
+    from convnets.config import EvaluateConfig, InspectConfig, TrainConfig
+
+    if not re.fullmatch(r"[+~]?[A-Za-z_]\w*(\.\w+)*", word):
+        return False
+    sections = {"hydra"} | {
+        field.name
+        for schema in (TrainConfig, EvaluateConfig, InspectConfig)
+        for field in dataclasses.fields(schema)
+    }
+    return word.lstrip("+~").split(".", 1)[0] in sections
 
 
 def _index_past_end(err: BaseException) -> str | None:

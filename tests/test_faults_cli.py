@@ -65,6 +65,11 @@ CASES = {
         "checkpoint folder; a new or reproduced run keeps its checkpoints in <its run "
         "dir>/checkpoints/<run id>: leave checkpoint_dir out",
     ),
+    "a forgotten '='": (
+        ["trainer.verbose=0", "model.width", "2"],
+        "error: model.width: an override needs its value: write model.width=<value> (no space "
+        "around '=')",
+    ),
     "a path with non-ASCII letters": (
         ["checkpoint_dir=/data/été/a1"],
         "error: checkpoint_dir=/data/été/a1: Hydra reads a value with spaces or non-ASCII "
