@@ -333,6 +333,12 @@ class Tracker:
                 "writable by this user: fix its permissions or record elsewhere with "
                 "tracking.uri=sqlite:///<writable folder>/mlflow.db"
             )
+        if "filesystem tracking backend" in str(err):  # file:///x, ./mlruns
+            return TrackingError(
+                f"tracking.uri={self.shown_uri}: MLflow no longer records runs in a folder "
+                "store (its file backend is in maintenance mode); record in a SQLite database "
+                "instead: tracking.uri=sqlite:///<folder>/mlflow.db"
+            )
         lines = redact(str(err)).strip().splitlines()
         detail = _cut_at_word(lines[0], 160) if lines else ""
         return TrackingError(

@@ -258,3 +258,15 @@ def test_an_experiment_another_machine_creates_meanwhile_is_the_one_used(store):
     tracker.client.get_experiment_by_name = look_up
     assert tracker.experiment_id("shared") == theirs
     assert [e.name for e in MlflowClient(store).search_experiments()].count("shared") == 1
+
+
+def test_a_folder_store_is_refused_with_the_database_to_use_instead(tmp_path):
+    """MLflow's file backend (file:///..., ./mlruns) refuses new runs; its own message was cut
+    before the fix and followed by a hint to start a server."""
+    with pytest.raises(TrackingError) as refused:
+        Tracker(f"file://{tmp_path}/mlruns").check_store()
+    assert str(refused.value) == (
+        f"tracking.uri=file://{tmp_path}/mlruns: MLflow no longer records runs in a folder store "
+        "(its file backend is in maintenance mode); record in a SQLite database instead: "
+        "tracking.uri=sqlite:///<folder>/mlflow.db"
+    )
