@@ -114,11 +114,11 @@ def _compose(config_name: str, overrides: Sequence[str]) -> tuple[DictConfig, Di
 
     import convnets.config  # noqa: F401  (registers the schemas)
     from convnets.checks import check_interpolations
-    from convnets.cli import config_error_line
+    from convnets.cli import config_error_line, missing_searchpath
     from convnets.credentials import credentials_in, credentials_in_config
 
     overrides = [str(o) for o in overrides]
-    refused = credentials_in(overrides)
+    refused = credentials_in(overrides) or missing_searchpath(overrides)
     if refused is not None:
         raise ConfigError(refused)
     if any(o.lstrip().startswith("-") for o in overrides):

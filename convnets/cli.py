@@ -39,6 +39,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from convnets.credentials import credentials_in
@@ -105,7 +106,7 @@ def run_main(main: Callable[[], Any]) -> None:
     gc.set_threshold(*GC_THRESHOLD)
     quiet_library_logs()
     one_line_config_errors()
-    message = _keyless_override(sys.argv[1:])
+    message = _keyless_override(sys.argv[1:]) or missing_searchpath(sys.argv[1:])
     if message is not None and not _full_error():
         _exit(message, ConfigError.exit_code)
     try:
@@ -232,6 +233,30 @@ def _mark_from_task(err: BaseException) -> None:
 
 def _reraise(err: Exception) -> None:
     raise err
+
+
+def missing_searchpath(overrides: Sequence[str]) -> str | None:
+    """The error line for a ``hydra.searchpath`` folder that is not there, if any. Hydra only
+    warns and carries on without it: a user's configs (a model, a local tracking URI) would
+    silently not apply."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for arg in overrides:
+        if not arg.lstrip("+").startswith("hydra.searchpath="):
+            continue
+        try:
+            [override] = OverridesParser.create().parse_overrides([arg])
+        except Exception:  # noqa: BLE001 - Hydra reports an override it cannot parse
+            return None
+        value = override.value()
+        for entry in map(str, value if isinstance(value, list) else [value]):
+            if entry.startswith("file://") and not Path(entry.removeprefix("file://")).is_dir():
+                return (
+                    f"hydra.searchpath: {entry} is not a folder here; give the folder that "
+                    "holds your config groups (model/, experiment/, local/), e.g. "
+                    "hydra.searchpath=[file:///home/me/my_configs]"
+                )
+    return None
 
 
 def _keyless_override(args: list[str]) -> str | None:

@@ -70,6 +70,12 @@ CASES = {
         "error: model.width: an override needs its value: write model.width=<value> (no space "
         "around '=')",
     ),
+    "a search path that is not there": (
+        ["hydra.searchpath=[file:///no/such/configs]", "model=mine"],
+        "error: hydra.searchpath: file:///no/such/configs is not a folder here; give the folder "
+        "that holds your config groups (model/, experiment/, local/), e.g. "
+        "hydra.searchpath=[file:///home/me/my_configs]",
+    ),
     "a path with non-ASCII letters": (
         ["checkpoint_dir=/data/été/a1"],
         "error: checkpoint_dir=/data/été/a1: Hydra reads a value with spaces or non-ASCII "
