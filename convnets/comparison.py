@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from convnets import plots, statistics
-from convnets.errors import ConfigError, TrackingError, command
+from convnets.errors import ConfigError, TrackingError, command, shell_override
 from convnets.pareto import pareto_front
 from convnets.tracking import Tracker
 
@@ -197,6 +197,13 @@ def _finished_runs(tracker: Tracker, target: str) -> tuple[pd.DataFrame, str | N
     if re.fullmatch(r"[0-9a-f]{32}", target):
         with contextlib.suppress(TrackingError):
             parent = tracker.get_run(target, key="compare")
+    if parent is not None and parent.data.tags.get("sweep_role") != "parent":
+        experiment = tracker.client.get_experiment(parent.info.experiment_id).name
+        raise TrackingError(
+            f"compare={target}: that is a single run, not a sweep's or search's parent run; "
+            f"compare the runs of its experiment with {shell_override('compare', experiment)}, "
+            f"or evaluate this one with run_id={target}"
+        )
     if parent is not None:
         runs = tracker.search_runs(
             [parent.info.experiment_id],

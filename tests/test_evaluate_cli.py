@@ -230,3 +230,16 @@ def test_checkpoint_with_config_beside_it_gives_the_runs_accuracy(store, tmp_pat
     alone.write_bytes(keras_file.read_bytes())
     with pytest.raises(ConfigError, match="add dataset=<name>"):
         evaluate_job.run(eval_cfg(uri, checkpoint=str(alone)), tmp_path / "out2")
+
+
+def test_compare_of_a_single_run_says_what_to_compare_instead(store, tmp_path):
+    """Not "the sweep parent run has no FINISHED child runs": it is no parent at all."""
+    uri, _, children, _ = store
+    job = children["run_id"].iloc[0]
+    with pytest.raises(TrackingError) as refused:
+        comparison.compare(Tracker(uri), job, tmp_path)
+    assert str(refused.value) == (
+        f"compare={job}: that is a single run, not a sweep's or search's parent run; compare "
+        f"the runs of its experiment with \"compare='{EXPERIMENT}'\", or evaluate this one with "
+        f"run_id={job}"
+    )
