@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from convnets.cli import report_user_errors
 from convnets.config import override_texts
@@ -323,6 +323,43 @@ def check_launcher(config: DictConfig) -> None:
         )
 
 
+def check_first_job(config: DictConfig) -> None:
+    """Compose a grid sweep's first job before the parent run exists: a misspelt swept key
+    (``trainer.sed=1,2``) or a value of the wrong type fails every job alike, and Hydra finds
+    it only when it composes a job. Only what fails for all jobs: a job whose values are
+    impossible (a stack too small for the images) is a bad point, recorded FAILED while the
+    others run. A search samples its jobs; its space is checked by the sweeper itself."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from convnets.checks import check_known_keys
+    from convnets.cli import config_error_line
+
+    target = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
+    if not target.endswith(".BasicSweeper"):
+        return
+    definition = sweep_overrides(config)
+    parsed = OverridesParser.create().parse_overrides(
+        [f"{key}={value}" for key, value in definition.items()]
+    )
+    first = [
+        f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
+        if o.is_sweep_override()
+        else o.input_line
+        for o in parsed
+    ]
+    try:
+        job = GlobalHydra.instance().config_loader().load_sweep_config(config, first)
+    except Exception as err:  # noqa: BLE001 - Hydra's composition errors
+        line = config_error_line(err, first)
+        if line is None:
+            raise
+        raise ConfigError(line) from err
+    with open_dict(job):
+        del job["hydra"]
+    check_known_keys(job)
+
+
 class MlflowSweepCallback(Callback):
     """Parent MLflow run for a multirun: created before the fan-out, summarised at the end;
     the runs of jobs that could not end them, ended."""
@@ -344,6 +381,7 @@ class MlflowSweepCallback(Callback):
         from convnets.tracking import Tracker
 
         check_launcher(config)
+        check_first_job(config)
         self._hold_folder(Path(config.hydra.sweep.dir).resolve())
         study = study_ref(config)  # checks an Optuna search before any run exists
         tracker = Tracker(config.tracking.uri, http_timeout_s=config.tracking.http_timeout_s)

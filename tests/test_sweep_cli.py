@@ -718,6 +718,29 @@ def test_the_slurm_launcher_off_a_cluster_is_one_line_before_any_run(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("swept", "line"),
+    [
+        ("trainer.sed=1,2", "error: trainer.sed: unknown key (Key 'sed' not in 'TrainerConfig'); "
+         "check the spelling (--cfg job prints every key)"),
+        ("trainer.epochs=a,b", "error: trainer.epochs: Value 'a' of type 'str' could not be "
+         "converted to Integer"),
+        ("+trainer.x=1,2", "error: trainer.x: unknown key (not in the config schema); check the "
+         "spelling (--cfg job prints every key)"),
+    ],
+)  # fmt: skip
+def test_a_swept_key_every_job_would_refuse_is_one_line_before_any_run(tmp_path, swept, line):
+    """Hydra composes a job only when it launches it: before, the parent run was recorded and
+    left FAILED, with every job failing alike."""
+    result = command(
+        "train.py", "-m", swept, f"hydra.sweep.dir={tmp_path / 'multirun'}", cwd=tmp_path,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [line]
+    assert not (tmp_path / "mlflow.db").exists()  # no parent run
+
+
+@pytest.mark.parametrize(
     ("launcher", "counts"),
     [
         ("joblib", "1 or more, or -1 for every core (joblib's count)"),
