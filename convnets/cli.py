@@ -309,6 +309,13 @@ def config_error_line(err: BaseException, overrides: Sequence[str] | None = None
         return _unquoted_value(err.override, overrides) or (
             f"{err.override}: {err.message.strip().splitlines()[0]}"
         )
+    ambiguous = re.match(r"Ambiguous value for argument '([^=]+)=(.*)'$", first)
+    if ambiguous:  # Hydra's fixes follow on lines of their own, cut with the rest
+        key, value = ambiguous.groups()
+        return (
+            f"{key}={value}: a comma sweeps, and this is not a sweep (-m); add -m to sweep "
+            f"over the values, write {key}=[{value}] for a list, or quote it for a string"
+        )
     past_end = _index_past_end(cause)
     if past_end is not None:
         return past_end

@@ -76,6 +76,12 @@ CASES = {
         "that holds your config groups (model/, experiment/, local/), e.g. "
         "hydra.searchpath=[file:///home/me/my_configs]",
     ),
+    "a sweep without -m": (
+        ["model.layer_defaults.kernel_size=3,5"],
+        "error: model.layer_defaults.kernel_size=3,5: a comma sweeps, and this is not a sweep "
+        "(-m); add -m to sweep over the values, write model.layer_defaults.kernel_size=[3,5] "
+        "for a list, or quote it for a string",
+    ),
     "a path with non-ASCII letters": (
         ["checkpoint_dir=/data/été/a1"],
         "error: checkpoint_dir=/data/été/a1: Hydra reads a value with spaces or non-ASCII "
