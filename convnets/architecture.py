@@ -291,7 +291,10 @@ def resolve_stack(model_cfg: Any) -> Stack:
 
     width = cfg.get("width", 1.0)
     if isinstance(width, bool) or not isinstance(width, int | float) or width <= 0:
-        raise ConfigError(f"model.width must be a positive number, got {width!r}")
+        raise ConfigError(
+            f"model.width must be a positive number, got {width!r}: it scales every layer's "
+            "filters (1 keeps them, 0.5 halves them)"
+        )
 
     raw_defaults = cfg.get("layer_defaults") or {}
     unknown = sorted(set(raw_defaults) - set(_LAYER_DEFAULTS))

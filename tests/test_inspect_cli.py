@@ -79,7 +79,7 @@ def test_input_shape_and_classes_come_from_the_dataset():
          "model.layers[0]: pool must be max, avg or null, got 'median'"),
         (["model.layers.0.activation=rleu"],
          "model.layers[0]: unknown activation 'rleu'; use a Keras activation name (relu, gelu, silu, tanh, elu, leaky_relu, ...) or null for linear"),
-        (["model.width=0"], "model.width must be a positive number, got 0.0"),
+        (["model.width=0"], "model.width must be a positive number, got 0.0: it scales every layer's filters (1 keeps them, 0.5 halves them)"),
         (["format=xml"], "format must be table or json, got 'xml'"),
     ],
 )  # fmt: skip
