@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -148,21 +149,34 @@ def memory_cgroup(limit: int):
     pytest.skip("cannot create a memory control group here (not root, or none delegated)")
 
 
+def train_limited(limit: Callable[[], None], *args: str, cwd: Path, timeout: float = 120):
+    """``python train.py ARGS`` whose process runs ``limit`` first (a memory limit)."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=CLI_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=limit,
+    )
+
+
+def address_space(limit: int) -> Callable[[], None]:
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
 def test_a_stack_over_its_control_groups_memory_is_refused_before_tensorflow(tmp_path):
     """A container, a Slurm or Kubernetes job: the kernel would kill the training mid-epoch
     without a word; the machine's 20+ GiB are not what the process may use."""
     stack = "model.layers=[{filters:2048},{filters:2048}]"  # ~3.6 GiB for a batch of 256
     with memory_cgroup(2 * 2**30) as enter:
-        result = subprocess.run(
-            [sys.executable, str(REPO / "train.py"), stack, "trainer.batch_size=256"]
-            + [f"hydra.run.dir={tmp_path / 'out'}"],
+        result = train_limited(
+            enter, stack, "trainer.batch_size=256", f"hydra.run.dir={tmp_path / 'out'}",
             cwd=tmp_path,
-            env=CLI_ENV,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            preexec_fn=enter,
-        )
+        )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: model.layers: this stack needs ~3.6 GiB for a batch of 256")
@@ -174,19 +188,10 @@ def test_a_stack_over_its_control_groups_memory_is_refused_before_tensorflow(tmp
 
 
 def test_a_stack_over_the_address_space_limit_is_refused_before_tensorflow(tmp_path):
-    import resource
-
-    limit = 6 * 2**30
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "model.layers=[{filters:2048},{filters:2048}]"]
-        + ["trainer.batch_size=1024", f"hydra.run.dir={tmp_path / 'out'}"],
-        cwd=tmp_path,
-        env=CLI_ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
-    )
+    result = train_limited(
+        address_space(6 * 2**30), "model.layers=[{filters:2048},{filters:2048}]",
+        "trainer.batch_size=1024", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path,
+    )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
     [line] = result.stderr.strip().splitlines()
     assert "needs ~12.6 GiB" in line
@@ -292,25 +297,16 @@ def test_running_out_of_memory_in_training_is_one_line_and_a_failed_run(tmp_path
     """A stack the estimate lets through (~3.6 GiB of the 4.5 GiB address space: a warning)
     that does not fit beside TensorFlow's own ~3 GiB of address space, which the estimate
     leaves out."""
-    import resource
-
     from mlflow.tracking import MlflowClient
 
     uri = sqlite_store(tmp_path)
-    limit = 9 * 2**29  # 4.5 GiB
 
     def train():
-        return subprocess.run(
-            [sys.executable, str(REPO / "train.py"), f"tracking.uri={uri}"]
-            + ["model.layers=[{filters:2048},{filters:2048}]", "trainer.batch_size=256"]
-            + [f"hydra.run.dir={tmp_path / 'out'}", "trainer.verbose=0"],
-            cwd=tmp_path,
-            env=CLI_ENV,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
-        )
+        return train_limited(
+            address_space(9 * 2**29), f"tracking.uri={uri}",  # 4.5 GiB
+            "model.layers=[{filters:2048},{filters:2048}]", "trainer.batch_size=256",
+            f"hydra.run.dir={tmp_path / 'out'}", "trainer.verbose=0", cwd=tmp_path, timeout=300,
+        )  # fmt: skip
 
     result = train()
     crashes = 0
