@@ -386,6 +386,9 @@ class MlflowSweepCallback(Callback):
         study = study_ref(config)  # checks an Optuna search before any run exists
         tracker = Tracker(config.tracking.uri, http_timeout_s=config.tracking.http_timeout_s)
         tracker.check_store()  # first contact: sqlite creates its schema here, once
+        for key in ("reproduce", "resume", "init_from"):  # every job would fail to find it
+            if OmegaConf.select(config, key, default=None):
+                tracker.get_run(str(config[key]), key=key)
         definition = sweep_overrides(config)
         if study is None:
             experiment_id = tracker.experiment_id(experiment_name(config))

@@ -740,6 +740,25 @@ def test_a_swept_key_every_job_would_refuse_is_one_line_before_any_run(tmp_path,
     assert not (tmp_path / "mlflow.db").exists()  # no parent run
 
 
+def test_a_sweep_reproducing_a_run_that_is_not_there_records_nothing(tmp_path):
+    """Every job would look it up and fail: once, before the parent run."""
+    from mlflow.tracking import MlflowClient
+
+    uri = sqlite_store(tmp_path)
+    missing = "0" * 32
+    result = command(
+        "train.py", "-m", f"reproduce={missing}", f"tracking.uri={uri}",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}", cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: reproduce={missing}: no such run in {uri}; copy the run id from the MLflow UI "
+        "or pass the store it lives in with tracking.uri=..."
+    ]
+    client = MlflowClient(uri)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
 @pytest.mark.parametrize(
     ("launcher", "counts"),
     [
