@@ -165,15 +165,21 @@ def evaluate_model(
     return EvalReport(metrics, figures, erf)
 
 
-def load_keras_model(path: str | Path) -> keras.Model:
-    """Load a ``.keras`` file in Keras safe mode (no arbitrary code from the file)."""
+def check_keras_archive(path: str | Path) -> None:
+    """Refuse a file that is not a ``.keras`` archive at all (Keras itself says "File not
+    found" for one)."""
     import zipfile
 
-    if Path(path).is_file() and not zipfile.is_zipfile(path):  # Keras says "File not found"
+    if Path(path).is_file() and not zipfile.is_zipfile(path):
         raise ConfigError(
             f"checkpoint={path}: not a Keras archive (a .keras file is the zip archive "
             "model.save writes, e.g. the model.keras beside a run's checkpoints)"
         )
+
+
+def load_keras_model(path: str | Path) -> keras.Model:
+    """Load a ``.keras`` file in Keras safe mode (no arbitrary code from the file)."""
+    check_keras_archive(path)
     try:
         return keras.saving.load_model(path, safe_mode=True, compile=True)
     except (OSError, ValueError) as err:
@@ -297,6 +303,7 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
 ) -> EvalReport:
     """``python evaluate.py checkpoint=<path.keras>``: figures and metrics, written locally."""
+    check_keras_archive(path)  # before asking for the dataset a model would need
     cfg = checkpoint_config(path, dataset)
     model = load_keras_model(path)
     bundle = _bundle(cfg, batch_size)

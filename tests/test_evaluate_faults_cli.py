@@ -39,7 +39,8 @@ def test_a_store_that_does_not_exist_is_not_created(tmp_path):
 
 def test_a_file_that_is_not_a_keras_archive_says_so(tmp_path):
     (tmp_path / "model.keras").write_text("not a model")
-    result = evaluate_cli(tmp_path, "checkpoint=model.keras", "dataset=digits")
+    # first, before it asks for the dataset= a model would need
+    result = evaluate_cli(tmp_path, "checkpoint=model.keras")
     assert one_line(result) == (
         "error: checkpoint=model.keras: not a Keras archive (a .keras file is the zip archive "
         "model.save writes, e.g. the model.keras beside a run's checkpoints)"
