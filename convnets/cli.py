@@ -335,6 +335,10 @@ def config_error_line(err: BaseException, overrides: Sequence[str] | None = None
         key = f"{override.group(1)}: {key}"  # e.g. a key inside a list given whole
     if isinstance(cause, ConfigAttributeError | ConfigKeyError) and key:
         return f"{key}: unknown key ({first}); check the spelling (--cfg job prints every key)"
+    wanted = re.search(r"converted to (Integer|Float)$|(not a valid bool)", first)
+    if wanted and key:
+        what = {"Integer": "a whole number", "Float": "a number", None: "true or false"}
+        return f"{key}: {first}; give {what[wanted[1]]}"
     return f"{key}: {first}" if key else first
 
 

@@ -48,7 +48,7 @@ def composition_error(*overrides: str, config_name: str = "inspect") -> Exceptio
          "model.layers[0].filtres: unknown key (Key 'filtres' not in 'LayerConfig'); check the spelling (--cfg job prints every key)"),
         (["model.layers=[{filtres:8}]"],  # the list given whole: its override names the key
          "model.layers: filtres: unknown key (Key 'filtres' not in 'LayerConfig'); check the spelling (--cfg job prints every key)"),
-        (["model.width=wide"], "model.width: Value 'wide' of type 'str' could not be converted to Float"),
+        (["model.width=wide"], "model.width: Value 'wide' of type 'str' could not be converted to Float; give a number"),
         (["dataset=nope"],
          "Could not find 'dataset/nope'; available: cifar10, cifar100, digits, fashion_mnist, image_folder, mnist"),
         (["input_shape=[8,8"], "input_shape=[8,8: no viable alternative at input '[8,8'"),
@@ -119,7 +119,7 @@ def test_a_composition_error_through_hydra_main_is_one_line(hydra_app, capsys):
     code = hydra_app(lambda cfg: None, "model.width=wide")
     assert code == 2
     assert capsys.readouterr().err.splitlines() == [
-        "error: model.width: Value 'wide' of type 'str' could not be converted to Float"
+        "error: model.width: Value 'wide' of type 'str' could not be converted to Float; give a number"
     ]
 
 

@@ -83,6 +83,16 @@ CASES = {
         "(-m); add -m to sweep over the values, write model.layer_defaults.kernel_size=[3,5] "
         "for a list, or quote it for a string",
     ),
+    "a fraction for a whole number": (
+        ["trainer.epochs=1.5"],
+        "error: trainer.epochs: Value '1.5' of type 'float' could not be converted to Integer; "
+        "give a whole number",
+    ),
+    "a word for a switch": (
+        ["trainer.deterministic=maybe"],
+        "error: trainer.deterministic: Value 'maybe' is not a valid bool (type str); give true or "
+        "false",
+    ),
     "a path with non-ASCII letters": (
         ["checkpoint_dir=/data/été/a1"],
         "error: checkpoint_dir=/data/été/a1: Hydra reads a value with spaces or non-ASCII "

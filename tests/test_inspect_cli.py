@@ -97,7 +97,7 @@ def test_invalid_models_are_one_line_naming_the_layer_and_the_fix(overrides, mes
          "model.layer_defaults.kernel_sise: unknown key (Key 'kernel_sise' not in 'LayerDefaults'); check the spelling (--cfg job prints every key)"),
         ("model.layers.0.filtres=3",
          "model.layers[0].filtres: unknown key (Key 'filtres' not in 'LayerConfig'); check the spelling (--cfg job prints every key)"),
-        ("model.width=wide", "model.width: Value 'wide' of type 'str' could not be converted to Float"),
+        ("model.width=wide", "model.width: Value 'wide' of type 'str' could not be converted to Float; give a number"),
         ("model=resnet", "Could not find 'model/resnet'; available: allconv, dilated, lenet5, simple_cnn, vgg_small"),
         ("input_shape=[8,8", "input_shape=[8,8: no viable alternative at input '[8,8'"),
     ],

@@ -723,7 +723,7 @@ def test_the_slurm_launcher_off_a_cluster_is_one_line_before_any_run(tmp_path):
         ("trainer.sed=1,2", "error: trainer.sed: unknown key (Key 'sed' not in 'TrainerConfig'); "
          "check the spelling (--cfg job prints every key)"),
         ("trainer.epochs=a,b", "error: trainer.epochs: Value 'a' of type 'str' could not be "
-         "converted to Integer"),
+         "converted to Integer; give a whole number"),
         ("+trainer.x=1,2", "error: trainer.x: unknown key (not in the config schema); check the "
          "spelling (--cfg job prints every key)"),
     ],
