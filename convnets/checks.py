@@ -28,6 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from convnets.architecture import check_stack
+from convnets.config import RUN_ID_KEYS
 from convnets.errors import ConfigError
 from convnets.memory_limit import MemoryLimit, memory_limit
 
@@ -109,7 +110,7 @@ def check_config(cfg: DictConfig) -> None:
     """Raise the :class:`ConfigError` of the first mistake in a training config; pure Python."""
     check_interpolations(cfg)
     check_known_keys(cfg)
-    for key in ("reproduce", "resume", "init_from"):
+    for key in RUN_ID_KEYS:
         if cfg.get(key) == "":  # an unset shell variable: resume=$RUN_ID
             raise ConfigError(
                 f"{key}= is empty: give a run id ({key}=<run id>), or leave {key} out to train "

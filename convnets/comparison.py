@@ -20,6 +20,7 @@ import pandas as pd
 from convnets import plots, statistics
 from convnets.errors import ConfigError, TrackingError, command, shell_override
 from convnets.pareto import pareto_front
+from convnets.sweep_files import is_parent
 from convnets.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ def _finished_runs(tracker: Tracker, target: str) -> tuple[pd.DataFrame, str | N
     if re.fullmatch(r"[0-9a-f]{32}", target):
         with contextlib.suppress(TrackingError):
             parent = tracker.get_run(target, key="compare")
-    if parent is not None and parent.data.tags.get("sweep_role") != "parent":
+    if parent is not None and not is_parent(parent.data.tags):
         experiment = tracker.client.get_experiment(parent.info.experiment_id).name
         raise TrackingError(
             f"compare={target}: that is a single run, not a sweep's or search's parent run; "

@@ -74,6 +74,10 @@ RUNTIME_KEYS = (
 )
 
 
+# The keys whose value is an MLflow run id to look up before anything is trained.
+RUN_ID_KEYS = ("reproduce", "resume", "init_from")
+
+
 def override_texts(overrides: ListConfig | list[str]) -> tuple[str, ...]:
     """Hydra's ``overrides.task`` as the text typed: not resolved, so an override whose value
     holds ``${...}`` (``'x=${oc.env:NAME}'``) is read as written, not resolved in Hydra's node

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from convnets import architecture, checkpoints, checks, sweep
 from convnets.config import RUNTIME_KEYS, TrainConfig, is_runtime_key
 from convnets.errors import ConfigError, TrackingError, command
+from convnets.sweep_files import is_parent
 from convnets.tracking import (
     CONFIG_ARTIFACT,
     flatten,
@@ -203,7 +204,7 @@ def _resolve_source(
             f"be given: {shown}"
         )
     run = recorder.get_run(run_id, key=key)
-    if run.data.tags.get("sweep_role") == "parent":
+    if is_parent(run.data.tags):
         raise ConfigError(
             f"{key}={run_id} is the parent run of a sweep or search, not a training run; "
             f"reproduce every job of its study with {command('train')} -m reproduce={run_id}"

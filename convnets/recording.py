@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from convnets import liveness
 from convnets.errors import ConvnetsError, TrackingError, command, shell_override
 from convnets.outbox import Epoch, Outbox, keep_unsent, upload_command
+from convnets.sweep_files import is_parent
 from convnets.tracking import (
     CONFIG_ARTIFACT,
     EPOCH_METRICS,
@@ -75,7 +76,7 @@ def end_dead_runs(tracker: Tracker, experiment_id: str, uri: str, keep: str | No
         tags = run.data.tags
         parent = tags.get("mlflow.parentRunId")
         what, hint = "run", ""
-        if tags.get("sweep_role") == "parent":
+        if is_parent(tags):
             what = "sweep parent run"
             if _is_search(tags):
                 hint = "; rerun the search's command to continue its study under this parent run"

@@ -18,12 +18,7 @@ from collections.abc import Sequence
 from omegaconf import DictConfig
 
 from convnets.errors import TrackingError
-
-PARENT_ROLE = "parent"  # the sweep_role tag of a sweep's or a search's parent run
-
-
-def is_parent(run) -> bool:
-    return run.data.tags.get("sweep_role") == PARENT_ROLE
+from convnets.sweep_files import is_parent
 
 
 def study_parent(cfg: DictConfig):
@@ -35,7 +30,7 @@ def study_parent(cfg: DictConfig):
         run = _store(cfg).get_run(str(cfg.reproduce), key="reproduce")
     except TrackingError:
         return None
-    return run if is_parent(run) else None
+    return run if is_parent(run.data.tags) else None
 
 
 def reproduce(cfg: DictConfig, context, parent):

@@ -47,9 +47,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from convnets.cli import report_user_errors
-from convnets.config import override_texts
+from convnets.config import RUN_ID_KEYS, override_texts
 from convnets.errors import ConfigError
-from convnets.sweep_files import SWEEP_LOCK, SearchResults, SweepContext
+from convnets.sweep_files import PARENT_ROLE, ROLE_TAG, SWEEP_LOCK, SearchResults, SweepContext
 from convnets.sweep_files import experiment_name as experiment_name  # the job names it so
 
 if TYPE_CHECKING:
@@ -323,12 +323,13 @@ def check_launcher(config: DictConfig) -> None:
         )
 
 
-def check_first_job(config: DictConfig) -> None:
-    """Compose a grid sweep's first job before the parent run exists: a misspelt swept key
-    (``trainer.sed=1,2``) or a value of the wrong type fails every job alike, and Hydra finds
-    it only when it composes a job. Only what fails for all jobs: a job whose values are
-    impossible (a stack too small for the images) is a bad point, recorded FAILED while the
-    others run. A search samples its jobs; its space is checked by the sweeper itself."""
+def check_first_job(config: DictConfig, definition: dict[str, str]) -> None:
+    """Compose a grid sweep's first job (``definition``: :func:`sweep_overrides`) before the
+    parent run exists: a misspelt swept key (``trainer.sed=1,2``) or a value of the wrong type
+    fails every job alike, and Hydra finds it only when it composes a job. Only what fails for
+    all jobs: a job whose values are impossible (a stack too small for the images) is a bad
+    point, recorded FAILED while the others run. A search samples its jobs; its space is
+    checked by the sweeper itself."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -338,7 +339,6 @@ def check_first_job(config: DictConfig) -> None:
     target = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
     if not target.endswith(".BasicSweeper"):
         return
-    definition = sweep_overrides(config)
     parsed = OverridesParser.create().parse_overrides(
         [f"{key}={value}" for key, value in definition.items()]
     )
@@ -380,16 +380,16 @@ class MlflowSweepCallback(Callback):
         from convnets.search_storage import study_ref
         from convnets.tracking import Tracker
 
+        definition = sweep_overrides(config)
         check_launcher(config)
-        check_first_job(config)
+        check_first_job(config, definition)
         self._hold_folder(Path(config.hydra.sweep.dir).resolve())
         study = study_ref(config)  # checks an Optuna search before any run exists
         tracker = Tracker(config.tracking.uri, http_timeout_s=config.tracking.http_timeout_s)
         tracker.check_store()  # first contact: sqlite creates its schema here, once
-        for key in ("reproduce", "resume", "init_from"):  # every job would fail to find it
+        for key in RUN_ID_KEYS:  # every job would fail to find it
             if OmegaConf.select(config, key, default=None):
                 tracker.get_run(str(config[key]), key=key)
-        definition = sweep_overrides(config)
         if study is None:
             experiment_id = tracker.experiment_id(experiment_name(config))
             run_id = self._create_parent(tracker, config, experiment_id, definition, False)
@@ -494,7 +494,7 @@ class MlflowSweepCallback(Callback):
             experiment_id,
             run_name=fit_name([redact(word) for word in words]),
             tags={
-                "sweep_role": "parent",
+                ROLE_TAG: PARENT_ROLE,
                 "sweep_overrides": shorten(definition, _MAX_TAG, "..."),
                 "sweeper": config.hydra.sweeper._target_.rsplit(".", 1)[-1],
                 "launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1],

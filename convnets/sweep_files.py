@@ -44,6 +44,13 @@ RUN_ATTR = "mlflow_run_id"  # the job's MLflow run
 METRICS_ATTR = "metrics"  # its final metrics, the objectives among them
 PRUNED_ATTR = "pruned"  # the pruner stopped it
 _MAX_TAG = 5000  # MLflow allows 8000 characters per tag; the complete definition is elsewhere
+# The tag that marks a sweep's or a search's parent run in MLflow (its jobs carry none).
+ROLE_TAG, PARENT_ROLE = "sweep_role", "parent"
+
+
+def is_parent(tags: Mapping[str, str]) -> bool:
+    """A run's tags say it is a sweep's or a search's parent run, not a training run."""
+    return tags.get(ROLE_TAG) == PARENT_ROLE
 
 
 def experiment_name(cfg: Any) -> str:
