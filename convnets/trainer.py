@@ -213,9 +213,11 @@ def fit(
             jit_compile=bool(trainer_cfg.jit_compile),
             steps_per_execution=int(trainer_cfg.steps_per_execution),
         )
+        # Optimizer slots exist only once built (load_weights skips them otherwise).
+        model.optimizer.build(model.trainable_variables)
+        if not tf.distribute.has_strategy():
+            _build_metrics(model, train.element_spec)
         if state is not None and state.get("last"):
-            # Optimizer slots exist only once built; load_weights skips them otherwise.
-            model.optimizer.build(model.trainable_variables)
             model.load_weights(checkpoint_dir / state["last"])
 
     initial_epoch = state["epoch"] if state and state.get("last") else 0
@@ -329,6 +331,22 @@ def _prepare(dataset, num_classes: int, one_hot: bool, strategy):
         )
         dataset = dataset.with_options(options)
     return dataset
+
+
+def _build_metrics(model: keras.Model, element_spec) -> None:
+    """Create the compiled metrics' variables before ``fit``, on one batch of zeros.
+
+    Under a distribution strategy Keras builds the optimizer and the metrics before tracing
+    the train step; on one device it leaves them to that first trace, and variables created
+    inside a ``tf.function``'s first trace make TensorFlow trace it a second time (about
+    0.75 s of a 4-epoch digits run, a third of its training time). With the optimizer built
+    by the caller and the metrics here, the train step is traced once.
+    """
+    x_spec, y_spec = element_spec
+    x = tf.zeros([1, *x_spec.shape[1:]], x_spec.dtype)
+    y = tf.zeros([1, *y_spec.shape[1:]], y_spec.dtype)
+    model.compute_metrics(x, y, model(x, training=False), sample_weight=None)
+    model.reset_metrics()
 
 
 def _steps_per_epoch(dataset, num_examples: int, batch_size: int) -> int:

@@ -358,3 +358,35 @@ def test_op_determinism_does_not_outlive_its_run():
     assert tf_config.is_op_determinism_enabled()
     seed_everything(0, deterministic=False)
     assert not tf_config.is_op_determinism_enabled()
+
+
+class CountingTraces(keras.Sequential):
+    """``train_step`` runs in Python only while TensorFlow traces it: counting its calls
+    counts the traces."""
+
+    traces = 0
+
+    def train_step(self, data):
+        type(self).traces += 1
+        return super().train_step(data)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1], ids=["sparse", "one_hot"])
+def test_on_one_device_the_train_step_is_traced_once(tmp_path, label_smoothing):
+    """Variables made during a ``tf.function``'s first trace make TensorFlow trace it again;
+    the optimizer and the metrics are built before ``fit`` so the train step is traced once
+    (on the default strategy, the one a single-device run uses)."""
+    t = trainer_cfg(label_smoothing=label_smoothing)
+    data = digits_bundle(batch_size=t.batch_size, seed=t.seed)
+    CountingTraces.traces = 0
+    model, result = fit(
+        lambda: CountingTraces(tiny_cnn().layers),
+        data,
+        t,
+        opt_cfg(),
+        tf.distribute.get_strategy(),
+        checkpoint_dir=tmp_path / "ckpt",
+    )
+    assert CountingTraces.traces == 1
+    assert result.epochs_completed == 2 and result.history["loss"][-1] < result.history["loss"][0]
+    assert [v.numpy() for v in model.metrics_variables] != []  # built, and counting this fit
