@@ -468,12 +468,15 @@ class _EpochState(keras.callbacks.Callback):
             self.model.stop_training = True
             self._tell_caller(number, logs)
             return  # the last good epoch's checkpoint stays the committed one
+        if self.save_last:
+            self.last_file = self._save(f"epoch-{number:04d}.weights.h5")
         if self._is_best(logs):
             self.best_epoch, self.best_val_accuracy = number, float(logs["val_accuracy"])
             self.best_val_loss = float(logs["val_loss"])
-            self.best_file = self._save(f"best-{number:04d}.weights.h5")
-        if self.save_last:
-            self.last_file = self._save(f"epoch-{number:04d}.weights.h5")
+            # The same weights as the epoch's file: a copy, not Keras serialising them again.
+            self.best_file = self._save(
+                f"best-{number:04d}.weights.h5", self.last_file if self.save_last else None
+            )
         self.epoch = number
         self.history.append({"epoch": number, **{k: float(v) for k, v in logs.items()}})
         self._commit()
@@ -496,9 +499,12 @@ class _EpochState(keras.callbacks.Callback):
         if self.after_epoch is not None and self.after_epoch(number, logs):
             self.model.stop_training = True
 
-    def _save(self, name: str) -> str:
+    def _save(self, name: str, copy_of: str | None = None) -> str:
         with checkpoints.replacing(self.write_dir / name, f".tmp-{name}") as tmp:
-            self.model.save_weights(tmp)
+            if copy_of is None:
+                self.model.save_weights(tmp)
+            else:
+                shutil.copyfile(self.write_dir / copy_of, tmp)
         return name
 
     def _commit(self) -> None:

@@ -336,7 +336,8 @@ def test_the_best_epoch_is_the_lowest_validation_loss(tmp_path, epochs, best):
     from convnets import trainer
 
     state = trainer._EpochState(tmp_path, None, save_last=False, writer=True, identity=None)
-    state._save = lambda name: name  # no model: which epoch is chosen is what is tested
+    # No model: which epoch is chosen is what is tested.
+    state._save = lambda name, copy_of=None: name
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile("sgd", "mse")
     state.set_model(model)
