@@ -225,6 +225,26 @@ def stop_process_group(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def start_mlflow_server(
+    backend_uri: str, root: Path, port: int, log, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """``mlflow server`` on ``backend_uri`` at 127.0.0.1:``port``, artifacts proxied to
+    ``root/artifacts``, its output to ``log``, in a process group of its own (end it with
+    :func:`stop_process_group`). It serves tracking only: MLflow's job execution (on by default
+    since MLflow 3, for its GenAI jobs) would start a job runner of eight more processes beside
+    each server, about 11 s of CPU at start-up that no test here uses."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+         "--artifacts-destination", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=root,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **(env or {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, proxied artifacts); its URL.
@@ -235,28 +255,7 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     log = open(root / "server.log", "w")  # noqa: SIM115 - closed on teardown
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        cwd=root,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = start_mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root, port, log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(proc, f"{url}/health", root / "server.log", 90)

@@ -16,7 +16,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CLI_ENV, REPO, free_port, stop_process_group, wait_until_serving
+from conftest import (
+    CLI_ENV,
+    REPO,
+    free_port,
+    start_mlflow_server,
+    stop_process_group,
+    wait_until_serving,
+)
 from mlflow.tracking import MlflowClient
 
 import convnets
@@ -99,14 +106,9 @@ def team_server(postgres, tmp_path_factory):
     root = tmp_path_factory.mktemp("team-server")
     port = free_port()
     log = open(root / "server.log", "w")  # noqa: SIM115 - closed on teardown
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server",
-         "--backend-store-uri", f"{postgres['url']}/mlflow",
-         "--artifacts-destination", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "PGPASSWORD": PASSWORD},
-    )  # fmt: skip
+    proc = start_mlflow_server(
+        f"{postgres['url']}/mlflow", root, port, log, env={"PGPASSWORD": PASSWORD}
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(proc, f"{url}/health", root / "server.log", 120)

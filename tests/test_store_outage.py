@@ -23,6 +23,7 @@ from conftest import (
     CLI_ENV,
     free_port,
     sqlite_store,
+    start_mlflow_server,
     start_training,
     stop_process_group,
     train_cli,
@@ -280,13 +281,7 @@ def start_server(root: Path, port: int) -> subprocess.Popen:
     sqlite_store(root)  # a ready schema: the server starts without migrating
     log = root / "server.log"
     with open(log, "a") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server",
-             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--artifacts-destination", str(root / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+        proc = start_mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root, port, out)
     wait_until_serving(proc, f"http://127.0.0.1:{port}/health", log, 120)
     return proc
 
