@@ -338,9 +338,9 @@ def _build_metrics(model: keras.Model, element_spec) -> None:
 
     Under a distribution strategy Keras builds the optimizer and the metrics before tracing
     the train step; on one device it leaves them to that first trace, and variables created
-    inside a ``tf.function``'s first trace make TensorFlow trace it a second time (about
-    0.75 s of a 4-epoch digits run, a third of its training time). With the optimizer built
-    by the caller and the metrics here, the train step is traced once.
+    inside a ``tf.function``'s first trace make TensorFlow trace it a second time (its cost is
+    in benchmarks/README.md). With the optimizer built by the caller and the metrics here, the
+    train step is traced once.
     """
     x_spec, y_spec = element_spec
     x = tf.zeros([1, *x_spec.shape[1:]], x_spec.dtype)

@@ -232,7 +232,7 @@ def start_mlflow_server(
     ``root/artifacts``, its output to ``log``, in a process group of its own (end it with
     :func:`stop_process_group`). It serves tracking only: MLflow's job execution (on by default
     since MLflow 3, for its GenAI jobs) would start a job runner of eight more processes beside
-    each server, about 11 s of CPU at start-up that no test here uses."""
+    each server, which no test here uses."""
     return subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
          "--artifacts-destination", str(root / "artifacts"),
