@@ -213,7 +213,8 @@ def fit(
             jit_compile=bool(trainer_cfg.jit_compile),
             steps_per_execution=int(trainer_cfg.steps_per_execution),
         )
-        # Optimizer slots exist only once built (load_weights skips them otherwise).
+        # Built before fit: load_weights skips optimizer slots that do not exist yet, and
+        # slots made in the train step's first trace make it traced twice (_build_metrics).
         model.optimizer.build(model.trainable_variables)
         if not tf.distribute.has_strategy():
             _build_metrics(model, train.element_spec)

@@ -652,6 +652,7 @@ def test_submitit_local_executor_runs_a_search_under_the_parent(tmp_path):
         *TINY,
     )
     assert [r.info.status for r in s.children] == ["FINISHED"] * 2
+    assert len({r.data.params["optimizer.lr"] for r in s.children}) == 2  # each job its trial's
     assert s.parent.data.tags["launcher"] == "LocalLauncher"
     assert s.parent.info.status == "FINISHED"
     assert s.parent.data.metrics["optuna_best_value"] == max(
