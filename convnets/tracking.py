@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
-from mlflow.entities import Metric, Run, RunStatus
+from mlflow.entities import Metric, Run, RunStatus, RunTag
 from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -718,8 +718,11 @@ class Tracker:
         self.client.log_batch(run_id, metrics=batch)
 
     def set_tags_on(self, run_id: str, tags: Mapping[str, Any]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(run_id, key, shorten(redact(str(value)), MAX_TAG_VAL_LENGTH))
+        """One batch, not a ``set_tag`` per key: processes sharing a run (a search's parent)
+        set the same tags at the same moment, and MLflow's SQL store retries a batch's insert
+        that collides with another's, where a single ``set_tag`` fails with the collision."""
+        batch = [RunTag(k, shorten(redact(str(v)), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
+        self.client.log_batch(run_id, tags=batch)
 
     def log_artifact_to(self, run_id: str, path: str | Path, artifact_path: str | None = None):
         self.client.log_artifact(run_id, str(path), artifact_path)

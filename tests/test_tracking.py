@@ -270,3 +270,32 @@ def test_a_folder_store_is_refused_with_the_database_to_use_instead(tmp_path):
         "(its file backend is in maintenance mode); record in a SQLite database instead: "
         "tracking.uri=sqlite:///<folder>/mlflow.db"
     )
+
+
+def test_processes_setting_the_same_new_tags_on_one_run_at_once_all_succeed(store):
+    """A search's parent is shared: every process joining it sets its ``process`` and
+    heartbeat tags at about the same moment. Setting a tag that does not exist yet is a
+    read-then-insert in MLflow's SQL store; the writers that lose the insert must not fail."""
+    import threading
+
+    tracker = Tracker(store)
+    run_id = tracker.client.create_run(tracker.client.create_experiment("shared")).info.run_id
+    errors: list[BaseException] = []
+    for round_ in range(4):  # each round a key no writer has set yet
+        start = threading.Barrier(6)
+
+        def write(writer: int, round_: int = round_, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                tracker.set_tags_on(run_id, {f"process_{round_}": writer, f"beat_{round_}": 1})
+            except Exception as err:  # noqa: BLE001 - every failure is the finding
+                errors.append(err)
+
+        writers = [threading.Thread(target=write, args=(n,)) for n in range(6)]
+        for thread in writers:
+            thread.start()
+        for thread in writers:
+            thread.join()
+    assert errors == []
+    tags = tracker.client.get_run(run_id).data.tags
+    assert all(tags[f"process_{n}"] in {str(w) for w in range(6)} for n in range(4))
