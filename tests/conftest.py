@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import signal
@@ -200,19 +201,32 @@ def start_training(*args: str) -> subprocess.Popen:
 
 
 def signal_after_epochs(
-    proc: subprocess.Popen, client, epochs: int, signum: int
+    proc: subprocess.Popen, run_dir: Path, epochs: int, signum: int
 ) -> tuple[str, str]:
-    """Send ``signum`` to a :func:`start_training` process once its run has recorded
-    ``epochs`` epochs and wait for it to end: (the run id, what it wrote on stderr). The
-    process is killed if it outlives the test."""
+    """Send ``signum`` to a :func:`start_training` process (``hydra.run.dir=RUN_DIR``) once it
+    has committed the checkpoint of epoch ``epochs`` and wait for it to end: (the run id, what
+    it wrote on stderr). The checkpoint's commit record is written by the training itself at
+    the end of each epoch; the store's metrics follow from a thread, and under load they can
+    lag so far behind that a short training ends before they show the epoch. The process is
+    killed if it outlives the test."""
     try:
-        run_id = wait_for_epochs(proc, client, epochs)
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, "training ended before the signal was sent"
+            assert time.monotonic() < deadline, f"epoch {epochs} was never committed"
+            committed = [
+                (path.parent.name, json.loads(path.read_text())["epoch"])
+                for path in run_dir.glob("checkpoints/*/state.json")
+            ]
+            if committed and committed[0][1] >= epochs:
+                break
+            time.sleep(0.02)
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    return run_id, stderr
+    return committed[0][0], stderr
 
 
 def stop_process_group(proc: subprocess.Popen) -> None:

@@ -58,7 +58,7 @@ def test_resume_refuses_a_swapped_or_escaping_checkpoint_before_tensorflow(tmp_p
         f"tracking.uri={uri}",
         f"hydra.run.dir={tmp_path / 'out'}",
     )
-    run_id, _ = signal_after_epochs(proc, client, 2, signal.SIGTERM)
+    run_id, _ = signal_after_epochs(proc, tmp_path / "out", 2, signal.SIGTERM)
     folder = Path(client.get_run(run_id).data.tags["checkpoint_dir"])
     state = checkpoints.read_state(folder)
     weights = folder / state["last"]
