@@ -122,20 +122,22 @@ def train_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return command("train.py", *args, **kwargs)
 
 
-def wait_for_epochs(proc, client, epochs: int, known=frozenset()) -> str:
-    """The id of the digits run ``proc`` trains (one not in ``known``), once it has logged
-    ``epochs`` epochs; fails when training ends or stalls first."""
-    deadline, run_id = time.monotonic() + 240, None
+def wait_for_epochs(proc, run_dir: Path, epochs: int, known=frozenset()) -> str:
+    """The id of the run ``proc`` trains with ``hydra.run.dir=RUN_DIR`` (one not in
+    ``known``), once it has committed the checkpoint of epoch ``epochs``; fails when training
+    ends or stalls first.
+
+    The commit record (``checkpoints/<run id>/state.json``) is written by the training itself
+    at the end of each epoch. The store's metrics follow from a thread, and under load they
+    lagged so far behind that a short training ended before they showed the epoch a test
+    meant to stop it at. A resume sends the committed epochs the store lacks."""
+    deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-        if run_id is None and (experiment := client.get_experiment_by_name("digits")):
-            runs = client.search_runs([experiment.experiment_id])
-            new = [r.info.run_id for r in runs if r.info.run_id not in known]
-            run_id = new[0] if new else None
-        steps = [m.step for m in client.get_metric_history(run_id, "loss")] if run_id else []
-        if max(steps, default=0) >= epochs:
-            return run_id
-    raise AssertionError(f"training ended or stalled before epoch {epochs} was recorded")
+        for state in run_dir.glob("checkpoints/*/state.json"):
+            if state.parent.name not in known and json.loads(state.read_text())["epoch"] >= epochs:
+                return state.parent.name
+        time.sleep(0.02)
+    raise AssertionError(f"training ended or stalled before epoch {epochs} was committed")
 
 
 def wait_until_serving(proc: subprocess.Popen, url: str, log: Path, timeout_s: float) -> None:
@@ -204,29 +206,16 @@ def signal_after_epochs(
     proc: subprocess.Popen, run_dir: Path, epochs: int, signum: int
 ) -> tuple[str, str]:
     """Send ``signum`` to a :func:`start_training` process (``hydra.run.dir=RUN_DIR``) once it
-    has committed the checkpoint of epoch ``epochs`` and wait for it to end: (the run id, what
-    it wrote on stderr). The checkpoint's commit record is written by the training itself at
-    the end of each epoch; the store's metrics follow from a thread, and under load they can
-    lag so far behind that a short training ends before they show the epoch. The process is
-    killed if it outlives the test."""
+    has committed epoch ``epochs`` (:func:`wait_for_epochs`) and wait for it to end: (the run
+    id, what it wrote on stderr). The process is killed if it outlives the test."""
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, "training ended before the signal was sent"
-            assert time.monotonic() < deadline, f"epoch {epochs} was never committed"
-            committed = [
-                (path.parent.name, json.loads(path.read_text())["epoch"])
-                for path in run_dir.glob("checkpoints/*/state.json")
-            ]
-            if committed and committed[0][1] >= epochs:
-                break
-            time.sleep(0.02)
+        run_id = wait_for_epochs(proc, run_dir, epochs)
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    return committed[0][0], stderr
+    return run_id, stderr
 
 
 def stop_process_group(proc: subprocess.Popen) -> None:

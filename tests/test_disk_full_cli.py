@@ -47,7 +47,7 @@ def test_a_full_disk_fails_the_run_in_one_line_and_its_resume_command_continues_
         "trainer.epochs=6", f"tracking.uri={uri}", f"hydra.run.dir={small_disk / 'run'}"
     )
     try:
-        run_id = wait_for_epochs(proc, client, 1)
+        run_id = wait_for_epochs(proc, small_disk / "run", 1)
         fill(small_disk)
         _, stderr = proc.communicate(timeout=180)
     finally:

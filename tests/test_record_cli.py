@@ -47,10 +47,10 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     return line
 
 
-def kill_after(args, client, epochs: int, known=frozenset()) -> str:
-    proc = start_training(*args)
+def kill_after(args, run_dir: Path, epochs: int, known=frozenset()) -> str:
+    proc = start_training(*args, f"hydra.run.dir={run_dir}")
     try:
-        run_id = wait_for_epochs(proc, client, epochs, known)
+        run_id = wait_for_epochs(proc, run_dir, epochs, known)
         proc.kill()  # SIGKILL: the run stays RUNNING, its checkpoint at the last epoch
     finally:
         if proc.poll() is None:
@@ -84,8 +84,8 @@ def test_two_runs_in_one_folder_each_resume_from_their_own_checkpoint(tmp_path):
     args = [TINY, f"trainer.epochs={epochs}", *QUIET, f"tracking.uri={uri}"]
     shared_dir = tmp_path / "run"
     shared = f"hydra.run.dir={shared_dir}"  # or two runs started in the same second
-    first = kill_after([*args, shared], client, 2)
-    second = kill_after([*args, shared], client, 2, known={first})
+    first = kill_after(args, shared_dir, 2)
+    second = kill_after(args, shared_dir, 2, known={first})
     # The second found the first's process gone: it ended that run KILLED, saying why.
     killed = client.get_run(first)
     assert killed.info.status == "KILLED"
@@ -340,7 +340,7 @@ def test_the_ctrl_c_hint_names_the_store_and_works(tmp_path):
     proc = start_training(TINY, "trainer.epochs=20", *QUIET, f"tracking.uri={uri}",
                  f"hydra.run.dir={tmp_path / 'out'}")  # fmt: skip
     try:
-        run_id = wait_for_epochs(proc, client, 1)
+        run_id = wait_for_epochs(proc, tmp_path / "out", 1)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         _, stderr = proc.communicate(timeout=120)
     finally:

@@ -35,7 +35,7 @@ def test_resume_refuses_a_live_run_and_a_missing_folder_and_takes_a_copy(tmp_pat
         f"hydra.run.dir={tmp_path / 'out'}",
     )
     try:
-        run_id = wait_for_epochs(proc, client, 1)
+        run_id = wait_for_epochs(proc, tmp_path / "out", 1)
         folder = Path(client.get_run(run_id).data.tags["checkpoint_dir"])
         live = train_cli(f"resume={run_id}", f"tracking.uri={uri}")  # while it trains
         assert live.returncode == 1

@@ -312,7 +312,7 @@ def test_the_server_stopped_for_20_s_mid_training_costs_no_epoch_and_no_training
         )
         try:
             client = MlflowClient(url)
-            run_id = wait_for_epochs(proc, client, 1)
+            run_id = wait_for_epochs(proc, tmp_path / "outage", 1)
             folder = tmp_path / "outage" / "checkpoints" / run_id
             stop_process_group(server)
             stopped_at = checkpointed_epoch(folder)
@@ -364,7 +364,7 @@ def test_a_server_still_down_at_the_end_is_one_line_and_the_run_is_finished_late
             f"hydra.run.dir={tmp_path / 'out'}",
         )
         try:
-            run_id = wait_for_epochs(proc, client, 1)
+            run_id = wait_for_epochs(proc, tmp_path / "out", 1)
             stop_process_group(server)
             _, stderr = proc.communicate(timeout=300)
         finally:

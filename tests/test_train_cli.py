@@ -99,7 +99,7 @@ def test_kill_after_epoch_two_then_resume_finishes_the_same_run(tmp_path):
         stderr=subprocess.DEVNULL,
     )
     try:
-        run_id = wait_for_epochs(proc, client, 2)
+        run_id = wait_for_epochs(proc, tmp_path / "first", 2)
         proc.kill()  # SIGKILL: no handler runs, the run stays RUNNING
     finally:
         if proc.poll() is None:
@@ -138,7 +138,7 @@ def test_ctrl_c_ends_the_run_killed_and_keeps_the_checkpoint(tmp_path):
         text=True,
     )  # fmt: skip
     try:
-        run_id = wait_for_epochs(proc, client, 1)
+        run_id = wait_for_epochs(proc, tmp_path / "out", 1)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         _, stderr = proc.communicate(timeout=120)
     finally:
