@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import atexit
 import json
 import os
 import shutil
@@ -86,6 +87,7 @@ def sqlite_store(folder: Path) -> str:
         from mlflow.tracking import MlflowClient
 
         template = Path(tempfile.mkdtemp(prefix="convnets-store-")) / "mlflow.db"
+        atexit.register(shutil.rmtree, template.parent, ignore_errors=True)
         MlflowClient(f"sqlite:///{template}").search_experiments(max_results=1)
         _STORE_TEMPLATE.append(template)
     folder.mkdir(parents=True, exist_ok=True)
