@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import atexit
-import json
 import os
 import shutil
 import signal
@@ -133,11 +132,14 @@ def wait_for_epochs(proc, run_dir: Path, epochs: int, known=frozenset()) -> str:
     at the end of each epoch. The store's metrics follow from a thread, and under load they
     lagged so far behind that a short training ended before they showed the epoch a test
     meant to stop it at. A resume sends the committed epochs the store lacks."""
+    from convnets import checkpoints
+
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        for state in run_dir.glob("checkpoints/*/state.json"):
-            if state.parent.name not in known and json.loads(state.read_text())["epoch"] >= epochs:
-                return state.parent.name
+        for folder in run_dir.glob("checkpoints/*"):
+            state = checkpoints.read_state(folder)
+            if folder.name not in known and state and state["epoch"] >= epochs:
+                return folder.name
         time.sleep(0.02)
     raise AssertionError(f"training ended or stalled before epoch {epochs} was committed")
 

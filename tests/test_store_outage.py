@@ -8,7 +8,6 @@ the same port and database."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -32,6 +31,7 @@ from conftest import (
 from mlflow.tracking import MlflowClient
 
 import convnets
+from convnets import checkpoints
 from convnets.errors import TrackingError
 from convnets.outbox import UNSENT_FILE, Epoch, Outbox, read_unsent
 from convnets.recording import Definition, MlflowRecorder
@@ -287,8 +287,7 @@ def start_server(root: Path, port: int) -> subprocess.Popen:
 
 
 def checkpointed_epoch(folder: Path) -> int:
-    state = folder / "state.json"
-    return json.loads(state.read_text())["epoch"] if state.exists() else 0
+    return (checkpoints.read_state(folder) or {"epoch": 0})["epoch"]
 
 
 @pytest.mark.slow
