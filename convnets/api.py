@@ -117,6 +117,10 @@ def _compose(config_name: str, overrides: Sequence[str]) -> tuple[DictConfig, Di
     from convnets.cli import config_error_line, missing_searchpath
     from convnets.credentials import credentials_in, credentials_in_config
 
+    if isinstance(overrides, str | bytes):  # iterating it would give one override a letter
+        raise ConfigError(
+            f"overrides={overrides!r}: give a list of overrides, e.g. [{str(overrides)!r}]"
+        )
     overrides = [str(o) for o in overrides]
     refused = credentials_in(overrides) or missing_searchpath(overrides)
     if refused is not None:

@@ -83,6 +83,8 @@ def test_a_refused_config_raises_and_records_nothing(tmp_path, monkeypatch):
     with pytest.raises(convnets.ConfigError, match="MLFLOW_TRACKING_USERNAME") as refused:
         convnets.train(["tracking.uri=http://alice:s3cret@127.0.0.1:1"])
     assert "s3cret" not in str(refused.value)
+    with pytest.raises(convnets.ConfigError, match=r"give a list of overrides, e\.g\. \['trainer"):
+        convnets.train(f"trainer.epochs=1 tracking.uri={uri}")  # a string, not a list
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
 
 
