@@ -60,7 +60,13 @@ def train(
     if "keras" in sys.modules:  # a previous run in this process: its graphs and layer names
         sys.modules["keras"].utils.clear_session(free_memory=True)
     folder = Path(output_dir) if output_dir is not None else Path(hydra_cfg.run.dir)
-    _save_config(folder, cfg, overrides)
+    try:
+        _save_config(folder, cfg, overrides)
+    except OSError as err:
+        raise ConfigError(
+            f"output_dir={folder}: {err.strerror or type(err).__name__} ({err.filename}); the "
+            "run's folder cannot be created there: pass a writable folder as output_dir"
+        ) from err
     context = job.JobContext(overrides=tuple(overrides), output_dir=folder)
     return job.train(cfg, context, recorder)
 

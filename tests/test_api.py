@@ -85,6 +85,9 @@ def test_a_refused_config_raises_and_records_nothing(tmp_path, monkeypatch):
     assert "s3cret" not in str(refused.value)
     with pytest.raises(convnets.ConfigError, match=r"give a list of overrides, e\.g\. \['trainer"):
         convnets.train(f"trainer.epochs=1 tracking.uri={uri}")  # a string, not a list
+    (tmp_path / "a_file").touch()
+    with pytest.raises(convnets.ConfigError, match=r"output_dir=.*a_file: Not a directory"):
+        convnets.train([f"tracking.uri={uri}"], output_dir=tmp_path / "a_file")
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
 
 
