@@ -74,10 +74,11 @@ def train(
 def evaluate(overrides: Sequence[str] = (), **keys: Any) -> EvalReport:
     """Evaluate a logged run's model or a local ``.keras`` file, as ``python evaluate.py``:
     ``evaluate(run_id=...)`` or ``evaluate(checkpoint="model.keras")``, any other key of
-    ``configs/evaluate.yaml`` as a keyword or an override. Returns the metrics and figures."""
+    ``configs/evaluate.yaml`` as a keyword (``tracking_uri=`` for ``tracking.uri``) or an
+    override. Returns the metrics and figures."""
     from convnets import evaluate_job
 
-    cfg, hydra_cfg = _compose("evaluate", [*overrides, *_as_overrides(keys)])
+    cfg, hydra_cfg = _compose("evaluate", [*_listed(overrides), *_as_overrides(keys)])
     if cfg.compare:
         raise ConfigError("compare=: use convnets.compare(target) for a comparison")
     return evaluate_job.run(cfg, hydra_cfg.run.dir)
@@ -90,9 +91,7 @@ def compare(target: str, overrides: Sequence[str] = (), **keys: Any) -> CompareR
     from convnets import evaluate_job
 
     keys = {"compare": target, **keys}
-    if "tracking_uri" in keys:
-        keys["tracking.uri"] = keys.pop("tracking_uri")
-    cfg, hydra_cfg = _compose("evaluate", [*overrides, *_as_overrides(keys)])
+    cfg, hydra_cfg = _compose("evaluate", [*_listed(overrides), *_as_overrides(keys)])
     return evaluate_job.run(cfg, hydra_cfg.run.dir)
 
 
@@ -123,11 +122,7 @@ def _compose(config_name: str, overrides: Sequence[str]) -> tuple[DictConfig, Di
     from convnets.cli import config_error_line, missing_searchpath
     from convnets.credentials import credentials_in, credentials_in_config
 
-    if isinstance(overrides, str | bytes):  # iterating it would give one override a letter
-        raise ConfigError(
-            f"overrides={overrides!r}: give a list of overrides, e.g. [{str(overrides)!r}]"
-        )
-    overrides = [str(o) for o in overrides]
+    overrides = _listed(overrides)
     refused = credentials_in(overrides) or missing_searchpath(overrides)
     if refused is not None:
         raise ConfigError(refused)
@@ -155,9 +150,21 @@ def _compose(config_name: str, overrides: Sequence[str]) -> tuple[DictConfig, Di
     return cfg, hydra_cfg
 
 
+def _listed(overrides: Sequence[str] | None) -> list[str]:
+    """The overrides as a list of strings; ``None`` is none. A single string is refused:
+    iterated, it would give one override per letter."""
+    if isinstance(overrides, str | bytes):
+        raise ConfigError(
+            f"overrides={overrides!r}: give a list of overrides, e.g. [{str(overrides)!r}]"
+        )
+    return [str(o) for o in overrides or ()]
+
+
 def _as_overrides(keys: dict[str, Any]) -> list[str]:
     """Keyword arguments as overrides; a path or string quoted for Hydra when it needs it
-    (spaces, non-ASCII letters), so ``checkpoint=Path("runs/été 1/model.keras")`` works."""
+    (spaces, non-ASCII letters), so ``checkpoint=Path("runs/été 1/model.keras")`` works.
+    ``tracking_uri=`` (a keyword cannot hold a dot) is ``tracking.uri``."""
+    keys = {("tracking.uri" if key == "tracking_uri" else key): v for key, v in keys.items()}
     return [
         hydra_override(key, value) if isinstance(value, str | Path) else f"{key}={value}"
         for key, value in keys.items()

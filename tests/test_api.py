@@ -61,9 +61,7 @@ def test_a_run_is_a_value_equal_to_its_record(store, two_runs):
 def test_evaluate_and_compare_in_process(store, two_runs):
     folder, uri = store
     run, other = two_runs
-    report = convnets.evaluate(
-        run_id=run.run_id, output_dir=folder / "eval", **{"tracking.uri": uri}
-    )
+    report = convnets.evaluate(run_id=run.run_id, output_dir=folder / "eval", tracking_uri=uri)
     assert report.metrics["eval_accuracy"] == pytest.approx(run.test_accuracy, abs=1e-6)
     comparison = convnets.compare("digits", tracking_uri=uri, output_dir=folder / "compare")
     assert isinstance(comparison.table, pd.DataFrame)
@@ -85,6 +83,8 @@ def test_a_refused_config_raises_and_records_nothing(tmp_path, monkeypatch):
     assert "s3cret" not in str(refused.value)
     with pytest.raises(convnets.ConfigError, match=r"give a list of overrides, e\.g\. \['trainer"):
         convnets.train(f"trainer.epochs=1 tracking.uri={uri}")  # a string, not a list
+    with pytest.raises(convnets.ConfigError, match=r"give a list of overrides"):
+        convnets.evaluate("run_id=0123456789abcdef0123456789abcdef")
     (tmp_path / "a_file").touch()
     with pytest.raises(convnets.ConfigError, match=r"output_dir=.*a_file: Not a directory"):
         convnets.train([f"tracking.uri={uri}"], output_dir=tmp_path / "a_file")
@@ -95,6 +95,7 @@ def test_inspect_returns_the_analysis():
     analysis = convnets.inspect(["model=vgg_small", "dataset=cifar10"])
     assert analysis.param_count > 0 and analysis.receptive_field > 0
     assert analysis.feature_shape[-1] > 0
+    assert convnets.inspect(None).param_count == convnets.inspect().param_count  # None: none
     with pytest.raises(convnets.ConfigError, match="Could not find 'model/nope'"):
         convnets.inspect(["model=nope"])
 
