@@ -39,11 +39,27 @@ FINAL_CONFIG = "config.yaml"  # the name evaluate.py looks for beside a .keras f
 
 
 def read_state(checkpoint_dir: str | Path) -> dict | None:
-    """The committed ``state.json`` of ``checkpoint_dir``, or None when there is none."""
+    """The committed ``state.json`` of ``checkpoint_dir``, or None when there is none; a file
+    that is not a commit record (not JSON, not an object, no whole epoch number of at least
+    1) is a :class:`CheckpointError` naming it. It is only ever replaced whole, so a damaged
+    one was damaged after it was written."""
+    path = Path(checkpoint_dir) / STATE_FILE
     try:
-        return json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())
+        state = json.loads(path.read_text())
     except FileNotFoundError:
         return None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise CheckpointError(
+            f"{path}: not a readable commit record ({type(err).__name__}); the file was "
+            "damaged after it was written, so which epoch the folder holds is unknown"
+        ) from None
+    epoch = state.get("epoch") if isinstance(state, dict) else None
+    if type(epoch) is not int or epoch < 1:  # bool is an int: excluded
+        raise CheckpointError(
+            f"{path}: not a commit record (its epoch is {epoch!r}, expected a whole number "
+            "of at least 1); the file was changed after it was written"
+        )
+    return state
 
 
 WEIGHTS_NAME = re.compile(r"(epoch|best)-\d{4}\.weights\.h5")

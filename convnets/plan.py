@@ -312,7 +312,26 @@ def _check_resumable(run: MlflowRun, cfg: DictConfig) -> None:
         )
     state = checkpoints.read_state(checkpoint_dir)
     if state is None:
-        return  # killed before its first epoch ended: it starts from epoch 1, nothing to splice
+        # Killed before its first epoch ended, it starts from epoch 1 with nothing to splice.
+        # Epochs it recorded, or weights left in the folder, say the commit record was lost.
+        leftovers = sorted(p.name for p in checkpoint_dir.glob("*.weights.h5"))
+        if leftovers or "loss" in run.data.metrics:
+            evidence = (
+                f"it holds {', '.join(leftovers)}" if leftovers else "the run recorded epochs"
+            )
+            raise TrackingError(
+                f"resume={run_id}: {checkpoint_dir} has no {checkpoints.STATE_FILE} but "
+                f"{evidence}: which epoch to continue from is unknown; refusing to train the "
+                f"run again from epoch 1 as the same run ({command('train')} reproduce={run_id} "
+                "trains it again as a new run)"
+            )
+        return
+    if state["epoch"] > cfg.trainer.epochs:
+        raise TrackingError(
+            f"resume={run_id}: {checkpoint_dir / checkpoints.STATE_FILE} says epoch "
+            f"{state['epoch']} of a run of trainer.epochs={cfg.trainer.epochs}; the record was "
+            "changed after it was written; refusing to continue from it"
+        )
     checkpoints.verify(checkpoint_dir, state)  # before TensorFlow loads anything
     owner = state.get("run_id")
     if owner != run_id or state.get("config_digest") != config_digest(cfg):

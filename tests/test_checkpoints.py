@@ -47,6 +47,23 @@ def test_an_untrusted_folder_is_refused(tmp_path, state, message):
         checkpoints.verify(folder, checkpoints.read_state(folder))
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"epoch": 2, "la', "not a readable commit record"),  # cut short
+        ("[2]", r"its epoch is None"),
+        ('{"epoch": "x"}', r"its epoch is 'x'"),
+        ('{"epoch": 0}', r"its epoch is 0"),
+        ('{"epoch": true}', r"its epoch is True"),
+    ],
+)
+def test_a_damaged_commit_record_is_refused_naming_it(tmp_path, text, message):
+    (tmp_path / "state.json").write_text(text)
+    with pytest.raises(CheckpointError, match=message) as refused:
+        checkpoints.read_state(tmp_path)
+    assert str(refused.value).startswith(str(tmp_path / "state.json"))
+
+
 @pytest.mark.slow
 def test_resume_refuses_a_swapped_or_escaping_checkpoint_before_tensorflow(tmp_path):
     uri = sqlite_store(tmp_path)
@@ -74,5 +91,18 @@ def test_resume_refuses_a_swapped_or_escaping_checkpoint_before_tensorflow(tmp_p
     (folder / "state.json").write_text(json.dumps({**state, "last": str(Path("/etc/passwd"))}))
     escaping = train_cli(f"resume={run_id}", f"tracking.uri={uri}")
     assert escaping.returncode == 1 and "is not a weights file of this folder" in escaping.stderr
+    (folder / "state.json").write_text(json.dumps({**state, "epoch": 1001}))
+    beyond = train_cli(f"resume={run_id}", f"tracking.uri={uri}")
+    assert beyond.returncode == 1
+    assert "says epoch 1001 of a run of trainer.epochs=1000" in beyond.stderr
+    (folder / "state.json").unlink()  # the weights stay: the record of which epoch is lost
+    lost = train_cli(f"resume={run_id}", f"tracking.uri={uri}")
+    assert lost.returncode == 1 and "Traceback" not in lost.stderr
+    assert "has no state.json but it holds" in lost.stderr and state["last"] in lost.stderr
+    empty = tmp_path / "empty"  # a copy without the record: the run's recorded epochs say so
+    empty.mkdir()
+    elsewhere = train_cli(f"resume={run_id}", f"checkpoint_dir={empty}", f"tracking.uri={uri}")
+    assert elsewhere.returncode == 1
+    assert "has no state.json but the run recorded epochs" in elsewhere.stderr
     run = client.get_run(run_id)
     assert run.info.status == "KILLED"  # the store is left as it was
