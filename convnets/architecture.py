@@ -290,7 +290,12 @@ def resolve_stack(model_cfg: Any) -> Stack:
     name = "model" if name in (None, _MISSING) else str(name)
 
     width = cfg.get("width", 1.0)
-    if isinstance(width, bool) or not isinstance(width, int | float) or width <= 0:
+    if (
+        isinstance(width, bool)
+        or not isinstance(width, int | float)
+        or not math.isfinite(width)
+        or width <= 0
+    ):
         raise ConfigError(
             f"model.width must be a positive number, got {width!r}: it scales every layer's "
             "filters (1 keeps them, 0.5 halves them)"

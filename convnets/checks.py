@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from convnets.architecture import check_stack
 from convnets.config import RUN_ID_KEYS
@@ -67,6 +67,7 @@ RULES: tuple[_Rule, ...] = (
     ("dataset.val_fraction", _in_unit(closed=False), "must be in [0, 1)"),
     ("dataset.test_fraction", _in_unit(closed=False), "must be in [0, 1)"),
     ("dataset.max_pixel_value", _positive, "must be > 0"),
+    ("dataset.mean", lambda v: all(math.isfinite(x) for x in v), "must be a number per channel"),
     ("dataset.std", lambda v: all(_positive(x) for x in v), "must be > 0 for every channel"),
     ("dataset.shuffle_buffer", _at_least(1), "must be at least 1"),
     ("dataset.augment.random_crop_padding", _at_least(0), "must be >= 0"),
@@ -97,6 +98,11 @@ def check_interpolations(cfg: DictConfig) -> None:
             value = cfg[key]  # a plain value resolves here, a section below
             if OmegaConf.is_config(value):
                 OmegaConf.to_container(value, resolve=True)
+    except MissingMandatoryValue as err:  # e.g. a ~dataset override removed a whole group
+        raise ConfigError(
+            f"{err.full_key or 'config'}: has no value (did an override remove it with "
+            f"~{err.full_key}?); give it one, e.g. {err.full_key}=<option>"
+        ) from None
     except InterpolationResolutionError as err:
         cause = re.sub(r"^\w+ raised while resolving interpolation: ", "", str(err).splitlines()[0])
         raise ConfigError(

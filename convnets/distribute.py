@@ -132,7 +132,11 @@ def _requested_devices(dist_cfg) -> list[str]:
     requested = list(dist_cfg.devices or [])
     known = {_canonical(d.name) for d in tf.config.list_logical_devices()}
     for device in requested:
-        if _canonical(device) not in known:
+        try:
+            canonical = _canonical(device)
+        except ValueError:  # TensorFlow cannot parse it as a device name at all
+            canonical = None
+        if canonical not in known:
             raise ConfigError(
                 f"distribute.devices: {device!r} does not exist here; available: "
                 f"{', '.join(sorted(known))}"

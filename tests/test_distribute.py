@@ -150,6 +150,7 @@ def test_configure_devices_is_idempotent_and_refuses_a_late_change():
     "kwargs, match",
     [
         ({"strategy": "mirrored", "devices": ["/gpu:7"]}, r"distribute.devices: '/gpu:7' does"),
+        ({"strategy": "mirrored", "devices": ["bogus"]}, r"distribute.devices: 'bogus' does"),
         ({"strategy": "one_device", "devices": ["/cpu:0", "/cpu:0"]}, "exactly one"),
     ],
 )
