@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 # ---------------------------------------------------------------- fixed sets of choices
 # ``StrEnum``: Hydra refuses any other value while composing and lists the valid ones; the
@@ -85,6 +86,32 @@ def override_texts(overrides: ListConfig | list[str]) -> tuple[str, ...]:
     if isinstance(overrides, ListConfig):
         return tuple(OmegaConf.to_container(overrides, resolve=False))
     return tuple(overrides)
+
+
+def read_run_config(path: str | Path, what: str) -> DictConfig:
+    """A run's resolved ``config.yaml`` (its artifact, or the copy beside a ``.keras`` model),
+    or a :class:`ConfigError` naming ``what`` and the file when it is not one: not YAML, not
+    a mapping, or without the ``dataset`` it needs to be evaluated or trained again."""
+    import yaml
+
+    from convnets.errors import ConfigError
+
+    try:
+        cfg = OmegaConf.load(path)
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as err:
+        where = (
+            f" at line {err.problem_mark.line + 1}" if getattr(err, "problem_mark", None) else ""
+        )
+        raise ConfigError(
+            f"{what}: {path} is not readable YAML{where}; it is not the config.yaml a run "
+            "records (download the run's again, or write it as the run recorded it)"
+        ) from None
+    if not isinstance(cfg, DictConfig) or "dataset" not in cfg:
+        raise ConfigError(
+            f"{what}: {path} is not a run's config (it has no dataset section); download the "
+            "run's config.yaml again, or write it as the run recorded it"
+        )
+    return cfg
 
 
 def is_runtime_key(key: str) -> bool:

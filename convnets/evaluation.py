@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from convnets import plots
 from convnets.architecture import analyze, resolve_stack
+from convnets.config import read_run_config
 from convnets.data import check_available, load_data
 from convnets.erf import ERF_IMAGES, ErfResult, effective_receptive_field, theoretical_rf_box
 from convnets.errors import ConfigError, TrackingError
@@ -170,11 +171,16 @@ def check_keras_archive(path: str | Path) -> None:
     found" for one)."""
     import zipfile
 
-    if Path(path).is_file() and not zipfile.is_zipfile(path):
-        raise ConfigError(
-            f"checkpoint={path}: not a Keras archive (a .keras file is the zip archive "
-            "model.save writes, e.g. the model.keras beside a run's checkpoints)"
-        )
+    if not Path(path).is_file():
+        return
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if "config.json" in archive.namelist():  # what every Keras archive holds
+                return
+    raise ConfigError(
+        f"checkpoint={path}: not a Keras archive (a .keras file is the zip archive "
+        "model.save writes, e.g. the model.keras beside a run's checkpoints)"
+    )
 
 
 def load_keras_model(path: str | Path) -> keras.Model:
@@ -283,7 +289,7 @@ def checkpoint_config(path: str | Path, dataset: Any = None) -> DictConfig:
         raise ConfigError(f"checkpoint={path}: no such file; pass the path of a .keras model")
     beside = path.parent / CONFIG_ARTIFACT
     if beside.is_file():
-        cfg = OmegaConf.load(beside)
+        cfg = read_run_config(beside, f"checkpoint={path}")
         if dataset is not None:
             cfg.dataset = dataset
         return cfg

@@ -46,11 +46,12 @@ from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 if TYPE_CHECKING:
     import pandas as pd
 
+from convnets.config import read_run_config
 from convnets.errors import ConvnetsError, Interrupted, TrackingError
 
 CONFIG_ARTIFACT = "config.yaml"
@@ -411,10 +412,12 @@ class Tracker:
     # ------------------------------------------------------------ runs
 
     def get_run(self, run_id: str, *, key: str = "run_id") -> Run:
-        """The run, or a TrackingError naming ``key`` (e.g. ``reproduce``) and the store."""
+        """The run, or a TrackingError naming ``key`` (e.g. ``reproduce``) and the store; a
+        deleted run (MLflow keeps it until garbage collection) is refused too: nothing can be
+        written to it, and the UI no longer shows it."""
         try:
             with _bounded_http(self.http_timeout_s):
-                return self.client.get_run(run_id)
+                run = self.client.get_run(run_id)
         except MlflowException as err:
             if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise TrackingError(
@@ -424,6 +427,12 @@ class Tracker:
             raise self._unusable(err) from err
         except Exception as err:  # noqa: BLE001
             raise self._unusable(err) from err
+        if run.info.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"{key}={run_id}: the run is deleted in {self.shown_uri}; restore it first "
+                f"(mlflow runs restore --run-id {run_id}, with MLFLOW_TRACKING_URI set to it)"
+            )
+        return run
 
     def reopen_run(self, run_id: str) -> str | None:
         """Mark an ended run RUNNING again (a resumed search's parent run); returns its
@@ -456,7 +465,7 @@ class Tracker:
                     f"{key}={run_id}: the run has no readable {CONFIG_ARTIFACT} artifact "
                     f"({type(err).__name__}); only runs recorded by train.py can be rerun"
                 ) from err
-            return OmegaConf.load(local)
+            return read_run_config(local, f"{key}={run_id}")
 
     def download_artifacts(self, run_id: str, artifact_path: str, dst: str | Path) -> Path:
         """A run's artifact (file or folder) copied under ``dst``; MLflow's errors pass through."""

@@ -11,6 +11,7 @@ import csv
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import mlflow
@@ -24,6 +25,7 @@ import convnets
 from convnets import comparison, evaluate_job
 from convnets.config import EvaluateConfig, TrackingConfig
 from convnets.errors import ConfigError, TrackingError
+from convnets.evaluation import checkpoint_config
 from convnets.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,6 +208,30 @@ def test_bad_input_in_process(store, tmp_path):
 
     with pytest.raises(ConfigError, match="no such file"):
         evaluate_job.run(eval_cfg(uri, checkpoint=str(tmp_path / "missing.keras")), tmp_path)
+
+    deleted = children["run_id"][0]
+    client.delete_run(deleted)
+    try:
+        with pytest.raises(TrackingError, match=r"the run is deleted in .*mlflow runs restore"):
+            evaluate_job.run(eval_cfg(uri, run_id=deleted), tmp_path)
+    finally:
+        client.restore_run(deleted)
+
+    damaged = client.create_run(experiment_id)
+    client.log_text(damaged.info.run_id, "dataset: {name: [digits\n", "config.yaml")
+    client.set_terminated(damaged.info.run_id, status="FINISHED")
+    with pytest.raises(ConfigError, match=r"config.yaml is not readable YAML at line 2"):
+        Tracker(uri).load_config(damaged.info.run_id, key="reproduce")
+
+    zipped = tmp_path / "zip" / "model.keras"  # a zip archive, but not one Keras wrote
+    zipped.parent.mkdir()
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("readme.txt", "hello")
+    with pytest.raises(ConfigError, match="not a Keras archive"):
+        evaluate_job.run(eval_cfg(uri, checkpoint=str(zipped)), tmp_path)
+    (zipped.parent / "config.yaml").write_text("- a list\n")
+    with pytest.raises(ConfigError, match=r"config.yaml is not a run's config \(it has no data"):
+        checkpoint_config(zipped)
 
 
 def test_checkpoint_with_config_beside_it_gives_the_runs_accuracy(store, tmp_path):
