@@ -421,6 +421,11 @@ class MlflowSweepCallback(Callback):
                 "give this one its own (leave hydra.sweep.dir out: every sweep gets a new "
                 f"folder), or wait for that one to end (if it is gone for good, delete {err.lock})"
             ) from None
+        except OSError as err:  # a file in the way, no permission, a full disk
+            raise ConfigError(
+                f"hydra.sweep.dir={sweep_dir}: the sweep's folder cannot be created there "
+                f"({err.strerror or type(err).__name__}: {err.filename}); pick another folder"
+            ) from None
         atexit.register(self._release_folder)
 
     def _join_parent(self, tracker: Any, experiment_id: str, run_id: str) -> None:

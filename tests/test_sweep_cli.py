@@ -722,6 +722,21 @@ def test_a_swept_key_every_job_would_refuse_is_one_line_before_any_run(tmp_path,
     assert not (tmp_path / "mlflow.db").exists()  # no parent run
 
 
+def test_a_sweep_folder_that_cannot_be_created_is_one_line_before_any_run(tmp_path):
+    in_the_way = tmp_path / "multirun"
+    in_the_way.write_text("a file where the sweep's folder would go")
+    result = command(
+        "train.py", "-m", "trainer.seed=1,2", f"hydra.sweep.dir={in_the_way}", cwd=tmp_path,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: hydra.sweep.dir={in_the_way}: the sweep's folder cannot be created there "
+        f"(File exists: {in_the_way}); pick another folder"
+    ]
+    assert result.stdout.strip() == "" and not (tmp_path / "mlflow.db").exists()
+
+
 def test_a_sweep_reproducing_a_run_that_is_not_there_records_nothing(tmp_path):
     """Every job would look it up and fail: once, before the parent run."""
     from mlflow.tracking import MlflowClient
