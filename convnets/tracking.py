@@ -275,8 +275,24 @@ class Tracker:
         self.uri = uri
         self.http_timeout_s = http_timeout_s
         self.db_path = sqlite_path(uri)
+        self._refuse_what_cannot_be_a_store()
         self.client = self._open_client()
         mlflow.set_tracking_uri(uri)
+
+    def _refuse_what_cannot_be_a_store(self) -> None:
+        """SQLite URIs MLflow would take and then fail on late: an in-memory database (the
+        run, recorded nowhere, fails at its first write) and a folder (MLflow retries opening
+        it for two minutes)."""
+        if self.uri.split("?", 1)[0] in ("sqlite:", "sqlite://", "sqlite:///:memory:"):
+            raise TrackingError(
+                f"tracking.uri={self.shown_uri}: an in-memory SQLite store keeps nothing once "
+                "the command ends; give a file, e.g. tracking.uri=sqlite:///mlflow.db"
+            )
+        if self.db_path is not None and self.db_path.is_dir():
+            raise TrackingError(
+                f"tracking.uri={self.shown_uri}: {self.db_path} is a folder; name the database "
+                f"file in it, e.g. tracking.uri=sqlite:///{self.db_path / 'mlflow.db'}"
+            )
 
     def _open_client(self) -> MlflowClient:
         """The client, which opens the store right away: a fresh SQLite schema is created here,

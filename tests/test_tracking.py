@@ -272,6 +272,19 @@ def test_a_folder_store_is_refused_with_the_database_to_use_instead(tmp_path):
     )
 
 
+@pytest.mark.timeout(60, method="signal")  # MLflow retried opening a folder for 105 s
+@pytest.mark.parametrize("memory", ["sqlite://", "sqlite:///:memory:"])
+def test_an_in_memory_or_folder_sqlite_store_is_refused_at_once(tmp_path, memory):
+    with pytest.raises(TrackingError, match="an in-memory SQLite store keeps nothing"):
+        Tracker(memory)
+    with pytest.raises(TrackingError) as refused:
+        Tracker(f"sqlite:///{tmp_path}")
+    assert str(refused.value) == (
+        f"tracking.uri=sqlite:///{tmp_path}: {tmp_path} is a folder; name the database file in "
+        f"it, e.g. tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"
+    )
+
+
 def test_processes_setting_the_same_new_tags_on_one_run_at_once_all_succeed(store):
     """A search's parent is shared: every process joining it sets its ``process`` and
     heartbeat tags at about the same moment. Setting a tag that does not exist yet is a
