@@ -17,8 +17,8 @@ from omegaconf import DictConfig
 
 from convnets import comparison
 from convnets.checks import check_dataset, check_interpolations, check_known_keys
-from convnets.errors import ConfigError, TrackingError
-from convnets.tracking import Tracker, sqlite_path
+from convnets.errors import ConfigError
+from convnets.tracking import Tracker, require_existing_store
 
 if TYPE_CHECKING:
     from convnets.evaluation import EvalReport
@@ -59,12 +59,9 @@ def run(
         )
         log.info("checkpoint %s: %s; figures in %s", cfg.checkpoint, _fmt(report), out_dir)
         return report
-    store_file = sqlite_path(cfg.tracking.uri)
-    if store_file is not None and not store_file.exists():  # opening it would create it
-        raise TrackingError(
-            f"tracking.uri={cfg.tracking.uri}: there is no MLflow store at {store_file}; pass "
-            "the store the runs were recorded in (tracking.uri=sqlite:///<path>/mlflow.db)"
-        )
+    require_existing_store(
+        cfg.tracking.uri, f"compare={cfg.compare}" if cfg.compare else f"run_id={cfg.run_id}"
+    )
     tracker = Tracker(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
     tracker.check_store()
     if cfg.compare:

@@ -38,6 +38,7 @@ from convnets.tracking import (
     failure_reason,
     open_store,
     redact,
+    require_existing_store,
     store_failure,
     ui_url,
     where_to_look,
@@ -199,9 +200,13 @@ class MlflowRecorder:
         return self._tracker
 
     def get_run(self, run_id: str, *, key: str = "run_id") -> MlflowRun:
+        if self._tracker is None:  # a run id to look up: opening no store must not create one
+            require_existing_store(self.uri, f"{key}={run_id}")
         return self.tracker.get_run(run_id, key=key)
 
     def load_config(self, run_id: str, *, key: str = "run_id") -> DictConfig:
+        if self._tracker is None:
+            require_existing_store(self.uri, f"{key}={run_id}")
         return self.tracker.load_config(run_id, key=key)
 
     def experiment_id(self, name: str) -> str:

@@ -779,6 +779,17 @@ def _lost_schema_race(err: Exception) -> bool:
     return any(sign in text for sign in SCHEMA_RACE_SIGNS)
 
 
+def require_existing_store(uri: str, what: str) -> None:
+    """Refuse a SQLite store that does not exist yet when ``what`` (e.g. ``resume=<id>``) can
+    only be found in one that does: opening it would create an empty store to say so."""
+    store_file = sqlite_path(uri)
+    if store_file is not None and not store_file.exists():
+        raise TrackingError(
+            f"{what}: there is no MLflow store at {store_file} (tracking.uri={redact(uri)}); "
+            "pass the store the runs were recorded in (tracking.uri=sqlite:///<path>/mlflow.db)"
+        )
+
+
 def open_store(uri: str, *, http_timeout_s: float = 10.0) -> Tracker:
     """A :class:`Tracker` whose store answered (a fresh SQLite schema is created here, once)."""
     tracker = Tracker(uri, http_timeout_s=http_timeout_s)

@@ -31,8 +31,9 @@ def test_a_store_that_does_not_exist_is_not_created(tmp_path):
     store = tmp_path / "elsewhere.db"
     result = evaluate_cli(tmp_path, f"run_id={'0' * 32}", f"tracking.uri=sqlite:///{store}")
     assert one_line(result) == (
-        f"error: tracking.uri=sqlite:///{store}: there is no MLflow store at {store}; pass the "
-        "store the runs were recorded in (tracking.uri=sqlite:///<path>/mlflow.db)"
+        f"error: run_id={'0' * 32}: there is no MLflow store at {store} (tracking.uri="
+        f"sqlite:///{store}); pass the store the runs were recorded in "
+        "(tracking.uri=sqlite:///<path>/mlflow.db)"
     )
     assert not store.exists() and not (tmp_path / "mlflow.db").exists()
 

@@ -48,6 +48,12 @@ def test_unknown_run_id_is_one_line(tmp_path, key):
     [line] = error_lines(result)
     assert line.startswith(f"error: {key}=0123456789abcdef: no such run in sqlite:")
     assert "tensorflow" not in imported(result)  # refused before TensorFlow loads
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nowhere = train_cli(f"{key}=0123456789abcdef", cwd=empty)  # the default store: none there
+    [line] = error_lines(nowhere)
+    assert f"there is no MLflow store at {empty / 'mlflow.db'}" in line
+    assert not (empty / "mlflow.db").exists()  # looking a run up created no empty store
 
 
 def test_unreachable_server_fails_with_one_line(tmp_path):
