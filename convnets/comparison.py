@@ -47,13 +47,15 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
     the ``params.`` prefix; their names also in ``table.attrs["params"]``), then
     :data:`METRIC_COLUMNS` (NaN where a run lacks one).
     """
-    params = [
+    # Sorted: mlflow.search_runs orders its params columns by a set of names, so by the
+    # process's hash seed; the group labels made of them must read the same every time.
+    params = sorted(
         c
         for c in runs.columns
         if c.startswith("params.")
         and not c[len("params.") :].startswith(_NOISE_PARAMS)
         and runs[c].astype(str).nunique() > 1
-    ]
+    )
     table = pd.DataFrame(
         {
             "run_id": runs["run_id"],

@@ -220,6 +220,26 @@ def test_sweep_labels_keep_only_the_design_choices_that_differ():
     assert _point_labels(runs_table(runs)) == ["kernel_size=3", "kernel_size=5"]
 
 
+def test_the_params_that_differ_come_in_one_order_whatever_order_mlflow_gives():
+    """mlflow.search_runs orders params by a set of names: by the hash seed; a group label
+    copied from one run of evaluate.py is the baseline= of the next."""
+    from convnets.comparison import runs_table
+
+    runs = pd.DataFrame(
+        {
+            "run_id": ["a", "b"],
+            "params.trainer.seed": ["1", "2"],
+            "params.model.width": ["1", "2"],
+            "params.dataset.name": ["digits", "mnist"],
+            "metrics.test_accuracy": [0.9, 0.8],
+        }
+    )
+    shuffled = runs[["run_id", "params.model.width", "metrics.test_accuracy",
+                     "params.trainer.seed", "params.dataset.name"]]  # fmt: skip
+    expected = ["dataset.name", "model.width", "trainer.seed"]
+    assert runs_table(runs).attrs["params"] == runs_table(shuffled).attrs["params"] == expected
+
+
 def test_runs_recorded_before_selected_val_accuracy_get_it_from_their_record():
     """The validation accuracy of the epoch each run tested: its own metric, else (a run
     recorded before it existed) its best epoch's when it restored that one, else its last
