@@ -193,7 +193,14 @@ def check_splits(
         )
     if len(y_test) == 0:
         raise DataError(f"dataset {cfg.name}: the test split is empty; add test images")
-    train_idx, val_idx = split_indices(y_train, cfg.val_fraction, cfg.split_seed)
+    if cfg.get("source") == "sklearn" and len(y_train) < len(class_names):  # digits only
+        raise DataError(
+            f"dataset.test_fraction={cfg.test_fraction:g} leaves {len(y_train)} training "
+            f"examples for {len(class_names)} classes; lower dataset.test_fraction"
+        )
+    train_idx, val_idx = split_indices(
+        y_train, cfg.val_fraction, cfg.split_seed, "dataset.val_fraction"
+    )
     missing = sorted(set(range(len(class_names))) - set(y_train[train_idx].tolist()))
     if missing:
         names = ", ".join(class_names[i] for i in missing[:5]) + (
@@ -225,8 +232,11 @@ def data_source(cfg: Any) -> str:
     return "sklearn:load_digits"
 
 
-def split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split of ``range(len(labels))`` into (kept, held out), each sorted.
+def split_indices(
+    labels: np.ndarray, fraction: float, seed: int, key: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``range(len(labels))`` into (kept, held out), each sorted; ``key``
+    (``dataset.test_fraction``) is the setting a split that cannot be made names.
 
     Stratified by label (sklearn) whenever every class can appear on both sides; a plain seeded
     split otherwise (tiny data). The held-out part has ``ceil(fraction * n)`` examples.
@@ -247,10 +257,11 @@ def split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
             random_state=seed,
             stratify=labels if can_stratify else None,
         )
-    except ValueError as err:  # too few examples for the fraction
+    except ValueError:  # too few examples for the fraction: one side would be empty
         raise DataError(
-            f"cannot hold out {fraction:g} of {len(labels)} examples ({err}): "
-            "lower dataset.val_fraction or add images"
+            f"{key}={fraction:g} cannot split {len(labels)} examples (it holds out {n_out}, "
+            f"leaving {len(labels) - n_out}; each side needs at least one): lower {key} or "
+            "add images"
         ) from None
     return np.sort(kept), np.sort(held)
 
@@ -292,7 +303,9 @@ def _load_digits(cfg: DictConfig) -> _Splits:
     digits = load_digits()
     images = digits.images.astype(np.uint8)[..., np.newaxis]  # 0..16, exact
     labels = digits.target.astype(np.int32)
-    train_idx, test_idx = split_indices(labels, cfg.test_fraction, cfg.split_seed)
+    train_idx, test_idx = split_indices(
+        labels, cfg.test_fraction, cfg.split_seed, "dataset.test_fraction"
+    )
     return _Splits(
         x_train=images[train_idx],
         y_train=labels[train_idx],

@@ -69,7 +69,9 @@ def raw_digits_test() -> tuple[np.ndarray, np.ndarray]:
     """digits' test split as stored (uint8 0..16), independently of the pipeline."""
     digits = load_digits()
     labels = digits.target
-    _, test = split_indices(labels, 0.2, 0)  # digits.yaml: test_fraction 0.2, split_seed 0
+    _, test = split_indices(
+        labels, 0.2, 0, "dataset.test_fraction"
+    )  # digits.yaml: test_fraction 0.2, split_seed 0
     return digits.images.astype(np.uint8)[test][..., None], labels[test]
 
 
@@ -310,7 +312,7 @@ def write_digit_classes(root: Path, classes, train_per_class: int | None = None)
     digits = load_digits()
     keep = np.isin(digits.target, classes)
     images, labels = digits.images.astype(np.uint8)[keep], digits.target[keep]
-    train, test = split_indices(labels, 0.25, 0)
+    train, test = split_indices(labels, 0.25, 0, "dataset.test_fraction")
     rng = np.random.default_rng(0)
     for split, index in (("train", train), ("test", test)):
         for label in classes:

@@ -179,7 +179,7 @@ def test_a_config_mistake_is_refused_before_tensorflow_and_the_store(tmp_path, o
 # ---------------------------------------------------------------- 3. data
 
 
-@pytest.mark.parametrize("case", ["one_class", "mixed_sizes", "val_fraction"])
+@pytest.mark.parametrize("case", ["one_class", "mixed_sizes", "val_fraction", "test_fraction"])
 def test_data_that_cannot_train_a_classifier_is_refused(tmp_path, case):
     images = tmp_path / "images"
     if case == "one_class":
@@ -189,9 +189,12 @@ def test_data_that_cannot_train_a_classifier_is_refused(tmp_path, case):
         write_images(images, {"cat": [(8, 8)] * 3, "dog": [(8, 8), (12, 8), (8, 8)]})
         args = [f"dataset.path={images}"]
         expected = f"image {images / 'train' / 'dog' / '1.png'} is 12x8"
-    else:
+    elif case == "val_fraction":
         args, expected = ["dataset.val_fraction=0.999"], "have no training example"
-    dataset = ["dataset=image_folder"] if case != "val_fraction" else []
+    else:  # the key that left too few, not the split that found them too few, is named
+        args = ["dataset.test_fraction=0.999"]
+        expected = "error: dataset.test_fraction=0.999 leaves 1 training examples for 10 classes"
+    dataset = ["dataset=image_folder"] if case in ("one_class", "mixed_sizes") else []
     store = tmp_path / "store"
     store.mkdir()
     result = train_cli(
