@@ -141,7 +141,9 @@ class FitResult:
     call (from a resumed checkpoint); ``epochs_completed``: the total, counting those.
     ``images_per_sec``: training images / training seconds over this call's epochs, leaving
     out validation, checkpointing and (when there are two or more) the first epoch, which pays
-    for tracing and XLA compilation. ``train_time_s``: wall time of this call's ``model.fit``.
+    for tracing and XLA compilation (a resume with no epoch left: the rate its checkpoint
+    recorded). ``train_time_s``: wall time of ``model.fit``, a resumed run's earlier calls
+    included as its checkpoint recorded them (up to the last committed epoch).
     """
 
     history: dict[str, list[float]] = field(default_factory=dict)
@@ -232,6 +234,8 @@ def fit(
     )
     timer = _Throughput(data.num_train)
     started = time.perf_counter()
+    epoch_state.clock = lambda: time.perf_counter() - started
+    epoch_state.rate = timer.images_per_sec
     try:
         try:
             history = model.fit(
@@ -278,8 +282,11 @@ def fit(
         epochs_completed=epoch_state.epoch,
         best_epoch=epoch_state.best_epoch,
         best_val_accuracy=epoch_state.best_val_accuracy,
-        train_time_s=train_time,
-        images_per_sec=timer.images_per_sec(),
+        train_time_s=epoch_state.trained_s_before + train_time,
+        # A resume with no epoch left to train keeps the rate its checkpoint recorded.
+        images_per_sec=timer.images_per_sec()
+        if timer.epoch_seconds
+        else epoch_state.images_per_sec_before,
         startup_s=timer.startup_s,
     )
 
@@ -455,6 +462,11 @@ class _EpochState(keras.callbacks.Callback):
         self.best_file: str | None = state.get("best")
         self.last_file: str | None = state.get("last")
         self.failure: tuple[int, float] | None = None
+        # Training time and rate up to the committed epoch, over every call that trained it.
+        self.trained_s_before: float = float(state.get("train_time_s", 0.0))
+        self.images_per_sec_before: float = float(state.get("images_per_sec", 0.0))
+        self.clock: Callable[[], float] = lambda: 0.0  # this call's training seconds so far
+        self.rate: Callable[[], float] = lambda: self.images_per_sec_before
 
     @property
     def best_path(self) -> Path | None:
@@ -518,6 +530,8 @@ class _EpochState(keras.callbacks.Callback):
             "best_val_accuracy": self.best_val_accuracy,
             "best_val_loss": self.best_val_loss,
             "history": self.history,
+            "train_time_s": self.trained_s_before + self.clock(),
+            "images_per_sec": self.rate(),
             "sha256": {  # what verify() checks before any of them is loaded again
                 name: checkpoints.sha256(self.write_dir / name)
                 for name in (self.last_file, self.best_file)

@@ -131,11 +131,19 @@ def test_interrupt_then_resume_covers_every_epoch_once(strategy, tmp_path):
     first, second = Recorder(), Recorder()
     with pytest.raises(KeyboardInterrupt):
         train(strategy, tmp_path, t, callbacks=[first, InterruptAfter(2)])
-    assert read_state(tmp_path / "ckpt")["epoch"] == 2
+    interrupted = read_state(tmp_path / "ckpt")
+    assert interrupted["epoch"] == 2 and interrupted["train_time_s"] > 0
     # A kill during a later write leaves a partial temporary file behind: it must not matter.
     (tmp_path / "ckpt" / ".tmp-epoch-0003.weights.h5").write_bytes(b"partial")
 
     model, result, _ = train(strategy, tmp_path, t, callbacks=[second], resume=True)
+    # The run's training time counts the interrupted call's committed epochs too.
+    assert result.train_time_s > interrupted["train_time_s"]
+    _, nothing_left, _ = train(strategy, tmp_path, t, resume=True)  # every epoch committed
+    finished = read_state(tmp_path / "ckpt")
+    assert nothing_left.epochs_completed == 4 and not nothing_left.history.get("loss")
+    assert nothing_left.train_time_s >= finished["train_time_s"] > interrupted["train_time_s"]
+    assert nothing_left.images_per_sec == finished["images_per_sec"] > 0
 
     assert [e for e, _ in first.epochs] == [1, 2]
     assert [e for e, _ in second.epochs] == [3, 4]
