@@ -18,7 +18,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import convnets.config  # noqa: F401  (registers the schemas Hydra composes against)
-from convnets.cli import exit_status, freeze_loaded_libraries, report_user_errors, run_main
+from convnets.cli import (
+    exit_status,
+    freeze_loaded_libraries,
+    report_user_errors,
+    run_main,
+    stop_signals_interrupt,
+)
 
 CONFIG_PATH = "configs"  # beside this file: package data
 
@@ -44,8 +50,11 @@ def _train(cfg: DictConfig) -> float:
         libraries_loaded=freeze_loaded_libraries,
     )
     try:
-        parent = study.study_parent(cfg) if multirun else None  # -m reproduce=<sweep parent>
-        run = study.reproduce(cfg, context, parent) if parent else job.train(cfg, context)
+        # Here too, not only around the command: a job of hydra/launcher=fresh_process runs in
+        # a process of its own, where the sweep passes a stop signal on to it.
+        with stop_signals_interrupt():
+            parent = study.study_parent(cfg) if multirun else None  # -m reproduce=<parent>
+            run = study.reproduce(cfg, context, parent) if parent else job.train(cfg, context)
     except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP: the run is recorded KILLED
         if multirun:
             sweep.mark_stopped(str(err) or "KeyboardInterrupt")  # the parent too

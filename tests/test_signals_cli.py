@@ -60,11 +60,15 @@ def test_a_stop_signal_ends_the_run_killed_and_resume_finishes_it(tmp_path, stop
 
 
 @pytest.mark.slow
-def test_a_stopped_sweep_ends_its_parent_killed_like_its_job(tmp_path):
+@pytest.mark.parametrize("launcher", ["basic", "fresh_process"])
+def test_a_stopped_sweep_ends_its_parent_killed_like_its_job(tmp_path, launcher):
+    """SIGTERM reaches the sweep's process alone: a job in a process of its own gets it from
+    the sweep (it was treated as Ctrl-C: exit 130, the job ended by a KeyboardInterrupt)."""
     uri = sqlite_store(tmp_path)
     client = MlflowClient(uri)  # the schema exists before the training opens the store
     proc = start_training(
         "-m",
+        f"hydra/launcher={launcher}",
         TINY,
         "trainer.epochs=40",
         "trainer.verbose=0",
@@ -90,3 +94,4 @@ def test_a_stopped_sweep_ends_its_parent_killed_like_its_job(tmp_path):
     [job] = [r for r in runs if r.data.tags.get("sweep_role") != "parent"]
     assert (parent.info.status, job.info.status) == ("KILLED", "KILLED")
     assert parent.data.tags["failure_reason"] == "interrupted (SIGTERM)"
+    assert job.data.tags["failure_reason"] == "interrupted (SIGTERM)"

@@ -27,6 +27,9 @@ Hydra launcher and imports nothing of the application it launches. The sweeper g
 for the job: Hydra's basic sweeper re-raises a FAILED job's error and stops the whole sweep.
 Ctrl-C stops the sweep as with the basic launcher: running jobs get ``stop_grace_s`` to end by
 themselves, the callbacks get the end of those that could not (a KeyboardInterrupt), exit 130.
+A stop signal that the application raises in the sweep's process as a KeyboardInterrupt with
+the signal's number as ``signum`` (SIGTERM, SIGHUP: sent to that process alone) is passed on
+to the running jobs, and the sweep exits 128 + that number, as a process it killed would.
 """
 
 from __future__ import annotations
@@ -120,12 +123,13 @@ def launch(
                 running.remove(job)
                 returns[job.idx] = job.outcome(launcher)
     except BaseException as err:
-        interrupted = isinstance(err, KeyboardInterrupt) or (
+        signum = _stop_signal(err)
+        interrupted = signum is not None or (
             isinstance(err, SystemExit) and err.code == INTERRUPTED
         )
-        _stop(running, launcher, interrupted)
-        if isinstance(err, KeyboardInterrupt):
-            raise SystemExit(INTERRUPTED) from None
+        _stop(running, launcher, interrupted, signum or signal.SIGINT, err)
+        if signum is not None:
+            raise SystemExit(128 + signum) from None
         raise
     return [returns[idx] for idx in range(initial_job_idx, initial_job_idx + len(job_overrides))]
 
@@ -222,18 +226,39 @@ def _report_end(
         log.warning("job #%d: the callbacks could not record its end: %s", idx, err)
 
 
-def _stop(jobs: list[_Job], launcher: FreshProcessLauncher, interrupted: bool) -> None:
+def _stop_signal(err: BaseException) -> int | None:
+    """The signal that stopped the sweep: a KeyboardInterrupt's ``signum`` (how an application
+    raises SIGTERM or SIGHUP like Ctrl-C), SIGINT for Ctrl-C's own, None for anything else."""
+    if not isinstance(err, KeyboardInterrupt):
+        return None
+    signum = getattr(err, "signum", signal.SIGINT)
+    return int(signum) if isinstance(signum, int) else int(signal.SIGINT)
+
+
+def _stop(
+    jobs: list[_Job],
+    launcher: FreshProcessLauncher,
+    interrupted: bool,
+    signum: int,
+    cause: BaseException,
+) -> None:
     """Stop the running jobs, bounded: none is left behind, and none hangs the sweep.
 
-    On Ctrl-C the terminal's SIGINT reached the jobs too: they get ``stop_grace_s`` to record
-    their ends and exit by themselves. Then each job still running gets one SIGINT (another
-    would interrupt its recording), ``stop_grace_s`` again, then SIGKILL. Hydra's callbacks
-    then get the end of every job stopped, as interrupted.
+    On Ctrl-C the terminal's SIGINT reached the jobs too; any other stop signal (``signum``)
+    was sent to the sweep's process alone, so each job gets it now. They get ``stop_grace_s``
+    to record their ends and exit by themselves. Then each job still running gets ``signum``
+    once more (another would interrupt its recording), ``stop_grace_s`` again, then SIGKILL.
+    Hydra's callbacks then get the end of every job stopped, as interrupted: by ``cause``
+    when it names its signal (``str(cause)``: "SIGTERM"), else by the sweep's stop.
     """
     grace_s = launcher.stop_grace_s
     # Every process this one started, including one whose start was interrupted.
     workers = multiprocessing.active_children()
     try:
+        if workers and interrupted and signum != signal.SIGINT:
+            for worker in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signum)
         if workers and interrupted:
             print(
                 f"interrupted: waiting up to {grace_s:g} s for {len(workers)} running job(s) "
@@ -245,7 +270,7 @@ def _stop(jobs: list[_Job], launcher: FreshProcessLauncher, interrupted: bool) -
         survivors = [w for w in workers if w.is_alive()]
         for worker in survivors:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(worker.pid, signal.SIGINT)
+                os.kill(worker.pid, signum)
         _join(survivors, grace_s)
     finally:  # also after a second Ctrl-C: no job outlives the sweep
         for worker in workers:
@@ -254,7 +279,11 @@ def _stop(jobs: list[_Job], launcher: FreshProcessLauncher, interrupted: bool) -
                 worker.join()
     for job in jobs:
         job.results.close()
-        stopped = KeyboardInterrupt("the sweep was stopped before the job recorded its end")
+        stopped = (
+            cause
+            if isinstance(cause, KeyboardInterrupt) and str(cause)
+            else KeyboardInterrupt("the sweep was stopped before the job recorded its end")
+        )
         _report_end(launcher, job.idx, job.overrides, stopped)
 
 
