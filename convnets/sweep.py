@@ -324,30 +324,33 @@ def check_launcher(config: DictConfig) -> None:
 
 
 def check_first_job(config: DictConfig, definition: dict[str, str]) -> None:
-    """Compose a grid sweep's first job (``definition``: :func:`sweep_overrides`) before the
-    parent run exists: a misspelt swept key (``trainer.sed=1,2``) or a value of the wrong type
-    fails every job alike, and Hydra finds it only when it composes a job. Only what fails for
-    all jobs: a job whose values are impossible (a stack too small for the images) is a bad
-    point, recorded FAILED while the others run. A search samples its jobs; its space is
-    checked by the sweeper itself."""
+    """Compose a sweep's first point (``definition``: :func:`sweep_overrides`; a grid's first
+    job, a search space's first choice or the start of its interval) before the parent run
+    exists: a misspelt swept key (``trainer.sed=1,2``, ``model.nosuch=choice(1,2)``) or a value
+    of the wrong type fails every job alike, and Hydra finds it only when it composes a job.
+    Only what fails for all jobs: a job whose values are impossible (a stack too small for
+    the images) is a bad point, recorded FAILED while the others run."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from convnets.checks import check_known_keys
     from convnets.cli import config_error_line
 
-    target = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
-    if not target.endswith(".BasicSweeper"):
-        return
     parsed = OverridesParser.create().parse_overrides(
         [f"{key}={value}" for key, value in definition.items()]
     )
-    first = [
-        f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
-        if o.is_sweep_override()
-        else o.input_line
-        for o in parsed
-    ]
+
+    def first_value(o: Any) -> str | None:
+        if o.is_interval_sweep():  # a search's continuous range: its start
+            return str(o.value().start)
+        return next(iter(o.sweep_string_iterator()), None)  # None: empty, the sweeper says so
+
+    first = []
+    for o in parsed:
+        if not o.is_sweep_override():
+            first.append(o.input_line)
+        elif (value := first_value(o)) is not None:
+            first.append(f"{o.get_key_element()}={value}")
     try:
         job = GlobalHydra.instance().config_loader().load_sweep_config(config, first)
     except Exception as err:  # noqa: BLE001 - Hydra's composition errors

@@ -359,6 +359,10 @@ def test_the_launcher_process_stays_light():
         (["trainer.batch_size=range(64,32)"],
          "error: trainer.batch_size=range(64,32): range(64, 32) is empty (the stop is "
          "excluded); put the smaller first"),
+        (["model.nosuch=choice(1,2)"],  # composed at the first trial: the parent was left FAILED
+         "error: model.nosuch: unknown key (Key 'nosuch' not in 'ModelConfig')"),
+        (["model.width=choice(a,b)"],
+         "error: model.width: Value 'a' of type 'str' could not be converted to Float"),
         (["hydra.sweeper.storage=sqlite:////proc/convnets/optuna.db"],  # cannot be made there
          "error: hydra.sweeper.storage=sqlite:////proc/convnets/optuna.db: the Optuna storage "
          "cannot be used ("),
