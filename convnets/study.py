@@ -40,7 +40,7 @@ def reproduce(cfg: DictConfig, context, parent):
 
     tracker = _store(cfg)
     parent_id = parent.info.run_id
-    originals = _finished_jobs(tracker, parent)
+    originals = finished_jobs(tracker, parent)
     if context.sweep is not None:
         tracker.set_tags_on(context.sweep.parent_run_id, {"reproduces": parent_id})
     reproduced = {}
@@ -69,7 +69,7 @@ def _store(cfg: DictConfig):
     return open_store(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
 
 
-def _finished_jobs(tracker, parent) -> list[tuple[int, object]]:
+def finished_jobs(tracker, parent) -> list[tuple[int, object]]:
     """The study's finished, unpruned jobs as ``(job number, run)``, in job order."""
     parent_id = parent.info.run_id
     found = tracker.client.search_runs(

@@ -49,7 +49,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from convnets.cli import report_user_errors
 from convnets.config import RUN_ID_KEYS, override_texts
 from convnets.errors import ConfigError
-from convnets.sweep_files import PARENT_ROLE, ROLE_TAG, SWEEP_LOCK, SearchResults, SweepContext
+from convnets.sweep_files import (
+    PARENT_ROLE,
+    ROLE_TAG,
+    SWEEP_LOCK,
+    SearchResults,
+    SweepContext,
+    is_parent,
+)
 from convnets.sweep_files import experiment_name as experiment_name  # the job names it so
 
 if TYPE_CHECKING:
@@ -392,7 +399,11 @@ class MlflowSweepCallback(Callback):
         tracker.check_store()  # first contact: sqlite creates its schema here, once
         for key in RUN_ID_KEYS:  # every job would fail to find it
             if OmegaConf.select(config, key, default=None):
-                tracker.get_run(str(config[key]), key=key)
+                found = tracker.get_run(str(config[key]), key=key)
+                if key == "reproduce" and is_parent(found.data.tags):  # a whole study again
+                    from convnets import study as studies
+
+                    studies.finished_jobs(tracker, found)  # none: refused, no parent made
         if study is None:
             experiment_id = tracker.experiment_id(experiment_name(config))
             run_id = self._create_parent(tracker, config, experiment_id, definition, False)

@@ -756,6 +756,27 @@ def test_a_sweep_reproducing_a_run_that_is_not_there_records_nothing(tmp_path):
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
+def test_reproducing_a_study_with_no_finished_job_records_nothing(tmp_path):
+    """Each job found the study empty, after the new parent had been recorded and left FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    uri = sqlite_store(tmp_path)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("digits")
+    parent = client.create_run(experiment, tags={"sweep_role": "parent"}).info.run_id
+    client.set_terminated(parent, status="FAILED")  # every job of it failed
+    result = command(
+        "train.py", "-m", f"reproduce={parent}", f"tracking.uri={uri}",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}", cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: reproduce={parent}: the study has no finished job with a test accuracy to "
+        "reproduce"
+    ]
+    assert [r.info.run_id for r in client.search_runs([experiment])] == [parent]
+
+
 @pytest.mark.parametrize(
     ("launcher", "counts"),
     [
