@@ -193,7 +193,7 @@ class Search:
         # Trials no live process runs before they are stale keep their place, but not as done.
         stalled = trial_liveness.report(study, storage, url, settings.stale_after_s)
         done = counted_trials(study.get_trials(deepcopy=False))
-        study.sampler = make_sampler(settings, done)
+        study.sampler = make_sampler(settings, done, len(study.get_trials(deepcopy=False)))
         self._link_parent_run(study)
         in_flight = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
         log.info(

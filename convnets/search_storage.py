@@ -175,12 +175,15 @@ def make_pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def make_sampler(settings: Settings, n_done: int) -> Any:
-    """Seeded with ``seed + trials already in the study``: reproducible, and a resumed
-    search does not replay its first random draws."""
+def make_sampler(settings: Settings, n_done: int, n_asked: int) -> Any:
+    """Seeded with ``seed + trials the study has ever asked`` (``n_asked``: failed ones and
+    retries waiting to run too): reproducible, and a resumed search does not replay its first
+    random draws (seeded by the trials done only, a search stopped in its first trial drew
+    that trial's values again for the next one, beside the trial's own retry). TPE's random
+    start counts only ``n_done``, the trials with a result."""
     import optuna
 
-    seed = settings.seed + n_done
+    seed = settings.seed + n_asked
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if settings.sampler == "nsga2":
