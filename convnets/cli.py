@@ -61,6 +61,12 @@ def quiet_library_logs() -> None:
     ``MLFLOW_LOGGING_LEVEL`` when it is imported; TensorFlow's C++ logging reads
     ``TF_CPP_MIN_LOG_LEVEL`` when it loads (2: errors only). A value the user set wins.
     """
+    if "MLFLOW_LOGGING_LEVEL" not in os.environ:
+        # MLflow logs every SQLite error it raises again (a locked, full or read-only
+        # database) with its whole traceback at ERROR, then raises it: the store's callers
+        # here retry it and report what it means in one line, so the log says it twice and
+        # buries that line under screens of tracebacks.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

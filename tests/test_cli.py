@@ -249,6 +249,33 @@ def test_a_finished_command_exits_normally(tmp_path, case):
         assert (tmp_path / "thread").read_text() == "done"
 
 
+_STORE_ERROR_LOGGED = """
+import logging, sys
+from convnets.cli import quiet_library_logs
+quiet_library_logs()
+import mlflow.store.db.utils  # MLflow configures its loggers when imported
+logging.getLogger("mlflow.store.db.utils").error("SQLAlchemy database error (a traceback)")
+"""
+
+
+@pytest.mark.parametrize("level", [None, "DEBUG"])
+def test_mlflows_traceback_of_a_store_error_it_raises_again_is_kept_off_the_console(level):
+    """A read-only or full SQLite store made MLflow print 22 tracebacks before the one line
+    that says what happened; a user who sets MLFLOW_LOGGING_LEVEL still gets them."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_LOGGING_LEVEL"}
+    if level is not None:
+        env["MLFLOW_LOGGING_LEVEL"] = level
+    result = subprocess.run(
+        [sys.executable, "-c", _STORE_ERROR_LOGGED],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("SQLAlchemy database error" in result.stderr) == (level is not None)
+
+
 @given(st.text(st.characters(blacklist_categories=("Cs", "Cc"))))
 def test_a_printed_override_pastes_back_as_the_same_value(value):
     """What a hint prints (``checkpoint=<path>``, ``tracking.uri=<uri>``) is one shell word that
