@@ -332,12 +332,17 @@ class MlflowRecorder:
             else f"stopped answering during run {self.run_id}"
         )
         why = f" ({describe_error(cause)})" if cause is not None else ""
+        # SQLite's own words for ENOSPC, wrapped by SQLAlchemy and MLflow as text only.
+        full = cause is not None and "database or disk is full" in str(cause)
+        if full:
+            when, why = f"ran out of disk space during run {self.run_id}", ""
+        answers = "once its disk has room" if full else "once it answers"
         if self._resumable:
-            fix = f"once it answers, finish the run with: {resume_command(self.run_id, self.uri)}"
+            fix = f"{answers}, finish the run with: {resume_command(self.run_id, self.uri)}"
             if path is not None:
                 fix += f" (which sends them too), or send only them with: {upload_command(path)}"
         else:
-            fix = "once it answers, run the command again"
+            fix = f"{answers}, run the command again"
         kept = f"; the epochs it did not get are kept in {path}" if path is not None else ""
         return TrackingError(
             f"tracking.uri={self.shown_uri}: the MLflow store {when}{why}{kept}; {fix}"

@@ -97,3 +97,20 @@ def test_a_job_stopped_before_its_run_opens_says_nothing_was_recorded(
     assert recorder.runs == {}
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "interrupted before the run was recorded: nothing recorded"
+
+
+def test_a_store_whose_disk_is_full_is_named_so():
+    """SQLite says ENOSPC as text ("database or disk is full"): the line said the store
+    "stopped answering", and to wait until it answered."""
+    from mlflow.exceptions import MlflowException
+
+    from convnets.recording import MlflowRecorder
+
+    recorder = MlflowRecorder("sqlite:////data/mlflow.db")
+    recorder.run_id, recorder._resumable = "0" * 32, True
+    full = MlflowException("(sqlite3.OperationalError) database or disk is full")
+    line = str(recorder._lost(full))
+    assert "the MLflow store ran out of disk space during run 0000" in line
+    assert "once its disk has room, finish the run with: " in line
+    assert "stopped answering" not in str(recorder._lost(full))
+    assert "stopped answering" in str(recorder._lost(MlflowException("connection refused")))
