@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import threading
 from collections.abc import Mapping
@@ -454,8 +455,13 @@ def _label_dirs(split_dir: Path) -> list[str]:
 
 
 def _image_files(label_dir: Path) -> list[Path]:
+    """The images of one label, in its subfolders too: Keras's folder reader walks them all
+    (``os.walk``, not following links), so they are checked as the ones beside them."""
     return sorted(
-        p for p in label_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        Path(root) / name
+        for root, _, names in os.walk(label_dir)
+        for name in names
+        if Path(name).suffix.lower() in IMAGE_SUFFIXES
     )
 
 
@@ -515,6 +521,20 @@ def _check_image_folder(cfg: DictConfig) -> None:
         _image_size(cfg)
 
 
+def _first_undecodable(files: list[Path]) -> Path | None:
+    """The first file whose pixels do not decode (``verify`` reads headers only); a failure's
+    path only, so decoding every file again costs nothing otherwise."""
+    from PIL import Image
+
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception:  # noqa: BLE001 - any decoder's error: this is the file
+            return path
+    return None
+
+
 def _load_image_folder(cfg: DictConfig) -> _Splits:
     """Decode every image once with Keras's folder reader (labels = sorted folder names)."""
     import keras
@@ -539,9 +559,15 @@ def _load_image_folder(cfg: DictConfig) -> _Splits:
         try:
             batches = list(ds.as_numpy_iterator())
         except tf.errors.OpError as err:
+            folder = _split_dir(root, split)
+            files = [f for label in class_names for f in _image_files(folder / label)]
+            culprit = _first_undecodable(files)
+            where = f"image {culprit}" if culprit else f"an image under {folder}"
+            # TensorFlow's message opens with its graph function's name in {{...}}.
+            why = re.sub(r"\{\{.*?\}\}\s*", "", err.message.splitlines()[0]).strip()
             raise DataError(
-                f"cannot decode an image under {root / split} ({err.message.splitlines()[0]}): "
-                "fix or remove it (check_available names the file)"
+                f"cannot decode {where} ({why}): its header reads but its pixels do not; "
+                "replace or remove the file"
             ) from None
         images = np.concatenate([b[0] for b in batches])
         if cfg.image_size is None:  # not resized: the float pixels are exact integers

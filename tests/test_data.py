@@ -376,3 +376,32 @@ def test_image_folder_unreadable_image(tmp_path):
     assert str(err.value).startswith(f"cannot read image {bad}: ")
     assert str(err.value).endswith("; remove or replace the file")
     assert "\n" not in str(err.value)
+
+
+def test_an_image_whose_header_reads_but_pixels_do_not_is_named(tmp_path):
+    """A JPEG whose data ends in zeros passes the check's header read (``verify``) and fails
+    in Keras's reader, whose message named neither the file nor anything a user can act on."""
+    import io
+
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(DatasetConfig),
+        {
+            "name": "image_folder",
+            "source": "image_folder",
+            "path": str(tmp_path),
+            "input_shape": None,
+        },
+    )
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+            for i in range(3):
+                Image.new("L", (8, 8), 40 * i).save(tmp_path / split / label / f"{i}.jpg")
+    buffer = io.BytesIO()
+    Image.effect_noise((8, 8), 50).convert("L").save(buffer, "JPEG")
+    jpeg = buffer.getvalue()
+    cut = tmp_path / "train" / "a" / "9.jpg"
+    cut.write_bytes(jpeg[:-40] + bytes(38) + jpeg[-2:])  # its end-of-image marker kept
+    data.check_available(cfg)  # the header reads
+    with pytest.raises(DataError, match=rf"cannot decode image {cut} \(.*\): its header reads"):
+        data.load_data(cfg, batch_size=4, seed=0)

@@ -110,13 +110,39 @@ def _unreadable(root):
     return root, f"cannot read image {bad}: "
 
 
-@pytest.mark.parametrize("make", [_missing, _empty, _no_test_split, _unreadable])
+def _unreadable_in_a_subfolder(root):
+    """Keras's reader walks a label's subfolders: the check walks them too."""
+    for split in ("train", "test"):
+        _png(root / split / "a" / "0.png")
+    bad = root / "train" / "a" / "more" / "1.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a png")
+    return root, f"cannot read image {bad}: "
+
+
+def _another_size_in_a_subfolder(root):
+    for split in ("train", "test"):
+        _png(root / split / "a" / "0.png")
+    wide = root / "train" / "a" / "more" / "1.png"
+    wide.parent.mkdir()
+    Image.new("L", (12, 6), 0).save(wide)
+    return root, (
+        f"image {wide} is 12x6 (WxH) but {root / 'train' / 'a' / '0.png'} is 6x6: set "
+        "dataset.image_size=[H,W] to resize every image, or replace the file"
+    )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_missing, _empty, _no_test_split, _unreadable, _unreadable_in_a_subfolder,
+     _another_size_in_a_subfolder],
+)  # fmt: skip
 def test_image_folder_errors(tmp_path, make):
     root = tmp_path / "images"
     root.mkdir()
     path, message = make(root)
     result = train(tmp_path, "dataset=image_folder", f"dataset.path={path}")
-    if make is _unreadable:  # PIL's reason follows the path
+    if make in (_unreadable, _unreadable_in_a_subfolder):  # PIL's reason follows the path
         line = next(li for li in result.stderr.splitlines() if li.startswith("error: "))
         assert line.startswith(f"error: {message}") and line.endswith("remove or replace the file")
         message = line[len("error: ") :]
