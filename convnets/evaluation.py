@@ -205,6 +205,12 @@ def check_input_shape(model: keras.Model, bundle: Any, dataset: str, what: str) 
             f"{dataset} gives {'x'.join(map(str, given))}; pick the dataset it was trained "
             "on (dataset=...), or resize with dataset.image_size=[H,W] (image folders)"
         )
+    classes = int(model.outputs[0].shape[-1])
+    if classes != bundle.num_classes:  # its accuracy would be counted against other labels
+        raise ConfigError(
+            f"{what}: the model tells {classes} classes apart but dataset={dataset} has "
+            f"{bundle.num_classes}; pick the dataset it was trained on (dataset=...)"
+        )
 
 
 def _download_model(tracker: Tracker, run_id: str, dst: Path) -> Path:

@@ -31,7 +31,7 @@ from sklearn.datasets import load_digits
 
 import convnets
 from convnets.data import split_indices
-from convnets.errors import hydra_override
+from convnets.errors import ConfigError, hydra_override
 from convnets.tracking import Tracker, model_name
 
 # Runs trained once for the module (in this process) and two model servers; the xdist group
@@ -289,6 +289,14 @@ def test_evaluate_checkpoint_on_the_locally_written_model(store, digits_run):
     expected = run.data.metrics["test_accuracy"]
     assert report.metrics["eval_accuracy"] == pytest.approx(expected, abs=1e-4)
     assert (tmp / "eval" / "evaluation" / "effective_receptive_field.png").is_file()
+    three = tmp / "three-digits"  # 8x8 images as the model takes, but 3 classes, not 10
+    write_digit_classes(three, [0, 1, 2])
+    with pytest.raises(ConfigError, match="the model tells 10 classes apart but dataset=image"):
+        convnets.evaluate(
+            ["dataset=image_folder", hydra_override("dataset.path", three)],
+            checkpoint=path,
+            output_dir=tmp / "eval3",
+        )
 
 
 def test_done_line_opens_the_run_and_the_runs_table(store, digits_run):
