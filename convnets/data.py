@@ -425,6 +425,11 @@ def _folder_root(cfg: DictConfig) -> Path:
             "dataset.path is not set: point it at <path>/{train,test}/<label>/<image file>"
         )
     root = Path(os.path.expanduser(cfg.path))
+    if root.exists() and not root.is_dir():
+        raise DataError(
+            f"image folder {root} is a file, not a folder: point dataset.path at the folder "
+            "holding train/ and test/"
+        )
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist: check dataset.path")
     if not any(root.iterdir()):

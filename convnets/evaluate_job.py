@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from convnets import comparison
 from convnets.checks import check_dataset, check_interpolations, check_known_keys
 from convnets.errors import ConfigError
+from convnets.sweep_files import is_parent
 from convnets.tracking import Tracker, require_existing_store
 
 if TYPE_CHECKING:
@@ -46,6 +47,11 @@ def run(
             f"compare=<experiment name or sweep parent run id> (given: {given})"
         )
     check_known_keys(cfg)  # +key=... is added past the schema: close it again
+    if cfg.get("baseline") and not cfg.compare:
+        raise ConfigError(
+            f"baseline={cfg.baseline} names the group the others are tested against in a "
+            "comparison: add compare=<experiment name or sweep parent run id>"
+        )
     if cfg.get("dataset") is not None:
         check_dataset(cfg)
     out_dir = Path(cfg.output_dir or default_out_dir)
@@ -67,7 +73,12 @@ def run(
     if cfg.compare:
         return comparison.compare(tracker, str(cfg.compare), out_dir, cfg.baseline)
     run_id = str(cfg.run_id)
-    tracker.get_run(run_id)  # an unknown id is refused here, before TensorFlow loads
+    run = tracker.get_run(run_id)  # an unknown id is refused here, before TensorFlow loads
+    if is_parent(run.data.tags):
+        raise ConfigError(
+            f"run_id={run_id} is the parent run of a sweep or search, which trains no model; "
+            f"compare its jobs with compare={run_id}"
+        )
     evaluation = _evaluation(libraries_loaded)
     report = evaluation.evaluate_run(
         tracker, run_id, out_dir / evaluation.EVAL_DIR, batch_size=cfg.batch_size

@@ -313,6 +313,13 @@ def check_launcher(config: DictConfig) -> None:
             "run the command on the cluster's login node, or run the sweep here with "
             "hydra/launcher=submitit_local (or leave the launcher out)"
         )
+    grace_s = OmegaConf.select(config, "hydra.launcher.stop_grace_s", default=None)
+    if grace_s is not None and not (isinstance(grace_s, int | float) and grace_s >= 0):
+        shown = f"{grace_s:g}" if isinstance(grace_s, int | float) else grace_s
+        raise ConfigError(
+            f"hydra.launcher.stop_grace_s={shown}: the seconds a stopped job gets to record "
+            "its end; give 0 or more"
+        )
     # Each parallel launcher refuses these only once it launches, after the parent run exists.
     n_jobs = OmegaConf.select(config, "hydra.launcher.n_jobs", default=None)
     if n_jobs is None:

@@ -110,6 +110,14 @@ def _unreadable(root):
     return root, f"cannot read image {bad}: "
 
 
+def _a_file(root):
+    (root / "images.zip").write_bytes(b"PK")
+    return root / "images.zip", (
+        f"image folder {root / 'images.zip'} is a file, not a folder: point dataset.path at "
+        "the folder holding train/ and test/"
+    )
+
+
 def _unreadable_in_a_subfolder(root):
     """Keras's reader walks a label's subfolders: the check walks them too."""
     for split in ("train", "test"):
@@ -134,7 +142,7 @@ def _another_size_in_a_subfolder(root):
 
 @pytest.mark.parametrize(
     "make",
-    [_missing, _empty, _no_test_split, _unreadable, _unreadable_in_a_subfolder,
+    [_missing, _a_file, _empty, _no_test_split, _unreadable, _unreadable_in_a_subfolder,
      _another_size_in_a_subfolder],
 )  # fmt: skip
 def test_image_folder_errors(tmp_path, make):

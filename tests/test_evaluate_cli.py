@@ -195,6 +195,12 @@ def test_bad_input_in_process(store, tmp_path):
     with pytest.raises(TrackingError, match="no logged model"):
         evaluate_job.run(eval_cfg(uri, run_id=no_model.info.run_id), tmp_path)
 
+    parent = store[1]
+    with pytest.raises(ConfigError, match=rf"run_id={parent} is the parent run of a sweep"):
+        evaluate_job.run(eval_cfg(uri, run_id=parent), tmp_path)
+    with pytest.raises(ConfigError, match=r"baseline=g1 names the group .*: add compare="):
+        evaluate_job.run(eval_cfg(uri, run_id=parent, baseline="g1"), tmp_path)
+
     with pytest.raises(ConfigError, match=r"exactly one of .* \(given: none\)"):
         evaluate_job.run(eval_cfg(uri), tmp_path)
     with pytest.raises(ConfigError, match=r"\(given: run_id, compare\)"):

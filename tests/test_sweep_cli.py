@@ -799,6 +799,20 @@ def test_a_launcher_told_to_run_no_job_at_once_is_one_line_before_any_run(
     assert not (tmp_path / "mlflow.db").exists()  # no parent run
 
 
+def test_a_negative_stop_grace_is_one_line_before_any_run(tmp_path):
+    result = command(
+        "train.py", "-m", "trainer.seed=1,2", "hydra/launcher=fresh_process",
+        "hydra.launcher.stop_grace_s=-5", f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "error: hydra.launcher.stop_grace_s=-5: the seconds a stopped job gets to record its "
+        "end; give 0 or more"
+    ]
+    assert not (tmp_path / "mlflow.db").exists()  # no parent run
+
+
 @pytest.mark.slow
 def test_a_second_sweep_in_a_live_sweeps_folder_is_refused(tmp_path):
     first = subprocess.Popen(
