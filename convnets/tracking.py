@@ -834,7 +834,10 @@ def store_failure(err: BaseException) -> bool:
 
 
 def failure_reason(err: BaseException) -> str:
-    return str(err) if isinstance(err, ConvnetsError) else f"{type(err).__name__}: {err}"
+    """Why a run failed, as its ``failure_reason`` tag and its ``error:`` line: our own error's
+    line, else the exception's type and first line (TensorFlow's run to kilobytes of graph
+    dump; the whole traceback is in the command's log)."""
+    return str(err) if isinstance(err, ConvnetsError) else describe_error(err, limit=300)
 
 
 def run_is_finished(run: Run) -> bool:

@@ -91,6 +91,9 @@ def test_run_status_and_failure_reason(store):
         raise ValueError("boom")
     with pytest.raises(KeyboardInterrupt), tracker.run(experiment_id=experiment_id) as killed:
         raise KeyboardInterrupt
+    dump = "Incompatible shapes: [64] vs. [32]\n" + "\t [[{{node gradient_tape/...}}]]\n" * 200
+    with pytest.raises(RuntimeError), tracker.run(experiment_id=experiment_id) as dumped:
+        raise RuntimeError(dump)  # as TensorFlow's errors read: kilobytes of graph
 
     client = MlflowClient(store)
     ok_run = client.get_run(ok.info.run_id)
@@ -101,6 +104,8 @@ def test_run_status_and_failure_reason(store):
     assert failed.info.status == "FAILED"
     assert failed.data.tags["failure_reason"] == "ValueError: boom"
     assert client.get_run(killed.info.run_id).info.status == "KILLED"
+    reason = client.get_run(dumped.info.run_id).data.tags["failure_reason"]
+    assert reason == "RuntimeError: Incompatible shapes: [64] vs. [32]"  # its first line only
 
 
 def test_long_config_values_are_recorded_not_fatal(tmp_path, store):
