@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,6 +255,16 @@ def compare(
     """
     runs, parent_id = _finished_runs(tracker, target)
     table = runs_table(runs)
+    if "dataset.name" in table.attrs["params"]:  # accuracies on different test sets
+        names = ", ".join(sorted(table["dataset.name"].astype(str).unique()))
+        print(
+            f"warning: compare={target}: the runs trained on different datasets ({names}), so "
+            "the fronts and groups weigh accuracies on different test sets against each "
+            "other; record each dataset's runs in an experiment of its own "
+            "(tracking.experiment=...)",
+            file=sys.stderr,
+            flush=True,
+        )
     acc = table["test_accuracy"]
     for flag, col in (("pareto_params", "param_count"), ("pareto_rf", "receptive_field")):
         on_front = set(pareto_front(table[col], acc))

@@ -99,5 +99,33 @@ def test_compare_reports_seed_groups_and_verdicts(tmp_path, capsys):
     assert groups.loc["width=0.5", "verdict"] == "baseline"
     assert groups.loc["width=1.0", "verdict"] in ("better", "worse", "indistinguishable")
     assert report.figures["groups_accuracy_vs_params"].is_file()
-    out = capsys.readouterr().out
-    assert "Welch's t-test, p=" in out and "n=3" in out
+    printed = capsys.readouterr()
+    assert "Welch's t-test, p=" in printed.out and "n=3" in printed.out
+    assert "different datasets" not in printed.err  # one dataset: nothing to warn of
+
+
+def test_a_comparison_across_datasets_says_so(tmp_path, capsys):
+    """One experiment holding runs on two datasets: its fronts weighed digits accuracy against
+    another test set's, without a word."""
+    from mlflow.tracking import MlflowClient
+
+    from convnets import comparison
+    from convnets.tracking import Tracker
+
+    uri = sqlite_store(tmp_path)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("mixed")
+    for i, name in enumerate(("digits", "image_folder", "digits")):
+        run = client.create_run(experiment).info.run_id
+        client.log_param(run, "dataset.name", name)
+        client.log_param(run, "trainer.seed", str(i))
+        for key, value in {"test_accuracy": 0.5 + i / 10, "param_count": 100 * (i + 1),
+                           "receptive_field": 5, "effective_receptive_field": 5,
+                           "macs": 1000}.items():  # fmt: skip
+            client.log_metric(run, key, value)
+        client.set_terminated(run, "FINISHED")
+    comparison.compare(Tracker(uri), "mixed", tmp_path / "cmp")
+    assert (
+        "warning: compare=mixed: the runs trained on different datasets (digits, image_folder)"
+        in capsys.readouterr().err
+    )
