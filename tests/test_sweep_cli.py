@@ -737,44 +737,31 @@ def test_a_sweep_folder_that_cannot_be_created_is_one_line_before_any_run(tmp_pa
     assert result.stdout.strip() == "" and not (tmp_path / "mlflow.db").exists()
 
 
-def test_a_sweep_reproducing_a_run_that_is_not_there_records_nothing(tmp_path):
-    """Every job would look it up and fail: once, before the parent run."""
-    from mlflow.tracking import MlflowClient
-
-    uri = sqlite_store(tmp_path)
-    missing = "0" * 32
-    result = command(
-        "train.py", "-m", f"reproduce={missing}", f"tracking.uri={uri}",
-        f"hydra.sweep.dir={tmp_path / 'multirun'}", cwd=tmp_path, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines() == [
-        f"error: reproduce={missing}: no such run in {uri}; copy the run id from the MLflow UI "
-        "or pass the store it lives in with tracking.uri=..."
-    ]
-    client = MlflowClient(uri)
-    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
-
-
-def test_reproducing_a_study_with_no_finished_job_records_nothing(tmp_path):
-    """Each job found the study empty, after the new parent had been recorded and left FAILED."""
+@pytest.mark.parametrize("target", ["a run that is not there", "a study without a finished job"])
+def test_a_sweep_reproducing_nothing_reproducible_records_nothing(tmp_path, target):
+    """Every job would find nothing to train and fail: refused once, before the parent run
+    (a study's reproduction recorded that parent and left it FAILED)."""
     from mlflow.tracking import MlflowClient
 
     uri = sqlite_store(tmp_path)
     client = MlflowClient(uri)
-    experiment = client.create_experiment("digits")
-    parent = client.create_run(experiment, tags={"sweep_role": "parent"}).info.run_id
-    client.set_terminated(parent, status="FAILED")  # every job of it failed
+    if target == "a run that is not there":
+        run_id, kept = "0" * 32, []
+        why = f"no such run in {uri}; copy the run id from the MLflow UI or pass the store it "
+        why += "lives in with tracking.uri=..."
+    else:
+        experiment = client.create_experiment("digits")
+        run_id = client.create_run(experiment, tags={"sweep_role": "parent"}).info.run_id
+        client.set_terminated(run_id, status="FAILED")  # every job of it failed
+        kept, why = [run_id], "the study has no finished job with a test accuracy to reproduce"
     result = command(
-        "train.py", "-m", f"reproduce={parent}", f"tracking.uri={uri}",
+        "train.py", "-m", f"reproduce={run_id}", f"tracking.uri={uri}",
         f"hydra.sweep.dir={tmp_path / 'multirun'}", cwd=tmp_path, timeout=120,
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines() == [
-        f"error: reproduce={parent}: the study has no finished job with a test accuracy to "
-        "reproduce"
-    ]
-    assert [r.info.run_id for r in client.search_runs([experiment])] == [parent]
+    assert result.stderr.strip().splitlines() == [f"error: reproduce={run_id}: {why}"]
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert [r.info.run_id for r in client.search_runs(experiments)] == kept
 
 
 @pytest.mark.parametrize(
