@@ -88,10 +88,10 @@ def override_texts(overrides: ListConfig | list[str]) -> tuple[str, ...]:
     return tuple(overrides)
 
 
-def read_run_config(path: str | Path, what: str) -> DictConfig:
+def read_run_config(path: str | Path, what: str, require: tuple[str, ...] = ()) -> DictConfig:
     """A run's resolved ``config.yaml`` (its artifact, or the copy beside a ``.keras`` model),
     or a :class:`ConfigError` naming ``what`` and the file when it is not one: not YAML, not
-    a mapping, or without the ``dataset`` it needs to be evaluated or trained again."""
+    a mapping, or without a section of ``require`` (``dataset``, to evaluate a model)."""
     import yaml
 
     from convnets.errors import ConfigError
@@ -106,10 +106,12 @@ def read_run_config(path: str | Path, what: str) -> DictConfig:
             f"{what}: {path} is not readable YAML{where}; it is not the config.yaml a run "
             "records (download the run's again, or write it as the run recorded it)"
         ) from None
-    if not isinstance(cfg, DictConfig) or "dataset" not in cfg:
+    missing = [key for key in require if key not in cfg] if isinstance(cfg, DictConfig) else []
+    if not isinstance(cfg, DictConfig) or missing:
+        lacks = f"it has no {missing[0]} section" if missing else "it is not a mapping"
         raise ConfigError(
-            f"{what}: {path} is not a run's config (it has no dataset section); download the "
-            "run's config.yaml again, or write it as the run recorded it"
+            f"{what}: {path} is not a run's config ({lacks}); download the run's config.yaml "
+            "again, or write it as the run recorded it"
         )
     return cfg
 

@@ -268,7 +268,7 @@ def evaluate_run(
             + (f" ({reason.splitlines()[0][:200]})" if reason else "")
             + "; evaluate a FINISHED run (rerun it with python train.py reproduce=<id>)"
         )
-    cfg = tracker.load_config(run_id)
+    cfg = tracker.load_config(run_id, require=("dataset",))
     with tempfile.TemporaryDirectory() as tmp:
         model = load_keras_model(_download_model(tracker, run_id, Path(tmp)))
     bundle = _bundle(cfg, batch_size)
@@ -295,7 +295,7 @@ def checkpoint_config(path: str | Path, dataset: Any = None) -> DictConfig:
         raise ConfigError(f"checkpoint={path}: no such file; pass the path of a .keras model")
     beside = path.parent / CONFIG_ARTIFACT
     if beside.is_file():
-        cfg = read_run_config(beside, f"checkpoint={path}")
+        cfg = read_run_config(beside, f"checkpoint={path}", ("dataset",))
         if dataset is not None:
             cfg.dataset = dataset
         return cfg

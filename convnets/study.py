@@ -40,7 +40,7 @@ def reproduce(cfg: DictConfig, context, parent):
 
     tracker = _store(cfg)
     parent_id = parent.info.run_id
-    originals = finished_jobs(tracker, parent)
+    originals = tracker.finished_study_jobs(parent)
     if context.sweep is not None:
         tracker.set_tags_on(context.sweep.parent_run_id, {"reproduces": parent_id})
     reproduced = {}
@@ -67,27 +67,6 @@ def _store(cfg: DictConfig):
     from convnets.tracking import open_store
 
     return open_store(cfg.tracking.uri, http_timeout_s=cfg.tracking.http_timeout_s)
-
-
-def finished_jobs(tracker, parent) -> list[tuple[int, object]]:
-    """The study's finished, unpruned jobs as ``(job number, run)``, in job order."""
-    parent_id = parent.info.run_id
-    found = tracker.client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'FINISHED'",
-        max_results=10_000,
-    )
-    jobs = [
-        (int(run.data.tags.get("sweep_job", 0)), run)
-        for run in found
-        if run.data.tags.get("pruned") != "true" and "test_accuracy" in run.data.metrics
-    ]
-    if not jobs:
-        raise TrackingError(
-            f"reproduce={parent_id}: the study has no finished job with a test accuracy to "
-            "reproduce"
-        )
-    return sorted(jobs, key=lambda pair: pair[0])
 
 
 def objective(metrics: dict[str, float]) -> float:

@@ -408,9 +408,7 @@ class MlflowSweepCallback(Callback):
             if OmegaConf.select(config, key, default=None):
                 found = tracker.get_run(str(config[key]), key=key)
                 if key == "reproduce" and is_parent(found.data.tags):  # a whole study again
-                    from convnets import study as studies
-
-                    studies.finished_jobs(tracker, found)  # none: refused, no parent made
+                    tracker.finished_study_jobs(found)  # none: refused, no parent made
         if study is None:
             experiment_id = tracker.experiment_id(experiment_name(config))
             run_id = self._create_parent(tracker, config, experiment_id, definition, False)

@@ -470,8 +470,11 @@ class Tracker:
         with _bounded_http(self.http_timeout_s):
             self.client.delete_run(run_id)
 
-    def load_config(self, run_id: str, *, key: str = "run_id") -> DictConfig:
-        """The resolved config a run recorded as its ``config.yaml`` artifact."""
+    def load_config(
+        self, run_id: str, *, key: str = "run_id", require: tuple[str, ...] = ()
+    ) -> DictConfig:
+        """The resolved config a run recorded as its ``config.yaml`` artifact (with the
+        sections of ``require``: :func:`~convnets.config.read_run_config`)."""
         self.get_run(run_id, key=key)
         with tempfile.TemporaryDirectory() as tmp:
             try:
@@ -481,7 +484,31 @@ class Tracker:
                     f"{key}={run_id}: the run has no readable {CONFIG_ARTIFACT} artifact "
                     f"({type(err).__name__}); only runs recorded by train.py can be rerun"
                 ) from err
-            return read_run_config(local, f"{key}={run_id}")
+            return read_run_config(local, f"{key}={run_id}", require)
+
+    def finished_study_jobs(self, parent: Run) -> list[tuple[int, Run]]:
+        """The finished, unpruned jobs with a test accuracy of the sweep or search whose
+        parent run is ``parent``, as ``(job number, run)`` in job order: what ``-m
+        reproduce=<parent>`` trains again; none is a :class:`TrackingError`."""
+        parent_id = parent.info.run_id
+        found = self.client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=(
+                f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'FINISHED'"
+            ),
+            max_results=10_000,
+        )
+        jobs = [
+            (int(run.data.tags.get("sweep_job", 0)), run)
+            for run in found
+            if run.data.tags.get("pruned") != "true" and "test_accuracy" in run.data.metrics
+        ]
+        if not jobs:
+            raise TrackingError(
+                f"reproduce={parent_id}: the study has no finished job with a test accuracy to "
+                "reproduce"
+            )
+        return sorted(jobs, key=lambda pair: pair[0])
 
     def download_artifacts(self, run_id: str, artifact_path: str, dst: str | Path) -> Path:
         """A run's artifact (file or folder) copied under ``dst``; MLflow's errors pass through."""

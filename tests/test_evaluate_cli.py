@@ -236,6 +236,9 @@ def test_bad_input_in_process(store, tmp_path):
     with pytest.raises(ConfigError, match="not a Keras archive"):
         evaluate_job.run(eval_cfg(uri, checkpoint=str(zipped)), tmp_path)
     (zipped.parent / "config.yaml").write_text("- a list\n")
+    with pytest.raises(ConfigError, match=r"config.yaml is not a run's config \(it is not a map"):
+        checkpoint_config(zipped)
+    (zipped.parent / "config.yaml").write_text("model: {width: 1}\n")
     with pytest.raises(ConfigError, match=r"config.yaml is not a run's config \(it has no data"):
         checkpoint_config(zipped)
 
