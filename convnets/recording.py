@@ -199,15 +199,18 @@ class MlflowRecorder:
             self._tracker = open_store(self.uri, http_timeout_s=self.http_timeout_s)
         return self._tracker
 
+    def _store_holding(self, what: str) -> Tracker:
+        """The store, to look ``what`` (``resume=<id>``) up in: a SQLite store that is not
+        there yet is refused, not created to say the run is not in it."""
+        if self._tracker is None:
+            require_existing_store(self.uri, what)
+        return self.tracker
+
     def get_run(self, run_id: str, *, key: str = "run_id") -> MlflowRun:
-        if self._tracker is None:  # a run id to look up: opening no store must not create one
-            require_existing_store(self.uri, f"{key}={run_id}")
-        return self.tracker.get_run(run_id, key=key)
+        return self._store_holding(f"{key}={run_id}").get_run(run_id, key=key)
 
     def load_config(self, run_id: str, *, key: str = "run_id") -> DictConfig:
-        if self._tracker is None:
-            require_existing_store(self.uri, f"{key}={run_id}")
-        return self.tracker.load_config(run_id, key=key)
+        return self._store_holding(f"{key}={run_id}").load_config(run_id, key=key)
 
     def experiment_id(self, name: str) -> str:
         return self.tracker.experiment_id(name)

@@ -395,20 +395,26 @@ class MlflowSweepCallback(Callback):
     @_stop_sweep_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from convnets.search_storage import study_ref
-        from convnets.tracking import Tracker
+        from convnets.tracking import Tracker, require_existing_store
 
         definition = sweep_overrides(config)
         check_launcher(config)
         check_first_job(config, definition)
         self._hold_folder(Path(config.hydra.sweep.dir).resolve())
         study = study_ref(config)  # checks an Optuna search before any run exists
+        run_ids = {
+            key: str(config[key])
+            for key in RUN_ID_KEYS
+            if OmegaConf.select(config, key, default=None)
+        }
+        for key, run_id in run_ids.items():  # looked up, not recorded into: no new store
+            require_existing_store(config.tracking.uri, f"{key}={run_id}")
         tracker = Tracker(config.tracking.uri, http_timeout_s=config.tracking.http_timeout_s)
         tracker.check_store()  # first contact: sqlite creates its schema here, once
-        for key in RUN_ID_KEYS:  # every job would fail to find it
-            if OmegaConf.select(config, key, default=None):
-                found = tracker.get_run(str(config[key]), key=key)
-                if key == "reproduce" and is_parent(found.data.tags):  # a whole study again
-                    tracker.finished_study_jobs(found)  # none: refused, no parent made
+        for key, run_id in run_ids.items():  # every job would fail to find it
+            found = tracker.get_run(run_id, key=key)
+            if key == "reproduce" and is_parent(found.data.tags):  # a whole study again
+                tracker.finished_study_jobs(found)  # none: refused, no parent made
         if study is None:
             experiment_id = tracker.experiment_id(experiment_name(config))
             run_id = self._create_parent(tracker, config, experiment_id, definition, False)

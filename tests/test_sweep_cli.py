@@ -764,6 +764,18 @@ def test_a_sweep_reproducing_nothing_reproducible_records_nothing(tmp_path, targ
     assert [r.info.run_id for r in client.search_runs(experiments)] == kept
 
 
+def test_a_sweep_reproducing_a_run_of_a_store_that_is_not_there_creates_none(tmp_path):
+    missing = tmp_path / "elsewhere.db"
+    result = command(
+        "train.py", "-m", f"reproduce={'0' * 32}", f"tracking.uri=sqlite:///{missing}",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}", cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: reproduce={'0' * 32}: there is no MLflow store at {missing}")
+    assert not missing.exists()  # looking a run up made no empty store
+
+
 @pytest.mark.parametrize(
     ("launcher", "counts"),
     [
