@@ -224,18 +224,17 @@ def fit(
             model.load_weights(checkpoint_dir / state["last"])
 
     initial_epoch = state["epoch"] if state and state.get("last") else 0
+    timer = _Throughput(data.num_train)
     epoch_state = _EpochState(
         checkpoint_dir,
         state if initial_epoch else None,
         save_last=trainer_cfg.checkpoint_every_epoch,
         writer=bool(strategy.extended.should_checkpoint),
         identity=identity,
+        throughput=timer,
         after_epoch=after_epoch,
     )
-    timer = _Throughput(data.num_train)
     started = time.perf_counter()
-    epoch_state.clock = lambda: time.perf_counter() - started
-    epoch_state.rate = timer.images_per_sec
     try:
         try:
             history = model.fit(
@@ -283,10 +282,7 @@ def fit(
         best_epoch=epoch_state.best_epoch,
         best_val_accuracy=epoch_state.best_val_accuracy,
         train_time_s=epoch_state.trained_s_before + train_time,
-        # A resume with no epoch left to train keeps the rate its checkpoint recorded.
-        images_per_sec=timer.images_per_sec()
-        if timer.epoch_seconds
-        else epoch_state.images_per_sec_before,
+        images_per_sec=epoch_state.images_per_sec(),
         startup_s=timer.startup_s,
     )
 
@@ -444,9 +440,11 @@ class _EpochState(keras.callbacks.Callback):
         save_last: bool,
         writer: bool,
         identity: Mapping[str, str] | None,
+        throughput: _Throughput,
         after_epoch: Callable[[int, Mapping[str, float]], bool] | None = None,
     ):
         super().__init__()
+        self.throughput = throughput
         self.after_epoch = after_epoch
         self.identity = dict(identity or {})
         self.write_dir = checkpoint_dir if writer else Path(tempfile.mkdtemp(prefix="ckpt-"))
@@ -465,8 +463,17 @@ class _EpochState(keras.callbacks.Callback):
         # Training time and rate up to the committed epoch, over every call that trained it.
         self.trained_s_before: float = float(state.get("train_time_s", 0.0))
         self.images_per_sec_before: float = float(state.get("images_per_sec", 0.0))
-        self.clock: Callable[[], float] = lambda: 0.0  # this call's training seconds so far
-        self.rate: Callable[[], float] = lambda: self.images_per_sec_before
+        self.train_started = time.perf_counter()  # this call's: set again as fit begins
+
+    def on_train_begin(self, logs=None):
+        self.train_started = time.perf_counter()
+
+    def images_per_sec(self) -> float:
+        """This call's rate (:class:`_Throughput`); a resume with no epoch left to train keeps
+        the one its checkpoint recorded."""
+        if self.throughput.epoch_seconds:
+            return self.throughput.images_per_sec()
+        return self.images_per_sec_before
 
     @property
     def best_path(self) -> Path | None:
@@ -530,8 +537,8 @@ class _EpochState(keras.callbacks.Callback):
             "best_val_accuracy": self.best_val_accuracy,
             "best_val_loss": self.best_val_loss,
             "history": self.history,
-            "train_time_s": self.trained_s_before + self.clock(),
-            "images_per_sec": self.rate(),
+            "train_time_s": self.trained_s_before + time.perf_counter() - self.train_started,
+            "images_per_sec": self.images_per_sec(),
             "sha256": {  # what verify() checks before any of them is loaded again
                 name: checkpoints.sha256(self.write_dir / name)
                 for name in (self.last_file, self.best_file)

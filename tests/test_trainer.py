@@ -343,7 +343,10 @@ def test_the_best_epoch_is_the_lowest_validation_loss(tmp_path, epochs, best):
     trainer.BEST_EPOCH_CRITERION (lowest val_loss; ties: highest val_accuracy)."""
     from convnets import trainer
 
-    state = trainer._EpochState(tmp_path, None, save_last=False, writer=True, identity=None)
+    state = trainer._EpochState(
+        tmp_path, None, save_last=False, writer=True, identity=None,
+        throughput=trainer._Throughput(num_train=4),
+    )  # fmt: skip
     # No model: which epoch is chosen is what is tested.
     state._save = lambda name, copy_of=None: name
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
