@@ -59,6 +59,9 @@ class DataBundle:
     num_classes: int
     class_names: list[str]
     num_train: int
+    # Training images left out of each epoch (a different few each epoch): the last, smaller
+    # batch when it would leave a replica with none (convnets.pipeline); 0 on one device.
+    train_dropped_per_epoch: int
     num_val: int
     num_test: int
     # Per channel: x_norm = (x / max_pixel_value - mean) / std, applied by the model.
@@ -126,10 +129,12 @@ def check_available(cfg: Any) -> None:
         _check_image_folder(cfg)
 
 
-def load_data(cfg: Any, *, batch_size: int, seed: int, deterministic: bool = False) -> DataBundle:
+def load_data(
+    cfg: Any, *, batch_size: int, seed: int, deterministic: bool = False, replicas: int = 1
+) -> DataBundle:
     """Read the dataset, split off validation, and build the three batched pipelines.
 
-    ``batch_size`` is the global batch. ``seed`` drives the shuffle order and the augmentation
+    ``batch_size`` is the global batch, split over ``replicas``. ``seed`` drives the shuffle order and the augmentation
     (``dataset.split_seed`` alone decides which examples go to val/test). Call
     :func:`check_available` first: an unprepared TFDS dataset would otherwise be downloaded.
     """
@@ -151,15 +156,17 @@ def load_data(cfg: Any, *, batch_size: int, seed: int, deterministic: bool = Fal
         )
     mean, std = _channel_stats(cfg, input_shape[-1])
 
-    from convnets.pipeline import Pipeline
+    from convnets.pipeline import Pipeline, last_batch_leaves_a_replica_empty
 
     train_idx, val_idx = check_splits(cfg, arrays.y_train, arrays.y_test, arrays.class_names)
     pipe = Pipeline(cfg.augment, cfg.shuffle_buffer, batch_size, seed, deterministic)
     x_train, y_train = arrays.x_train[train_idx], arrays.y_train[train_idx]
     x_val, y_val = arrays.x_train[val_idx], arrays.y_train[val_idx]
     val = pipe.evaluation(x_val, y_val) if len(val_idx) else None
+    drop_last = last_batch_leaves_a_replica_empty(len(train_idx), batch_size, replicas)
     return DataBundle(
-        train=pipe.training(x_train, y_train),
+        train=pipe.training(x_train, y_train, drop_last=drop_last),
+        train_dropped_per_epoch=len(train_idx) % batch_size if drop_last else 0,
         val=val,
         test=pipe.evaluation(arrays.x_test, arrays.y_test),
         input_shape=input_shape,  # type: ignore[arg-type]

@@ -179,7 +179,14 @@ class _Job:
             batch_size=cfg.trainer.batch_size,
             seed=cfg.trainer.seed,
             deterministic=cfg.trainer.deterministic,
+            replicas=strategy.num_replicas_in_sync,
         )
+        if bundle.train_dropped_per_epoch:
+            print(
+                f"each epoch leaves out its last {bundle.train_dropped_per_epoch} training "
+                f"image(s): that batch would give a replica none (a different few each epoch)",
+                flush=True,
+            )
 
         def build() -> keras.Model:
             model = build_model(

@@ -1,6 +1,8 @@
 """The ``tf.data`` pipelines over a dataset's in-memory arrays (see :mod:`convnets.data`).
 
-Training: shuffle (seeded, reshuffled each epoch), batch by the global batch size, then augment
+Training: shuffle (seeded, reshuffled each epoch), batch by the global batch size (the last,
+smaller batch is dropped only where it would leave a replica without images; see
+:func:`last_batch_leaves_a_replica_empty`), then augment
 whole batches (vectorised ops instead of one call per image, on the compact uint8 cache) with
 stateless random ops keyed by a seeded random stream that changes each epoch (so a run is
 reproducible and still sees new crops every epoch), cast to float32 and prefetch. Evaluation:
@@ -13,6 +15,26 @@ import numpy as np
 import tensorflow as tf
 
 AUTOTUNE = tf.data.AUTOTUNE
+
+
+def last_batch_leaves_a_replica_empty(num_examples: int, batch_size: int, replicas: int) -> bool:
+    """Whether an epoch's last, smaller batch would give one of ``replicas`` no images.
+
+    ``tf.distribute`` splits a batch of ``r`` images into chunks of ``ceil(r / replicas)``,
+    replica by replica, so a short last batch can leave the last replicas with none (3 images
+    on 2 replicas: 2 and 1; 1 image: 1 and 0; 5 on 4: 2, 2, 1, 0). A replica with no images
+    gives BatchNormalization the mean of nothing: NaN moving statistics that the replicas
+    then average into every copy of the model (the run trains on and evaluates at chance), or,
+    with TensorFlow's oneDNN kernels, an "Incompatible shapes" error. Dropping that one batch
+    (fewer than ``batch_size`` images, different ones each epoch as the order is reshuffled)
+    is the only change; a run whose last batch reaches every replica keeps all its images.
+    tests/test_distribute.py checks the split against the strategy itself.
+    """
+    rest = num_examples % batch_size
+    if replicas < 2 or rest == 0:
+        return False
+    chunk = -(-rest // replicas)  # ceil
+    return rest <= (replicas - 1) * chunk
 
 
 class Pipeline:
@@ -28,11 +50,12 @@ class Pipeline:
         self.flip = bool(augment.horizontal_flip)
         self.deterministic = deterministic
 
-    def training(self, x: np.ndarray, y: np.ndarray) -> tf.data.Dataset:
+    def training(self, x: np.ndarray, y: np.ndarray, *, drop_last: bool = False) -> tf.data.Dataset:
+        """``drop_last``: leave out each epoch's last, smaller batch."""
         ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32)))
         ds = ds.shuffle(
             min(self.shuffle_buffer, len(y)), seed=self.seed, reshuffle_each_iteration=True
-        ).batch(self.batch_size)
+        ).batch(self.batch_size, drop_remainder=drop_last)
         if self.pad or self.flip:
             # One random int64 per batch, a new stream each epoch, reproducible from the seed.
             keys = tf.data.Dataset.random(seed=self.seed, rerandomize_each_iteration=True)

@@ -224,7 +224,7 @@ def fit(
             model.load_weights(checkpoint_dir / state["last"])
 
     initial_epoch = state["epoch"] if state and state.get("last") else 0
-    timer = _Throughput(data.num_train)
+    timer = _Throughput(data.num_train - data.train_dropped_per_epoch)
     epoch_state = _EpochState(
         checkpoint_dir,
         state if initial_epoch else None,

@@ -24,40 +24,49 @@ from types import SimpleNamespace
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from convnets import distribute, trainer  # noqa: E402
 from convnets.config import DistributeConfig, OptimizerConfig, TrainerConfig  # noqa: E402
+from convnets.pipeline import last_batch_leaves_a_replica_empty  # noqa: E402
 
 NUM_TRAIN, NUM_VAL = 1200, 297  # of digits' 1797 images; the remaining 300 are the test split
 
 
-def digits_bundle(*, batch_size: int, seed: int, val: bool = True) -> SimpleNamespace:
+def digits_bundle(
+    *, batch_size: int, seed: int, val: bool = True, num_train: int = NUM_TRAIN, replicas: int = 1
+) -> SimpleNamespace:
     """Digits (8x8x1, 10 classes) shaped like ``convnets.data.DataBundle``: seeded shuffle,
     reshuffled each epoch, global batches. Built here (not with convnets.data) so these
-    tests exercise only the trainer. Seeds TensorFlow first: a shuffle's seed pair depends on
+    tests exercise only the trainer; only the rule for a last batch that would leave one of
+    ``replicas`` empty is the package's. ``num_train``: the first images of the training
+    split. Seeds TensorFlow first: a shuffle's seed pair depends on
     whether a global seed is set, so otherwise the first bundle in a process would differ."""
     trainer.seed_everything(seed, deterministic=False)
     digits = load_digits()
     x = (digits.images[..., None] / 16.0).astype("float32")
     y = digits.target.astype("int32")
 
+    drop_last = last_batch_leaves_a_replica_empty(num_train, batch_size, replicas)
+
     def split(lo: int, hi: int, shuffle: bool = False) -> tf.data.Dataset:
         ds = tf.data.Dataset.from_tensor_slices((x[lo:hi], y[lo:hi]))
         if shuffle:
             ds = ds.shuffle(hi - lo, seed=seed, reshuffle_each_iteration=True)
-        return ds.batch(batch_size)
+        return ds.batch(batch_size, drop_remainder=shuffle and drop_last)
 
     end_val = NUM_TRAIN + NUM_VAL
     return SimpleNamespace(
-        train=split(0, NUM_TRAIN, shuffle=True),
+        train=split(0, num_train, shuffle=True),
+        train_dropped_per_epoch=num_train % batch_size if drop_last else 0,
         val=split(NUM_TRAIN, end_val) if val else None,
         test=split(end_val, len(x)),
         input_shape=(8, 8, 1),
         num_classes=10,
-        num_train=NUM_TRAIN,
+        num_train=num_train,
         num_val=NUM_VAL if val else 0,
         num_test=len(x) - end_val,
     )
@@ -79,13 +88,20 @@ def tiny_cnn(batch_norm: str | None = None) -> keras.Model:
     return keras.Sequential(layers)
 
 
-def train(strategy, checkpoint_dir: str, batch_norm: str | None = None) -> dict:
+def train(
+    strategy, checkpoint_dir: str, batch_norm: str | None = None, num_train: int = NUM_TRAIN
+) -> dict:
     """2 epochs of Adam on digits, deterministic; the record the tests compare."""
     trainer_cfg = OmegaConf.structured(
         TrainerConfig(epochs=2, batch_size=64, seed=1, deterministic=True, verbose=0)
     )
     opt_cfg = OmegaConf.structured(OptimizerConfig(name="adam", lr=3e-3))
-    data = digits_bundle(batch_size=trainer_cfg.batch_size, seed=trainer_cfg.seed)
+    data = digits_bundle(
+        batch_size=trainer_cfg.batch_size,
+        seed=trainer_cfg.seed,
+        num_train=num_train,
+        replicas=strategy.num_replicas_in_sync,
+    )
     model, result = trainer.fit(
         lambda: tiny_cnn(batch_norm),
         data,
@@ -103,7 +119,26 @@ def train(strategy, checkpoint_dir: str, batch_norm: str | None = None) -> dict:
         "epochs_completed": result.epochs_completed,
         "test": trainer.evaluate(model, data.test),
         "weights_sha256": digest.hexdigest(),
+        "weights_finite": all(
+            bool(np.isfinite(keras.ops.convert_to_numpy(w)).all()) for w in model.get_weights()
+        ),
+        "train_dropped_per_epoch": data.train_dropped_per_epoch,
     }
+
+
+def replica_split_mismatches(strategy) -> list[tuple[int, int, list[int]]]:
+    """Where ``last_batch_leaves_a_replica_empty`` disagrees with how ``strategy`` really
+    splits a last batch of ``rest`` images: (batch size, rest, images per replica)."""
+    replicas = strategy.num_replicas_in_sync
+    wrong = []
+    for batch_size in (replicas, 2 * replicas, 4 * replicas):
+        for rest in range(1, batch_size):
+            batches = tf.data.Dataset.range(rest).batch(batch_size)
+            first = next(iter(strategy.experimental_distribute_dataset(batches)))
+            sizes = [int(tf.shape(t)[0]) for t in strategy.experimental_local_results(first)]
+            if (0 in sizes) != last_batch_leaves_a_replica_empty(rest, batch_size, replicas):
+                wrong.append((batch_size, rest, sizes))
+    return wrong
 
 
 def main(mode: str, checkpoint_dir: str, result_path: str) -> None:
@@ -129,6 +164,13 @@ def main(mode: str, checkpoint_dir: str, result_path: str) -> None:
             ]
             for bn in bns
         }
+        # A last batch of one image: with per-replica batch norm, the second replica would
+        # get none (NaN statistics, or oneDNN's "Incompatible shapes").
+        uneven = 18 * 64 + 1
+        result["mirrored/uneven"] = train(
+            two, os.path.join(checkpoint_dir, "uneven"), "plain", uneven
+        )
+        result["split_mismatches"] = replica_split_mismatches(two)
     else:
         raise SystemExit(f"unknown mode {mode!r}: multi_worker | mirrored")
     with open(result_path, "w") as f:

@@ -86,6 +86,19 @@ def test_digits_raw_pixels_and_batching():
     assert sizes == [100] * 12 + [93]  # global batch, the remainder kept
 
 
+def test_a_starving_last_batch_is_dropped_from_training_only():
+    """digits' 1797 images, 360 for test and 10% of the rest for validation: 1293 train.
+    Batches of 4 on 2 replicas leave a last batch of 1: training drops it, evaluation does
+    not (inference needs no batch statistics), one device keeps it."""
+    two = data.load_data(dataset_cfg("digits"), batch_size=4, seed=0, replicas=2)
+    one = data.load_data(dataset_cfg("digits"), batch_size=4, seed=0)
+    assert two.num_train == one.num_train and two.num_train % 4 == 1
+    assert two.train_dropped_per_epoch == 1 and one.train_dropped_per_epoch == 0
+    assert int(two.train.cardinality()) == two.num_train // 4
+    assert int(one.train.cardinality()) == two.num_train // 4 + 1
+    assert int(two.test.cardinality()) == int(one.test.cardinality())
+
+
 def test_digits_splits_are_deterministic_and_follow_split_seed():
     test_a = all_examples(data.load_data(dataset_cfg("digits"), batch_size=512, seed=1).test)
     test_b = all_examples(data.load_data(dataset_cfg("digits"), batch_size=64, seed=2).test)

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from convnets.config import DistributeConfig
 from convnets.distribute import configure_devices, make_strategy
 from convnets.errors import ConfigError
+from convnets.pipeline import last_batch_leaves_a_replica_empty
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multiworker_worker.py"
@@ -95,6 +96,14 @@ def test_two_cpu_replicas_match_one_device(tmp_path):
     assert (
         runs["mirrored/None"]["history"]["loss"][-1] < runs["mirrored/None"]["history"]["loss"][0]
     )
+    # The package's rule for a last batch that leaves a replica empty is the strategy's split.
+    assert runs["split_mismatches"] == []
+    # 1153 training images in batches of 64: the last batch, 1 image, is left out, so every
+    # replica's batch norm sees images; kept, the weights went NaN (or oneDNN raised).
+    uneven = runs["mirrored/uneven"]
+    assert uneven["train_dropped_per_epoch"] == 1
+    assert uneven["weights_finite"], uneven
+    assert uneven["history"]["loss"][-1] < uneven["history"]["loss"][0]
 
 
 @pytest.mark.slow
@@ -122,6 +131,24 @@ def test_two_workers_train_to_the_same_model(tmp_path):
         "epoch-0002.weights.h5",
         "state.json",
     ]
+
+
+@pytest.mark.parametrize(
+    ("num_examples", "batch_size", "replicas", "empty"),
+    [
+        (17, 4, 2, True),  # a last batch of 1 on 2 replicas: 1 and 0
+        (18, 4, 2, False),  # 2: 1 and 1
+        (19, 4, 2, False),  # 3: 2 and 1
+        (16, 4, 2, False),  # no short batch
+        (17, 4, 1, False),  # one replica never starves
+        (13, 8, 4, True),  # 5 on 4 replicas: 2, 2, 1, 0 (observed with TensorFlow 2.21)
+        (12, 8, 4, False),  # 4: 1, 1, 1, 1
+        (16, 12, 3, True),  # 4 on 3: 2, 2, 0
+        (21, 12, 3, False),  # 9 on 3: 3, 3, 3
+    ],
+)
+def test_a_last_batch_that_would_starve_a_replica(num_examples, batch_size, replicas, empty):
+    assert last_batch_leaves_a_replica_empty(num_examples, batch_size, replicas) is empty
 
 
 def test_auto_and_one_device_on_cpu():
