@@ -517,6 +517,8 @@ def definition(plan: Plan, bundle: data.DataBundle) -> Definition:
         "layers.txt": architecture.format_table(analysis) + "\n",
     }
     tags = {**shape, **{f"data_digest.{split}": d for split, d in bundle.digests.items()}}
+    if bundle.train_dropped_per_epoch:  # the last batch would have left a replica empty
+        tags["train_dropped_per_epoch"] = str(bundle.train_dropped_per_epoch)
     # A dirty tree's changes against its commit, so the run can be rerun on that code:
     # ``git diff HEAD`` as an artifact (its sha256 as a tag), and the untracked files under
     # the package as a tag.
