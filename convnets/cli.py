@@ -130,6 +130,13 @@ def run_main(main: Callable[[], Any]) -> None:
 
 STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # what Slurm, Kubernetes and a closed terminal send
 
+# The stop signal whose exception may not have reached the code it was meant to stop: Python
+# runs a signal handler between two bytecodes of the main thread, and when those are inside a
+# finalizer or a garbage-collection callback, the exception it raises is printed ("Exception
+# ignored in ...") and dropped; the training would go on as if nothing was pressed. The
+# handler keeps the signal here until stop_requested() hands it on.
+_pending_stop: list[int] = []
+
 
 @contextlib.contextmanager
 def stop_signals_interrupt():
@@ -137,14 +144,16 @@ def stop_signals_interrupt():
     so a preempted command stops as on Ctrl-C (the run ends KILLED, its checkpoint kept, the
     resume command printed) instead of dying with the run left RUNNING. Python's default for
     them is to die at once. The exit status is then 128 + the signal's number, as a shell
-    reports a process killed by it."""
+    reports a process killed by it. Ctrl-C (SIGINT) raises KeyboardInterrupt as Python's own
+    handler does; every one of them is also kept for :func:`stop_requested`."""
     import signal
 
     def interrupt(signum, frame):
-        raise Interrupted(signum)
+        _pending_stop[:] = [signum]
+        raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
 
     previous = {}
-    for name in STOP_SIGNALS:
+    for name in ("SIGINT", *STOP_SIGNALS):
         number = getattr(signal, name, None)
         if number is not None:
             previous[number] = signal.signal(number, interrupt)
@@ -153,6 +162,12 @@ def stop_signals_interrupt():
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def stop_requested() -> int | None:
+    """The stop signal received since the last call (None: none), for a training to raise
+    between two steps in case its exception was dropped (see ``_pending_stop``)."""
+    return _pending_stop.pop() if _pending_stop else None
 
 
 def exit_status(err: KeyboardInterrupt) -> int:

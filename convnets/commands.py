@@ -23,6 +23,7 @@ from convnets.cli import (
     freeze_loaded_libraries,
     report_user_errors,
     run_main,
+    stop_requested,
     stop_signals_interrupt,
 )
 
@@ -48,6 +49,7 @@ def _train(cfg: DictConfig) -> float:
         sweep=sweep.sweep_context(hydra_cfg) if multirun else None,
         trial=trials.current(hydra_cfg) if multirun else None,
         libraries_loaded=freeze_loaded_libraries,
+        stop_requested=stop_requested,
     )
     try:
         # Here too, not only around the command: a job of hydra/launcher=fresh_process runs in

@@ -207,7 +207,15 @@ class _Job:
                 bundle.class_names,
             )
 
-        fit = functools.partial(trainer.fit, build, bundle, cfg.trainer, cfg.optimizer, strategy)
+        fit = functools.partial(
+            trainer.fit,
+            build,
+            bundle,
+            cfg.trainer,
+            cfg.optimizer,
+            strategy,
+            stop_requested=self.context.stop_requested,
+        )
         if not strategy.extended.should_checkpoint:
             return self._run_unrecorded_worker(fit, bundle)
 

@@ -63,6 +63,9 @@ class JobContext:
     # Called once TensorFlow, Keras and MLflow are loaded, before the data and the model: the
     # entry point's process-wide settings that need them (a library caller sets none).
     libraries_loaded: Callable[[], None] | None = None
+    # Asked between training steps: a stop signal the entry point's handler received whose
+    # exception may have been dropped (convnets.trainer.fit); a library caller passes none.
+    stop_requested: Callable[[], int | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,7 +26,7 @@ import tensorflow as tf
 from tensorflow.python.framework import config as tf_config  # no public way to turn it off
 
 from convnets import checkpoints
-from convnets.errors import ConfigError, TrainingFailed
+from convnets.errors import ConfigError, Interrupted, TrainingFailed
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,7 @@ def fit(
     after_epoch: Callable[[int, Mapping[str, float]], bool] | None = None,
     resume: bool = False,
     identity: Mapping[str, str] | None = None,
+    stop_requested: Callable[[], int | None] | None = None,
 ) -> tuple[keras.Model, FitResult]:
     """Build, compile and train the model under ``strategy``; checkpoint every epoch.
 
@@ -181,6 +183,9 @@ def fit(
     too; epochs numbered from 1; ``logs`` with ``lr``); it returning True stops training. Raises
     :class:`TrainingFailed` when the loss becomes NaN/inf (the last good epoch's checkpoint
     stays); ``KeyboardInterrupt`` propagates, with the last completed epoch checkpointed.
+    ``stop_requested()``, asked after every step, returns a stop signal's number (None: go
+    on): the entry point's record of a Ctrl-C or SIGTERM whose exception Python may have
+    dropped; training then raises it as it would have.
     """
     checkpoint_dir = Path(checkpoint_dir)
     state = checkpoints.read_state(checkpoint_dir)
@@ -242,7 +247,12 @@ def fit(
                 validation_data=val,
                 epochs=trainer_cfg.epochs,
                 initial_epoch=initial_epoch,
-                callbacks=[timer, epoch_state, *callbacks],
+                callbacks=[
+                    timer,
+                    epoch_state,
+                    *([_StopWhenRequested(stop_requested)] if stop_requested else []),
+                    *callbacks,
+                ],
                 verbose=trainer_cfg.verbose,
                 shuffle=False,  # the pipeline shuffles (seeded); Keras cannot shuffle a Dataset
             )
@@ -381,6 +391,19 @@ def _process_age() -> float | None:
     except ImportError:
         return None
     return time.time() - psutil.Process().create_time()
+
+
+class _StopWhenRequested(keras.callbacks.Callback):
+    """Raises, after a step, the stop signal that ``stop_requested()`` reports."""
+
+    def __init__(self, stop_requested: Callable[[], int | None]):
+        super().__init__()
+        self.stop_requested = stop_requested
+
+    def on_train_batch_end(self, batch, logs=None):
+        signum = self.stop_requested()
+        if signum is not None:
+            raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
 
 
 class _Throughput(keras.callbacks.Callback):

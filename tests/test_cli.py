@@ -322,3 +322,22 @@ def test_freezing_the_loaded_libraries_keeps_no_garbage_and_later_cycles_are_col
         [sys.executable, "-c", _FREEZING], capture_output=True, text=True, timeout=60
     )
     assert result.stdout.split() == ["True"] * 4, result.stderr[-2000:]
+
+
+def test_a_ctrl_c_dropped_inside_a_finalizer_is_kept_for_the_training():
+    """Python runs a signal handler between two bytecodes; inside a finalizer the exception it
+    raises is printed and dropped. The handler keeps the signal for stop_requested()."""
+    import signal
+
+    from convnets.cli import stop_requested, stop_signals_interrupt
+
+    class SignalledWhileCollected:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # its handler runs inside this finalizer
+
+    assert stop_requested() is None
+    with stop_signals_interrupt():
+        SignalledWhileCollected()  # the KeyboardInterrupt is dropped ("Exception ignored")
+        assert stop_requested() == signal.SIGINT
+        assert stop_requested() is None  # handed on once
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -20,7 +20,7 @@ from tensorflow.python.framework import config as tf_config  # as convnets.train
 
 from convnets.checkpoints import read_state
 from convnets.config import OptimizerConfig, TrainerConfig
-from convnets.errors import TrainingFailed
+from convnets.errors import Interrupted, TrainingFailed
 from convnets.trainer import (
     build_optimizer,
     evaluate,
@@ -157,6 +157,24 @@ def test_interrupt_then_resume_covers_every_epoch_once(strategy, tmp_path):
         assert {"loss", "accuracy", "val_loss", "val_accuracy", "lr"} <= set(logs)
     # Resuming picked up where the interrupted run was, not from scratch.
     assert second.epochs[0][1]["loss"] < first.epochs[0][1]["loss"]
+
+
+@pytest.mark.parametrize(("signum", "raised"), [(2, KeyboardInterrupt), (15, Interrupted)])
+def test_a_stop_whose_exception_was_dropped_still_stops_training(
+    strategy, tmp_path, signum, raised
+):
+    """The entry point reports a stop signal Python swallowed (convnets.cli.stop_requested):
+    training raises it after the step it came in, with the last committed epoch kept."""
+    asked = []
+
+    def stop_requested():
+        asked.append(len(asked))
+        return signum if len(asked) == STEPS + 3 else None  # in the second epoch
+
+    with pytest.raises(raised):
+        train(strategy, tmp_path, trainer_cfg(epochs=4), stop_requested=stop_requested)
+    assert len(asked) == STEPS + 3  # it stopped at once
+    assert read_state(tmp_path / "ckpt")["epoch"] == 1
 
 
 def test_nan_loss_fails_naming_the_epoch_and_keeps_the_last_good_checkpoint(strategy, tmp_path):
