@@ -139,5 +139,12 @@ def check(config: DictConfig) -> tuple[Settings, tuple[Objective, ...]]:
             "dataset.val_fraction=0.1 or optimise another objective (hydra.sweeper.objectives)"
         )
     task = override_texts(OmegaConf.select(config, "hydra.overrides.task", default=[]))
-    parse_space(space_overrides(settings.params, task))  # a bound Optuna refuses
+    space, _ = parse_space(space_overrides(settings.params, task))  # a bound Optuna refuses
+    if not space:
+        raise ConfigError(
+            "hydra.sweeper.params: the search space is empty (no choice, range or interval, "
+            "there or on the command line), so every trial would train the same configuration; "
+            "search a key, e.g. 'optimizer.lr=tag(log, interval(1e-4, 1e-2))', or for seeds "
+            "of one configuration run a grid: -m trainer.seed=0,1,2"
+        )
     return settings, objectives

@@ -97,7 +97,13 @@ def running_trial(tmp: Path, number: int) -> bool:
 def sweeper_config(**sweeper) -> OmegaConf:
     return OmegaConf.create(
         {
-            "hydra": {"sweeper": {"_target_": "hydra_plugins.convnets_optuna.x", **sweeper}},
+            "hydra": {
+                "sweeper": {
+                    "_target_": "hydra_plugins.convnets_optuna.x",
+                    "params": {"optimizer.lr": "interval(1e-4, 1e-2)"},
+                    **sweeper,
+                }
+            },
             "dataset": {"val_fraction": 0.1},
             "tracking": {"uri": "sqlite:///mlflow.db", "experiment": None},
         }
@@ -199,6 +205,9 @@ def test_bad_objectives_are_one_line_naming_the_key(specs, message):
          r"model.width=tag\(log, interval\(0, 2\)\): a log scale needs a lower bound above 0"),
         ({}, 0.0,
          "dataset.val_fraction=0: the objective selected_val_accuracy needs validation data"),
+        ({"params": {}}, 0.1,
+         r"^hydra.sweeper.params: the search space is empty .* run a grid: -m trainer.seed=0,1,2$"),
+        ({"params": {"trainer.epochs": "3"}}, 0.1, "^hydra.sweeper.params: the search space is empty"),
         ({"objectives": ["param_count", "val_accuracy"]}, 0.0,
          "dataset.val_fraction=0: the objective val_accuracy needs validation data"),
     ],
