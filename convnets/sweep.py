@@ -384,6 +384,7 @@ class MlflowSweepCallback(Callback):
     def __init__(self) -> None:
         self._open_parent: tuple[str, str] | None = None  # (tracking_uri, run_id) until ended
         self._folder_lock: Path | None = None  # this sweep's hold on its folder
+        self._made_folders: list[Path] = []  # the folders holding it created
         self._shared: Any = None  # liveness.SharedRun: this process's part in the parent
 
     def __getstate__(self) -> dict[str, Any]:
@@ -394,13 +395,21 @@ class MlflowSweepCallback(Callback):
 
     @_stop_sweep_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from convnets.search_storage import study_ref
-        from convnets.tracking import Tracker, require_existing_store
-
         definition = sweep_overrides(config)
         check_launcher(config)
         check_first_job(config, definition)
         self._hold_folder(Path(config.hydra.sweep.dir).resolve())
+        try:
+            self._start(config, definition)
+        except BaseException:  # refused (no such run, no store, a bad search) or stopped
+            self._give_up_folder()
+            raise
+
+    def _start(self, config: DictConfig, definition: dict[str, str]) -> None:
+        """The parent run, found or created, and the sweep's context file for its jobs."""
+        from convnets.search_storage import study_ref
+        from convnets.tracking import Tracker, require_existing_store
+
         study = study_ref(config)  # checks an Optuna search before any run exists
         run_ids = {
             key: str(config[key])
@@ -438,6 +447,8 @@ class MlflowSweepCallback(Callback):
         (their runs would land under the other's parent) and its summary."""
         from convnets import folder_lock
 
+        # deepest first: what _give_up_folder may remove again
+        self._made_folders = [p for p in (sweep_dir, *sweep_dir.parents) if not p.exists()]
         try:
             self._folder_lock = folder_lock.claim(sweep_dir, SWEEP_LOCK)
         except folder_lock.FolderHeld as err:
@@ -480,6 +491,16 @@ class MlflowSweepCallback(Callback):
         if self._folder_lock is not None:
             self._folder_lock.unlink(missing_ok=True)
             self._folder_lock = None
+
+    def _give_up_folder(self) -> None:
+        """A sweep that never started leaves no folder behind: its lock goes, then the
+        folders claiming it made, as long as they are empty."""
+        self._release_folder()
+        for folder in self._made_folders:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (another sweep's date folder): kept
+                break
 
     def _study_parent(
         self, tracker: Any, config: DictConfig, definition: dict, study: Any

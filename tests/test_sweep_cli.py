@@ -760,6 +760,7 @@ def test_a_sweep_reproducing_nothing_reproducible_records_nothing(tmp_path, targ
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [f"error: reproduce={run_id}: {why}"]
+    assert not (tmp_path / "multirun").exists()  # the folder it held is gone with it
     experiments = [e.experiment_id for e in client.search_experiments()]
     assert [r.info.run_id for r in client.search_runs(experiments)] == kept
 
