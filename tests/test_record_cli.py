@@ -34,6 +34,7 @@ from conftest import (  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 import convnets  # noqa: E402
+from convnets.errors import ConfigError, ConvnetsError  # noqa: E402
 
 TINY = "model.layers=[{filters:4},{filters:4,pool:max}]"
 QUIET = ("trainer.verbose=0", "tracking.log_model=false")
@@ -146,33 +147,48 @@ def test_a_run_without_epoch_checkpoints_is_not_resumable(tmp_path):
 # ---------------------------------------------------------------- 2. config mistakes
 
 
-@pytest.mark.parametrize(
-    ("override", "key"),
-    [
-        ("optimizer.name=rmsprop", "optimizer.name"),
-        ("optimizer.schedule=linear", "optimizer.schedule"),
-        ("optimizer.lr=0", "optimizer.lr"),
-        ("optimizer.lr=-0.01", "optimizer.lr"),
-        ("trainer.epochs=0", "trainer.epochs"),
-        ("trainer.epochs=-1", "trainer.epochs"),
-        ("+trainer.epoch=3", "trainer.epoch"),
-        ("+trainer.foo=1", "trainer.foo"),
-        ("trainer.batch_size=0", "trainer.batch_size"),
-        ("optimizer.warmup_epochs=-1", "optimizer.warmup_epochs"),
-        ("dataset.val_fraction=1.0", "dataset.val_fraction"),
-        ("distribute.cpu_replicas=-2", "distribute.cpu_replicas"),
-    ],
-)
-def test_a_config_mistake_is_refused_before_tensorflow_and_the_store(tmp_path, override, key):
+CONFIG_MISTAKES = [
+    ("optimizer.name=rmsprop", "optimizer.name"),
+    ("optimizer.schedule=linear", "optimizer.schedule"),
+    ("optimizer.lr=0", "optimizer.lr"),
+    ("optimizer.lr=-0.01", "optimizer.lr"),
+    ("trainer.epochs=0", "trainer.epochs"),
+    ("trainer.epochs=-1", "trainer.epochs"),
+    ("+trainer.epoch=3", "trainer.epoch"),
+    ("+trainer.foo=1", "trainer.foo"),
+    ("trainer.batch_size=0", "trainer.batch_size"),
+    ("optimizer.warmup_epochs=-1", "optimizer.warmup_epochs"),
+    ("dataset.val_fraction=1.0", "dataset.val_fraction"),
+    ("distribute.cpu_replicas=-2", "distribute.cpu_replicas"),
+]
+
+
+def test_a_config_mistake_is_refused_before_tensorflow_and_the_store(tmp_path):
+    """Through the command line: exit 2, one line naming the key, before TensorFlow, Keras or
+    MLflow is imported and before the store exists. Every config mistake takes that path (the
+    pure config check runs first); which key each names is checked in the next test."""
     store = tmp_path / "store"
     store.mkdir()
     result = train_cli(
-        override, f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'out'}",
-        importtime=True, timeout=120,
+        "optimizer.lr=0", f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
+        f"hydra.run.dir={tmp_path / 'out'}", importtime=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2
-    assert error_line(result).startswith(f"error: {key}")
+    assert error_line(result).startswith("error: optimizer.lr")
     assert not imported(result) & {"tensorflow", "keras", "mlflow"}
+    assert list(store.iterdir()) == []  # no mlflow.db, no run
+
+
+@pytest.mark.parametrize(("override", "key"), CONFIG_MISTAKES)
+def test_a_config_mistake_names_its_key_and_records_nothing(tmp_path, override, key):
+    store = tmp_path / "store"
+    store.mkdir()
+    with pytest.raises(ConfigError) as refused:
+        convnets.train(
+            [override, f"tracking.uri=sqlite:///{store / 'mlflow.db'}"],
+            output_dir=tmp_path / "out",
+        )
+    assert str(refused.value).startswith(key) and "\n" not in str(refused.value)
     assert list(store.iterdir()) == []  # no mlflow.db, no run
 
 
@@ -181,6 +197,8 @@ def test_a_config_mistake_is_refused_before_tensorflow_and_the_store(tmp_path, o
 
 @pytest.mark.parametrize("case", ["one_class", "mixed_sizes", "val_fraction", "test_fraction"])
 def test_data_that_cannot_train_a_classifier_is_refused(tmp_path, case):
+    """An image folder's check and the split's are refused before the store and TensorFlow:
+    one case of each through the command line, the others in this process."""
     images = tmp_path / "images"
     if case == "one_class":
         write_images(images, {"cat": [(8, 8)] * 4})
@@ -193,18 +211,19 @@ def test_data_that_cannot_train_a_classifier_is_refused(tmp_path, case):
         args, expected = ["dataset.val_fraction=0.999"], "have no training example"
     else:  # the key that left too few, not the split that found them too few, is named
         args = ["dataset.test_fraction=0.999"]
-        expected = "error: dataset.test_fraction=0.999 leaves 1 training examples for 10 classes"
+        expected = "dataset.test_fraction=0.999 leaves 1 training examples for 10 classes"
     dataset = ["dataset=image_folder"] if case in ("one_class", "mixed_sizes") else []
     store = tmp_path / "store"
     store.mkdir()
-    result = train_cli(
-        *dataset, *args, TINY, *QUIET,
-        f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'out'}",
-        importtime=True,
-    )  # fmt: skip
-    assert expected in error_line(result)
+    overrides = [*dataset, *args, TINY, *QUIET, f"tracking.uri=sqlite:///{store / 'mlflow.db'}"]
+    if case in ("one_class", "test_fraction"):
+        result = train_cli(*overrides, f"hydra.run.dir={tmp_path / 'out'}", importtime=True)
+        assert expected in error_line(result)
+        assert "tensorflow" not in imported(result)  # refused before TensorFlow loaded
+    else:
+        with pytest.raises(ConvnetsError, match=re.escape(expected)):
+            convnets.train(overrides, output_dir=tmp_path / "out")
     assert list(store.iterdir()) == []  # refused before the store was opened
-    assert "tensorflow" not in imported(result)  # and before TensorFlow loaded
 
 
 # ---------------------------------------------------------------- 4. reproduce elsewhere
