@@ -1,16 +1,18 @@
-"""Data errors through the real CLI: one `error: ...` line, non-zero exit, no traceback; and
-training on an image folder, in this process (``convnets.train``).
+"""Data errors: one line naming the folder, file or key and the fix, before anything is
+recorded; and training on an image folder. In this process (``convnets.train``): the command
+line's part (``error:``, exit 1, no traceback, before TensorFlow) is tests/test_record_cli.py's.
 
 How fast they fail is measured by benchmarks/failfast.py, not asserted here.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+import convnets
+import convnets.data
+from convnets.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_ARCHIVES = (
@@ -23,59 +25,32 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-# train.py with the TFDS download hosts unreachable, whatever this machine's network: the
-# reachability probe of convnets.data answers False (and says which host it was asked about),
-# then train.py runs as `python train.py`.
-OFFLINE_TRAIN = (
-    "import runpy, sys; import convnets.data; "
-    "convnets.data._reachable = lambda host: print('offline:', host, file=sys.stderr) or False; "
-    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-)
+def refusal(tmp_path, *overrides) -> str:
+    """The one-line message ``convnets.train`` refuses ``overrides`` with (a DataError: exit 1
+    on the command line), having recorded nothing."""
+    with pytest.raises(DataError) as refused:
+        convnets.train(
+            [*overrides, f"tracking.uri=sqlite:///{tmp_path}/m.db"], output_dir=tmp_path / "out"
+        )
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "m.db").exists()  # refused before the MLflow store is opened
+    return str(refused.value)
 
 
-def train(tmp_path, *overrides, offline=False):
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return subprocess.run(
-        [
-            sys.executable,
-            *(["-c", OFFLINE_TRAIN] if offline else []),
-            "train.py",
-            *overrides,
-            f"tracking.uri=sqlite:///{tmp_path}/m.db",
-            f"hydra.run.dir={tmp_path}/hydra",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def assert_one_line_error(result, message):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr + result.stdout
-    assert [li for li in result.stderr.splitlines() if li.startswith("error: ")] == [
-        f"error: {message}"
-    ], result.stderr[-2000:]
-
-
-def test_tfds_not_prepared_offline(tmp_path):
+def test_tfds_not_prepared_offline(tmp_path, monkeypatch):
+    """The TFDS download hosts unreachable, whatever this machine's network."""
+    asked = []
+    monkeypatch.setattr(convnets.data, "_reachable", lambda host: asked.append(host) or False)
     data_dir = tmp_path / "tfds"
     data_dir.mkdir()
-    result = train(tmp_path, "dataset=mnist", f"dataset.data_dir={data_dir}", offline=True)
-    assert_one_line_error(
-        result,
+    assert refusal(tmp_path, "dataset=mnist", f"dataset.data_dir={data_dir}") == (
         f"dataset mnist: TFDS mnist 3.0.1 is not prepared in data dir {data_dir} and "
         "storage.googleapis.com cannot be reached to download it: copy a prepared TFDS "
         f"directory to {data_dir}/mnist/3.0.1, or put the original archives ({MNIST_ARCHIVES}) "
-        f"in {data_dir}/downloads/manual/, or use dataset=image_folder dataset.path=<your images>",
+        f"in {data_dir}/downloads/manual/, or use dataset=image_folder dataset.path=<your images>"
     )
-    assert "offline: storage.googleapis.com" in result.stderr.splitlines()  # simulated
+    assert asked == ["storage.googleapis.com"]  # simulated
     assert list(data_dir.iterdir()) == []
-    assert not (tmp_path / "m.db").exists()  # refused before the MLflow store is opened
 
 
 def _png(path, value=128):
@@ -149,12 +124,11 @@ def test_image_folder_errors(tmp_path, make):
     root = tmp_path / "images"
     root.mkdir()
     path, message = make(root)
-    result = train(tmp_path, "dataset=image_folder", f"dataset.path={path}")
+    refused = refusal(tmp_path, "dataset=image_folder", f"dataset.path={path}")
     if make in (_unreadable, _unreadable_in_a_subfolder):  # PIL's reason follows the path
-        line = next(li for li in result.stderr.splitlines() if li.startswith("error: "))
-        assert line.startswith(f"error: {message}") and line.endswith("remove or replace the file")
-        message = line[len("error: ") :]
-    assert_one_line_error(result, message)
+        assert refused.startswith(message) and refused.endswith("remove or replace the file")
+    else:
+        assert refused == message
 
 
 @pytest.mark.slow
@@ -163,8 +137,6 @@ def test_train_on_an_image_folder_reports_test_accuracy(tmp_path):
     import mlflow
     import numpy as np
     from sklearn.datasets import load_digits
-
-    import convnets
 
     digits = load_digits()
     root = tmp_path / "images"

@@ -1,6 +1,7 @@
 """Mistakes that used to reach TensorFlow (a traceback after seconds) or say too little, each
-refused through the real CLI in one ``error:`` line (exit 2 for a config, 1 for a store), before
-a store file exists."""
+refused in one ``error:`` line (exit 2 for a config, 1 for a store), before a store file
+exists: through the real CLI where the shell's or the command line's part matters, the others
+in this process (``convnets.train`` raises the same message)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from pathlib import Path
 
 import pytest
 from conftest import CLI_ENV, REPO, command, sqlite_store
+
+import convnets
+from convnets.errors import ConvnetsError
 
 CASES = {
     "list index past the end": (
@@ -101,14 +105,29 @@ CASES = {
 }
 
 
+# Arguments as the shell split them, and one of the config's own checks, through train.py.
+THROUGH_THE_COMMAND_LINE = {
+    "list index past the end",
+    "a path the shell split at its space",
+    "a forgotten '='",
+    "a path with non-ASCII letters",
+}
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_refused_in_one_line_before_anything_exists(tmp_path, case):
+def test_refused_in_one_line_before_anything_exists(tmp_path, monkeypatch, case):
     overrides, line = CASES[case]
-    result = command(  # from an empty folder: whatever a store would leave shows
-        "train.py", *overrides, f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path, timeout=120
-    )
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines() == [line]
+    monkeypatch.chdir(tmp_path)  # an empty folder: whatever a store would leave shows
+    if case in THROUGH_THE_COMMAND_LINE:
+        result = command(
+            "train.py", *overrides, f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path, timeout=120
+        )
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines() == [line]
+    else:
+        with pytest.raises(ConvnetsError) as refused:
+            convnets.train(overrides, output_dir=tmp_path / "out")
+        assert refused.value.exit_code == 2 and f"error: {refused.value}" == line
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
 
 

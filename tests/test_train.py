@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 import convnets  # noqa: E402
 from convnets.architecture import analysis_to_dict  # noqa: E402
+from convnets.errors import ConfigError  # noqa: E402
 from convnets.tracking import model_name  # noqa: E402
 
 TINY = "model.layers=[{filters:8},{filters:8,pool:max}]"
@@ -259,3 +260,20 @@ def test_default_config_reaches_95_percent_on_digits(tmp_path):
     print(f"default run: test_accuracy={run.data.metrics['test_accuracy']:.4f} in {elapsed:.0f}s")
     assert run.data.metrics["test_accuracy"] >= 0.95
     assert returned.test_accuracy == run.data.metrics["test_accuracy"]
+
+
+def test_an_invalid_stack_is_refused_before_anything_is_recorded(tmp_path):
+    with pytest.raises(ConfigError) as refused:
+        convnets.train(
+            [
+                "model.layers.1.stride=2",
+                "model.layers.1.dilation=2",
+                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",  # none: refused before
+            ],
+            output_dir=tmp_path / "out",
+        )
+    assert str(refused.value) == (
+        "model.layers[1]: stride 2 with dilation 2 is not supported (Keras refuses "
+        "stride > 1 together with dilation > 1); set stride: 1 or dilation: 1"
+    )
+    assert not (tmp_path / "mlflow.db").exists()  # nothing half-written
