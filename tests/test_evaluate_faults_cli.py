@@ -1,6 +1,7 @@
-"""``python evaluate.py`` mistakes, each one ``error:`` line through the real CLI, nothing
-created: an unknown ``+key``, a store that does not exist, a file that is not a Keras archive,
-images of another size than the model takes."""
+"""``python evaluate.py`` mistakes, each one line, nothing created: an unknown ``+key`` through
+the real CLI (Hydra's part); a store that does not exist, a file that is not a Keras archive and
+images of another size than the model takes in this process (``convnets.evaluate`` raises the
+line the command prints after ``error:``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from conftest import command
 
 import convnets
+from convnets.errors import ConvnetsError
 
 
 def evaluate_cli(tmp_path, *args):
@@ -27,29 +29,37 @@ def test_an_unknown_plus_key_is_refused(tmp_path):
     assert one_line(result).startswith("error: foo: unknown key (not in the config schema)")
 
 
-def test_a_store_that_does_not_exist_is_not_created(tmp_path):
+def refusal(tmp_path, monkeypatch, *overrides) -> str:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConvnetsError) as refused:
+        convnets.evaluate(list(overrides))
+    return str(refused.value)
+
+
+def test_a_store_that_does_not_exist_is_not_created(tmp_path, monkeypatch):
     store = tmp_path / "elsewhere.db"
-    result = evaluate_cli(tmp_path, f"run_id={'0' * 32}", f"tracking.uri=sqlite:///{store}")
-    assert one_line(result) == (
-        f"error: run_id={'0' * 32}: there is no MLflow store at {store} (tracking.uri="
+    refused = refusal(
+        tmp_path, monkeypatch, f"run_id={'0' * 32}", f"tracking.uri=sqlite:///{store}"
+    )
+    assert refused == (
+        f"run_id={'0' * 32}: there is no MLflow store at {store} (tracking.uri="
         f"sqlite:///{store}); pass the store the runs were recorded in "
         "(tracking.uri=sqlite:///<path>/mlflow.db)"
     )
     assert not store.exists() and not (tmp_path / "mlflow.db").exists()
 
 
-def test_a_file_that_is_not_a_keras_archive_says_so(tmp_path):
+def test_a_file_that_is_not_a_keras_archive_says_so(tmp_path, monkeypatch):
     (tmp_path / "model.keras").write_text("not a model")
     # first, before it asks for the dataset= a model would need
-    result = evaluate_cli(tmp_path, "checkpoint=model.keras")
-    assert one_line(result) == (
-        "error: checkpoint=model.keras: not a Keras archive (a .keras file is the zip archive "
+    assert refusal(tmp_path, monkeypatch, "checkpoint=model.keras") == (
+        "checkpoint=model.keras: not a Keras archive (a .keras file is the zip archive "
         "model.save writes, e.g. the model.keras beside a run's checkpoints)"
     )
 
 
 @pytest.mark.slow
-def test_images_of_another_size_are_refused_before_predicting(tmp_path):
+def test_images_of_another_size_are_refused_before_predicting(tmp_path, monkeypatch):
     from PIL import Image
 
     run = convnets.train(
@@ -64,14 +74,15 @@ def test_images_of_another_size_are_refused_before_predicting(tmp_path):
             for n in range(3):
                 pixels = rng.integers(0, 256, (12, 12), dtype=np.uint8)
                 Image.fromarray(pixels, "L").save(tmp_path / "images" / split / label / f"{n}.png")
-    result = evaluate_cli(
+    refused = refusal(
         tmp_path,
+        monkeypatch,
         f"checkpoint={run.model_path}",
         "dataset=image_folder",
         f"dataset.path={tmp_path / 'images'}",
     )
-    assert one_line(result) == (
-        f"error: checkpoint={run.model_path}: the model takes 8x8x1 images but "
+    assert refused == (
+        f"checkpoint={run.model_path}: the model takes 8x8x1 images but "
         "dataset=image_folder gives 12x12x1; pick the dataset it was trained on (dataset=...), "
         "or resize with dataset.image_size=[H,W] (image folders)"
     )
