@@ -72,6 +72,7 @@ def _avx512() -> bool:
     return cpuinfo.exists() and "avx512f" in cpuinfo.read_text()
 
 
+@pytest.mark.slow  # trains, in a process of its own
 def test_the_model_never_runs_the_broken_kernel():
     """Training on odd batches and the ERF of one image complete, with oneDNN's full ISA."""
     result = _run(PRODUCT)
