@@ -45,8 +45,10 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
     """``mlflow.search_runs`` output -> one row per run, best test accuracy first.
 
     Columns: ``run_id``, ``name``, the params whose values differ between the runs (without
-    the ``params.`` prefix; their names also in ``table.attrs["params"]``), then
-    :data:`METRIC_COLUMNS` (NaN where a run lacks one).
+    the ``params.`` prefix; their names also in ``table.attrs["params"]``; a param only some
+    runs have differs), ``trainer.seed``, then :data:`METRIC_COLUMNS` (NaN where a run lacks
+    one), ``erf_saturated``, ``reproduces`` (the run id a run reproduces, or empty) and
+    ``start_time``.
     """
     # Sorted: mlflow.search_runs orders its params columns by a set of names, so by the
     # process's hash seed; the group labels made of them must read the same every time.
@@ -55,7 +57,7 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
         for c in runs.columns
         if c.startswith("params.")
         and not c[len("params.") :].startswith(_NOISE_PARAMS)
-        and runs[c].astype(str).nunique() > 1
+        and runs[c].nunique(dropna=False) > 1  # set in some runs only (a deeper stack): differs
     )
     table = pd.DataFrame(
         {
@@ -66,9 +68,14 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
     for c in params:
         table[c[len("params.") :]] = runs[c]
     table.attrs["params"] = [c[len("params.") :] for c in params]
+    if f"params.{statistics.SEED}" in runs:  # also when it does not differ: a seed run twice
+        table[statistics.SEED] = runs[f"params.{statistics.SEED}"]
     for m in METRIC_COLUMNS:
         table[m] = runs.get(f"metrics.{m}", pd.Series(np.nan, index=runs.index))
     table["selected_val_accuracy"] = selected_val_accuracy(runs)
+    # Which run a run reproduces, and when each started: the seed groups count a seed once.
+    table["reproduces"] = runs.get("tags.reproduces", pd.Series("", index=runs.index)).fillna("")
+    table["start_time"] = runs.get("start_time", pd.Series(pd.NaT, index=runs.index))
     # The measured ERF filled the whole image: it says nothing about the stack beyond that.
     saturated = runs.get("tags.erf_saturated", pd.Series(None, index=runs.index))
     table["erf_saturated"] = saturated.astype(str).eq("true")
@@ -340,6 +347,17 @@ def group_lines(groups: pd.DataFrame) -> list[str]:
         if "verdict" in groups:
             text += f"; {row['verdict']}"
             if math.isfinite(row["p_value"]):
-                text += f" ({row['test']}, p={row['p_value']:.3g})"
+                text += f" ({row['test']}, p={row['p_value']:.3g}"
+                tested = int(np.isfinite(groups["p_value"].to_numpy(float)).sum())
+                if tested > 1:
+                    text += f", Holm-adjusted for {tested} tests p={row['p_holm']:.3g}"
+                text += ")"
         lines.append(text)
+    repeated = groups.attrs.get("repeated_seed_runs", [])
+    if repeated:
+        lines.append(
+            f"note: {len(repeated)} run(s) repeat the seed of an earlier run of their "
+            f"configuration (a reproduction, or the same command again): each seed counts once "
+            f"in its group; left out: {' '.join(repeated)}"
+        )
     return lines

@@ -1,12 +1,16 @@
 """Runs read as groups: the runs that differ only in ``trainer.seed`` are one configuration
-measured n times. Per group: n, mean, standard deviation and a 95% confidence interval of the
-test and validation accuracy; against a baseline group, Welch's t-test says whether a group is
-better, worse, or indistinguishable.
+measured n times, each seed once. Per group: n, mean, standard deviation and a 95% confidence
+interval of the test and validation accuracy; against a baseline group, Welch's t-test says
+whether a group is better, worse, or indistinguishable, its p-values adjusted for the number of
+groups compared (Holm).
 
 Why Welch's t-test: seed groups are small (3-10 runs) and need not have equal variances; a
 bootstrap of 3 values has too few distinct resamples to give an interval. The t interval and
-the test come from SciPy (``scipy.stats``), which scikit-learn brings. Pure: pandas, NumPy,
-SciPy; no MLflow, no TensorFlow.
+the test come from SciPy (``scipy.stats``), which scikit-learn brings. The interval is clipped
+to [0, 1], the range of an accuracy: a t interval of 2-3 values near 1 reaches past it. A seed
+measured twice (a reproduction of a compared run, or the same configuration and seed trained
+again) is one sample, not two: counting it twice would narrow the interval with no new
+information. Pure: pandas, NumPy, SciPy; no MLflow, no TensorFlow.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ def group_key_columns(table: pd.DataFrame) -> list[str]:
 
 def group_label(row: pd.Series, keys: list[str]) -> str:
     short = {c: c.removeprefix("model.").removeprefix("layer_defaults.") for c in keys}
-    return ", ".join(f"{short[c]}={row[c]}" for c in keys) if keys else "all runs"
+    shown = {c: "unset" if pd.isna(row[c]) else row[c] for c in keys}  # a deeper stack's key
+    return ", ".join(f"{short[c]}={shown[c]}" for c in keys) if keys else "all runs"
 
 
 def mean_interval(values: np.ndarray) -> tuple[float, float, float, float]:
-    """(mean, sample std, CI low, CI high); the interval is NaN for fewer than two values."""
+    """(mean, sample std, CI low, CI high) of accuracies; the interval, clipped to [0, 1], is
+    NaN for fewer than two values."""
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
     if len(values) == 0:
@@ -49,7 +55,7 @@ def mean_interval(values: np.ndarray) -> tuple[float, float, float, float]:
 
     std = float(values.std(ddof=1))
     half = float(stats.t.ppf(1 - ALPHA / 2, len(values) - 1)) * std / math.sqrt(len(values))
-    return mean, std, mean - half, mean + half
+    return mean, std, max(0.0, mean - half), min(1.0, mean + half)
 
 
 def groups_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -58,6 +64,7 @@ def groups_table(table: pd.DataFrame) -> pd.DataFrame:
     ``<metric>_mean/_std/_ci_low/_ci_high``, then :data:`CARRIED` (the same within a group).
     Sorted by mean test accuracy, best first."""
     keys = group_key_columns(table)
+    table, repeated = one_run_per_seed(table, keys)
     rows = []
     grouped = table.groupby(keys, sort=False, dropna=False) if keys else [((), table)]
     for _, runs in grouped:
@@ -84,9 +91,36 @@ def groups_table(table: pd.DataFrame) -> pd.DataFrame:
         rows.append(row)
     groups = pd.DataFrame(rows)
     groups.attrs["params"] = keys
+    groups.attrs["repeated_seed_runs"] = repeated
     return groups.sort_values("test_accuracy_mean", ascending=False, kind="stable").reset_index(
         drop=True
     )
+
+
+def one_run_per_seed(table: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """``table`` with each (configuration, seed) once: the earliest run of it (a reproduction
+    starts after its original); and the ids of the runs left out. Runs without a recorded seed
+    are all kept."""
+    if SEED not in table or len(table) == 0:
+        return table, []
+    order = table.sort_values("start_time", kind="stable") if "start_time" in table else table
+    repeated = order.duplicated(subset=[*keys, SEED], keep="first") & order[SEED].notna()
+    left_out = order.loc[repeated, "run_id"].tolist()
+    return table[~table["run_id"].isin(left_out)], left_out
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values (NaN stays NaN): with k groups tested against
+    one baseline, the chance that some verdict is a false "better" or "worse" stays within
+    5%, where k raw tests would allow up to k x 5%. Written here because SciPy adjusts for the
+    false discovery rate only (``scipy.stats.false_discovery_control``), not for this."""
+    tested = sorted((p, i) for i, p in enumerate(p_values) if math.isfinite(p))
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 def baseline_group(groups: pd.DataFrame, baseline: str) -> int:
@@ -103,7 +137,8 @@ def baseline_group(groups: pd.DataFrame, baseline: str) -> int:
 
 def verdicts(groups: pd.DataFrame, table: pd.DataFrame, baseline: int) -> pd.DataFrame:
     """Each group's test accuracy against the baseline group's: ``verdict`` (better / worse /
-    indistinguishable at the 5% level, or why none can be given), ``p_value``, ``test``."""
+    indistinguishable at the 5% level after Holm's adjustment for the number of groups tested,
+    or why no test can be made), ``p_value`` (Welch's), ``p_holm`` (adjusted), ``test``."""
     from scipy import stats
 
     keys = group_key_columns(table)
@@ -114,25 +149,37 @@ def verdicts(groups: pd.DataFrame, table: pd.DataFrame, baseline: int) -> pd.Dat
 
     base = accuracies(groups.loc[baseline])
     out = groups.copy()
-    verdict, p_values = [], []
+    reasons, p_values, better = [], [], []
     for i, row in groups.iterrows():
         values = accuracies(row)
+        p, reason = math.nan, None
         if i == baseline:
-            verdict.append("baseline")
-            p_values.append(math.nan)
-        elif len(values) < 2 or len(base) < 2:
-            verdict.append("no test: a group has one run (run more seeds: trainer.seed=0,1,2)")
-            p_values.append(math.nan)
+            reason = "baseline"
+        elif len(base) < 2:
+            reason = "no test: the baseline group has one run (run more seeds: trainer.seed=0,1,2)"
+        elif len(values) < 2:
+            reason = "no test: this group has one run (run more seeds: trainer.seed=0,1,2)"
+        elif values.std() == 0 and base.std() == 0:
+            # Welch's statistic divides by the groups' spread: with none it is undefined (SciPy
+            # would answer p=0 for any difference, with a cancellation warning).
+            reason = "no test: every seed gave the same accuracy in both groups (no spread)"
         else:
-            result = stats.ttest_ind(values, base, equal_var=False)
-            p = float(result.pvalue)
-            if not math.isfinite(p) or p >= ALPHA:
-                verdict.append("indistinguishable")
-            else:
-                verdict.append("better" if values.mean() > base.mean() else "worse")
-            p_values.append(p)
+            p = float(stats.ttest_ind(values, base, equal_var=False).pvalue)
+        reasons.append(reason)
+        p_values.append(p)
+        better.append(values.mean() > base.mean())
+    adjusted = holm(p_values)
+    verdict = []
+    for reason, p, up in zip(reasons, adjusted, better, strict=True):
+        if reason is not None:
+            verdict.append(reason)
+        elif not math.isfinite(p) or p >= ALPHA:
+            verdict.append("indistinguishable")
+        else:
+            verdict.append("better" if up else "worse")
     out["verdict"] = verdict
     out["p_value"] = p_values
+    out["p_holm"] = adjusted
     out["test"] = TEST_NAME
-    out.attrs["params"] = keys
+    out.attrs = {**groups.attrs, "params": keys}
     return out

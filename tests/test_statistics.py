@@ -61,15 +61,83 @@ def test_welch_verdicts_against_a_baseline():
     assert groups.loc[base, "group"] == "width=1"
     judged = statistics.verdicts(groups, runs, base).set_index("group")
     assert judged.loc["width=1", "verdict"] == "baseline"
-    assert judged.loc["width=2", "verdict"] == "better" and judged.loc["width=2", "p_value"] < 0.05
+    assert judged.loc["width=2", "verdict"] == "better" and judged.loc["width=2", "p_holm"] < 0.05
     assert judged.loc["width=3", "verdict"] == "indistinguishable"
-    assert judged.loc["width=4", "verdict"].startswith("no test: a group has one run")
+    assert judged.loc["width=4", "verdict"].startswith("no test: this group has one run")
     assert set(judged["test"]) == {"Welch's t-test"}
     expected = scipy_stats.ttest_ind([0.97, 0.98, 0.97, 0.98], [0.90, 0.91, 0.92, 0.90],
                                      equal_var=False).pvalue  # fmt: skip
     assert judged.loc["width=2", "p_value"] == pytest.approx(expected)
+    # Two groups tested against the baseline: Holm doubles the smaller p, then caps the rest.
+    other = judged.loc["width=3", "p_value"]
+    assert judged.loc["width=2", "p_holm"] == pytest.approx(2 * expected)
+    assert judged.loc["width=3", "p_holm"] == pytest.approx(max(2 * expected, min(1.0, other)))
     with pytest.raises(ValueError, match="baseline=nope"):
         statistics.baseline_group(groups, "nope")
+
+
+def test_holm_keeps_the_family_of_verdicts_at_five_percent():
+    """Five raw p-values as five groups against one baseline give them: the smallest is
+    multiplied by 5, the next by 4 (never below the one before), ...; untested stay NaN."""
+    adjusted = statistics.holm([0.04, 0.01, math.nan, 0.03, 0.5, 0.011])
+    assert adjusted[1] == pytest.approx(0.05)  # 5 x 0.01
+    assert adjusted[5] == pytest.approx(0.05)  # 4 x 0.011 = 0.044, raised to the one before
+    assert adjusted[3] == pytest.approx(0.09)  # 3 x 0.03
+    assert adjusted[0] == pytest.approx(0.09)  # 2 x 0.04 = 0.08, raised to 0.09
+    assert adjusted[4] == pytest.approx(0.5)
+    assert math.isnan(adjusted[2])
+    # A 'worse' at p=0.04 among five tests is not one after the adjustment.
+    runs = table(
+        [(1, s, a) for s, a in enumerate([0.95, 0.96, 0.95])]
+        + [(w, s, a) for w in (2, 3, 4) for s, a in enumerate([0.95, 0.955, 0.96])]
+        + [(5, s, a) for s, a in enumerate([0.93, 0.94, 0.935])]
+    )
+    groups = statistics.groups_table(runs)
+    judged = statistics.verdicts(groups, runs, statistics.baseline_group(groups, "r0"))
+    worst = judged.set_index("group").loc["width=5"]
+    assert worst["p_value"] < 0.05 and worst["p_holm"] == pytest.approx(4 * worst["p_value"])
+    assert worst["verdict"] == ("worse" if 4 * worst["p_value"] < 0.05 else "indistinguishable")
+
+
+def test_groups_without_spread_get_no_test():
+    """Welch's statistic divides by the spread: identical accuracies for every seed in both
+    groups leave it undefined (SciPy answered p=0, 'better', with a warning)."""
+    runs = table([(1, s, 0.975) for s in range(3)] + [(2, s, 0.9805) for s in range(3)])
+    groups = statistics.groups_table(runs)
+    judged = statistics.verdicts(groups, runs, statistics.baseline_group(groups, "r0"))
+    verdict = judged.set_index("group").loc["width=2", "verdict"]
+    assert verdict.startswith("no test: every seed gave the same accuracy in both groups")
+
+
+def test_a_seed_measured_twice_counts_once_and_intervals_stay_within_0_and_1():
+    runs = table([(1, 0, 0.99), (1, 1, 1.0), (1, 0, 0.99), (2, 0, 0.5), (2, 1, 0.6)])
+    runs["start_time"] = pd.to_datetime([1, 2, 3, 1, 2], unit="s")  # r2 reran seed 0 last
+    groups = statistics.groups_table(runs).set_index("group")
+    assert groups.loc["width=1", "n"] == 2 and groups.loc["width=1", "run_ids"] == "r0 r1"
+    assert groups.attrs["repeated_seed_runs"] == ["r2"]
+    assert groups.loc["width=1", "test_accuracy_ci_high"] == 1.0  # the t interval: 1.06
+    assert 0.0 <= groups.loc["width=2", "test_accuracy_ci_low"] < 0.55
+
+
+def test_a_key_only_some_runs_have_tells_their_configurations_apart():
+    """A depth sweep: the second layer's params exist in the deeper runs only. They were
+    read as 'not differing', and the two stacks pooled into one group."""
+    from convnets.comparison import runs_table
+
+    runs = pd.DataFrame(
+        {
+            "run_id": ["a", "b", "c", "d"],
+            "params.model.layers.0.filters": ["16"] * 4,
+            "params.model.layers.1.filters": [None, None, "32", "32"],
+            "params.trainer.seed": ["0", "1", "0", "1"],
+            "metrics.test_accuracy": [0.11, 0.21, 0.43, 0.58],
+            "metrics.param_count": [378, 378, 5274, 5274],
+        }
+    )
+    groups = statistics.groups_table(runs_table(runs)).set_index("group")
+    assert sorted(groups.index) == ["layers.1.filters=32", "layers.1.filters=unset"]
+    assert list(groups["n"]) == [2, 2]
+    assert groups.loc["layers.1.filters=unset", "param_count"] == 378
 
 
 @pytest.mark.slow
