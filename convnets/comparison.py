@@ -145,9 +145,12 @@ def summary_figures(runs: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
         ),
     ]
     paths: dict[str, Path] = {}
+    saturated = runs.get("erf_saturated", pd.Series(False, index=runs.index)).astype(bool)
     for name, x_col, x_label, log_x, c_col, c_label in specs:
         if x_col not in runs.columns or runs[x_col].isna().all():
             continue
+        if x_col == "effective_receptive_field" and saturated.all():
+            continue  # every run's ERF filled the image: the x axis would say only that
         x = runs[x_col].to_numpy(float)
         color = runs[c_col].to_numpy(float) if c_col in runs.columns else None
         front = pareto_front(x, acc)
@@ -281,7 +284,9 @@ def compare(
     csv = out_dir / "runs.csv"
     table.to_csv(csv, index=False)
     figures = summary_figures(table, out_dir)
-    groups, groups_csv, figures["groups_accuracy_vs_params"] = seed_groups(table, out_dir, baseline)
+    groups, groups_csv, group_figure = seed_groups(table, out_dir, baseline)
+    if group_figure is not None:
+        figures["groups_accuracy_vs_params"] = group_figure
     for line in group_lines(groups):
         print(line, flush=True)
     if parent_id is not None:
@@ -293,10 +298,11 @@ def compare(
 
 def seed_groups(
     table: pd.DataFrame, out_dir: Path, baseline: str | None = None
-) -> tuple[pd.DataFrame, Path, Path]:
+) -> tuple[pd.DataFrame, Path, Path | None]:
     """Runs that differ only in ``trainer.seed`` as one row each (n, mean, std, 95% CI; the
     Pareto front of the means; with ``baseline``, each group's verdict against it and the
-    test used): ``(groups, groups.csv, the figure of the means with error bars)``.
+    test used): ``(groups, groups.csv, the figure of the means with error bars)``; no figure
+    when the runs record no parameter count.
     ``table``: :func:`runs_table` output."""
     groups = statistics.groups_table(table)
     groups["pareto_params"] = False
@@ -311,6 +317,8 @@ def seed_groups(
         groups = statistics.verdicts(groups, table, base)
     groups_csv = out_dir / "groups.csv"
     groups.to_csv(groups_csv, index=False)
+    if "param_count" not in groups or groups["param_count"].isna().all():
+        return groups, groups_csv, None  # nothing to place the groups on
     return groups, groups_csv, _group_figure(groups, out_dir)
 
 
@@ -324,7 +332,8 @@ def _group_figure(groups: pd.DataFrame, out_dir: Path) -> Path:
         groups["n"].tolist(),
         front,
         xlabel="parameters (log scale)",
-        title=f"Test accuracy per configuration ({len(groups)} groups; seeds pooled)",
+        title=f"Test accuracy per configuration ({len(groups)} group"
+        f"{'s' if len(groups) != 1 else ''}; seeds pooled)",
         log_x=True,
     )
     return plots.save(fig, out_dir / "groups_accuracy_vs_params.png")

@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib import colors
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 DPI = 110
 
@@ -347,9 +348,10 @@ def pareto_scatter(
     y = np.asarray(y, dtype=float)
     fig = Figure(figsize=(7.5, 5), layout="constrained")
     ax = fig.subplots()
-    if color is not None and len(color) and np.isfinite(np.asarray(color, dtype=float)).any():
+    finite = np.asarray(color if color is not None else [], dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if len(finite) and finite.min() < finite.max():  # one value alone colours nothing
         c = np.asarray(color, dtype=float)
-        finite = c[np.isfinite(c)]
         lo, hi = float(finite.min()), float(finite.max())
         norm = colors.LogNorm(lo, hi) if lo > 0 and hi / lo > 10 else colors.Normalize(lo, hi)
         sc = ax.scatter(x, y, c=c, cmap="viridis", norm=norm, s=40, edgecolor="k", lw=0.4)
@@ -371,11 +373,17 @@ def pareto_scatter(
             zorder=3,
         )
         if labels is not None:
-            for rank, i in enumerate(front):
-                right_half = rank >= len(front) / 2  # keep labels inside the axes
+            position = _axis_fraction(x, log_x)
+            at: dict[tuple[float, float], list[str]] = {}  # runs on one point share a label
+            for i in front:
+                at.setdefault((x[i], y[i]), []).append(labels[i])
+            for (px, py), names in at.items():
+                # Right of a point in the axes' left half, left of one in the right half, so
+                # the label stays inside the axes.
+                right_half = position(px) > 0.5
                 note = ax.annotate(
-                    labels[i],
-                    (x[i], y[i]),
+                    ", ".join(names),
+                    (px, py),
                     textcoords="offset points",
                     xytext=(-8 if right_half else 8, -12),
                     ha="right" if right_half else "left",
@@ -387,11 +395,38 @@ def pareto_scatter(
         ax.legend(loc="best")
     if log_x:
         ax.set_xscale("log")
+    elif np.isfinite(x).any() and np.all(x[np.isfinite(x)] == np.round(x[np.isfinite(x)])):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # pixels: no 7.8 px ticks
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     return fig
+
+
+def _axis_fraction(x: np.ndarray, log_x: bool):
+    """Where a value sits between the smallest and largest of ``x`` (0..1; 0 when all are
+    equal), on the axis' scale."""
+    scale = np.log10 if log_x else np.asarray
+    finite = x[np.isfinite(x) & ((x > 0) if log_x else True)]
+    lo, hi = (float(scale(finite.min())), float(scale(finite.max()))) if len(finite) else (0, 0)
+    return lambda value: (float(scale(value)) - lo) / (hi - lo) if hi > lo else 0.0
+
+
+def _dodged(x: np.ndarray, log_x: bool) -> np.ndarray:
+    """``x`` with the points that share a value spread side by side (a few percent of a
+    decade, or of the range, apart), so that their error bars and labels do not overlap."""
+    out = x.astype(float).copy()
+    finite = x[np.isfinite(x)]
+    span = (np.ptp(np.log10(finite[finite > 0])) if log_x else np.ptp(finite)) if len(finite) else 0
+    step = 0.03 * (span or 1.0) if not log_x else 0.02 * max(span, 1.0)
+    for value in np.unique(finite):
+        same = np.flatnonzero(x == value)
+        if len(same) < 2:
+            continue
+        offsets = (np.arange(len(same)) - (len(same) - 1) / 2) * step
+        out[same] = value * 10**offsets if log_x and value > 0 else value + offsets
+    return out
 
 
 def group_means(
@@ -408,8 +443,10 @@ def group_means(
 ) -> Figure:
     """Group means (runs that differ only in the seed) with their 95% confidence intervals as
     error bars, the Pareto front of the means joined. Groups are numbered (``g1``...) in the
-    order given; a group of one run is drawn hollow (no interval)."""
-    x, mean = np.asarray(x, dtype=float), np.asarray(mean, dtype=float)
+    order given; a group of one run is drawn hollow (no interval); groups of the same ``x``
+    (configurations of one size) are drawn side by side."""
+    raw_x = np.asarray(x, dtype=float)
+    x, mean = _dodged(raw_x, log_x), np.asarray(mean, dtype=float)
     low, high = np.asarray(low, dtype=float), np.asarray(high, dtype=float)
     fig = Figure(figsize=(7.5, 5), layout="constrained")
     ax = fig.subplots()
@@ -430,9 +467,11 @@ def group_means(
     if front:
         ax.plot(x[front], mean[front], drawstyle="steps-post", color="crimson", lw=1.2,
                 label="Pareto front of the means")  # fmt: skip
+    stacked: dict[float, int] = {}  # labels of groups drawn side by side: one above another
     for i in range(len(x)):
+        level = stacked[raw_x[i]] = stacked.get(raw_x[i], -1) + 1
         ax.annotate(f"g{i + 1} (n={n[i]})", (x[i], mean[i]), textcoords="offset points",
-                    xytext=(6, 4), fontsize=7)  # fmt: skip
+                    xytext=(6, 4 + 9 * level), fontsize=7)  # fmt: skip
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)

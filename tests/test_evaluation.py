@@ -312,3 +312,62 @@ def test_summary_figures_stay_readable_with_many_keys_and_long_floats(tmp_path):
     box = fig.axes[0].get_position()
     assert box.width > 0.7 and box.height > 0.7  # long labels do not shrink the axes
     assert all(is_png(p, 10_000) for p in paths.values())
+
+
+def _label_boxes(fig):
+    """The display-space boxes of a figure's annotations (drawn first)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    return [t.get_window_extent(renderer) for t in fig.axes[0].texts]
+
+
+def test_groups_of_one_size_are_drawn_side_by_side_with_their_labels_apart():
+    """Six dropout values: one parameter count. Their error bars sat on one x and their
+    labels on one another."""
+    fig = plots.group_means(
+        [1000.0] * 6, [0.95, 0.951, 0.949, 0.95, 0.952, 0.948], [0.94] * 6, [0.96] * 6,
+        [3] * 6, [0], xlabel="parameters", title="t", log_x=True,
+    )  # fmt: skip
+    drawn = fig.axes[0].lines[0].get_xdata()  # the error bars' markers
+    assert len(set(np.round(drawn, 9))) == 6
+    boxes = _label_boxes(fig)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+
+
+def test_front_labels_stay_inside_the_figure_and_shared_points_share_one():
+    x, acc = np.array([1e3, 1e4, 1e5, 1e5]), np.array([0.5, 0.6, 0.99, 0.99])
+    labels = ["a", "b", "dropout=0.0, trainer.seed=0", "dropout=0.0, trainer.seed=1"]
+    fig = plots.pareto_scatter(
+        x, acc, pareto_front(x, acc), xlabel="p", title="t", log_x=True, labels=labels,
+        color=[5, 5, 5, 5], color_label="receptive field",
+    )  # fmt: skip
+    assert len(fig.axes) == 1  # one receptive field: no colour bar to read
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert sum("trainer.seed" in t for t in texts) == 1  # the two runs on one point: one label
+    width = fig.get_figwidth() * fig.dpi
+    assert all(box.x0 >= 0 and box.x1 <= width for box in _label_boxes(fig))
+
+
+def test_an_erf_every_run_saturated_and_runs_without_sizes_draw_nothing_empty(tmp_path):
+    from convnets.comparison import seed_groups
+
+    runs = pd.DataFrame(
+        {
+            "test_accuracy": [0.9, 0.95, 0.8],
+            "param_count": [1e3, 1e5, 5e4],
+            "receptive_field": [5, 11, 9],
+            "effective_receptive_field": [8, 8, 8],
+            "erf_saturated": [True, True, True],
+        }
+    )
+    assert set(summary_figures(runs, tmp_path)) == {
+        "accuracy_vs_params",
+        "accuracy_vs_receptive_field",
+    }
+    table = pd.DataFrame({"run_id": ["a", "b"], "test_accuracy": [0.9, 0.8], "param_count": np.nan})
+    table.attrs["params"] = []
+    groups, _, figure = seed_groups(table, tmp_path)
+    assert len(groups) == 1 and figure is None
