@@ -160,6 +160,10 @@ def make_plan(cfg: DictConfig, context: JobContext, recorder: Recorder) -> Plan:
         recorder.get_run(str(cfg.init_from), key="init_from")
     if source is not None and source.key == "resume":
         experiment_id = source.run.info.experiment_id
+    elif source is not None and context.sweep is None and not cfg.tracking.experiment:
+        # A reproduction goes beside its original unless told otherwise (it went to the
+        # dataset's experiment, away from an original recorded with tracking.experiment=...).
+        experiment_id = source.run.info.experiment_id
     elif context.sweep is not None:
         experiment_id = context.sweep.experiment_id  # created once by the sweep before the fan-out
     else:

@@ -282,7 +282,7 @@ def test_reproduce_on_changed_data_says_so(tmp_path, capsys):
     write_images(images, {"cat": [(8, 8)] * 6, "dog": [(8, 8)] * 6})
     original = convnets.train(
         ["dataset=image_folder", f"dataset.path={images}", TINY, "trainer.epochs=1", *QUIET,
-         f"tracking.uri={uri}"],
+         f"tracking.uri={uri}", "tracking.experiment=cats"],
         output_dir=tmp_path / "a",
     ).run_id  # fmt: skip
     shutil.copytree(images, copy)
@@ -292,7 +292,10 @@ def test_reproduce_on_changed_data_says_so(tmp_path, capsys):
         [f"reproduce={original}", f"dataset.path={copy}", f"tracking.uri={uri}"],
         output_dir=tmp_path / "b",
     )
-    run = MlflowClient(uri).get_run(reproduced.run_id)
+    client = MlflowClient(uri)
+    run = client.get_run(reproduced.run_id)
+    # beside its original: no tracking.experiment= on the reproduce
+    assert run.info.experiment_id == client.get_run(original).info.experiment_id
     assert f"warning: reproduce={original}: the data differs from the original's (test " in (
         capsys.readouterr().err
     )
