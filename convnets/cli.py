@@ -372,9 +372,12 @@ def _unquoted_value(arg: str, overrides: Sequence[str] | None) -> str | None:
     second word (no ``=``): the words from its ``key=`` on are put back together."""
     if "=" in arg:
         key, value = arg.split("=", 1)
+        quoted = (shell_override if overrides is None else hydra_override)(key, value)
+        if "=" in value and value.isascii() and not any(c.isspace() for c in value):
+            # a group label compare printed (baseline=kernel_size=3), a URL's query
+            return f"{arg}: Hydra reads a value holding '=' only when it is quoted; write {quoted}"
         if value.isascii() and not any(c.isspace() for c in value):
             return None
-        quoted = (shell_override if overrides is None else hydra_override)(key, value)
         return (
             f"{arg}: Hydra reads a value with spaces or non-ASCII letters only when it is "
             f"quoted; write it as {quoted}"

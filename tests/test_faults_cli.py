@@ -97,6 +97,11 @@ CASES = {
         "error: trainer.deterministic: Value 'maybe' is not a valid bool (type str); give true or "
         "false",
     ),
+    "a value holding '='": (
+        ["tracking.experiment=lr=0.1"],
+        "error: tracking.experiment=lr=0.1: Hydra reads a value holding '=' only when it is "
+        "quoted; write \"tracking.experiment='lr=0.1'\"",
+    ),
     "a path with non-ASCII letters": (
         ["checkpoint_dir=/data/été/a1"],
         "error: checkpoint_dir=/data/été/a1: Hydra reads a value with spaces or non-ASCII "
@@ -111,6 +116,7 @@ THROUGH_THE_COMMAND_LINE = {
     "a path the shell split at its space",
     "a forgotten '='",
     "a path with non-ASCII letters",
+    "a value holding '='",
 }
 
 
