@@ -356,6 +356,8 @@ def config_error_line(err: BaseException, overrides: Sequence[str] | None = None
         key = f"{override.group(1)}: {key}"  # e.g. a key inside a list given whole
     if isinstance(cause, ConfigAttributeError | ConfigKeyError) and key:
         return f"{key}: unknown key ({first}); check the spelling (--cfg job prints every key)"
+    if "is not a ListConfig, list or tuple" in first and key:
+        return f"{_dotted(key)}: a single value where a list belongs; give {_dotted(key)}=[...]"
     wanted = re.search(r"converted to (Integer|Float)$|(not a valid bool)", first)
     if wanted and key:
         what = {"Integer": "a whole number", "Float": "a number", None: "true or false"}
@@ -429,6 +431,8 @@ def _index_past_end(err: BaseException) -> str | None:
 
     parent, index = getattr(err, "parent_node", None), getattr(err, "key", None)
     if not isinstance(parent, ListConfig) or not isinstance(index, int) or index < len(parent):
+        return None
+    if "could not be converted" in str(err):  # a whole list given, one of its values wrong
         return None
     where = _dotted(str(getattr(err, "full_key", ""))).rsplit(".", 1)[0]
     size = len(parent)

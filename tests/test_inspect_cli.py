@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+import convnets
+from convnets.errors import ConfigError
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -100,14 +103,23 @@ def test_invalid_models_are_one_line_naming_the_layer_and_the_fix(overrides, mes
         ("model.width=wide", "model.width: Value 'wide' of type 'str' could not be converted to Float; give a number"),
         ("model=resnet", "Could not find 'model/resnet'; available: allconv, dilated, lenet5, simple_cnn, vgg_small"),
         ("input_shape=[8,8", "input_shape=[8,8: no viable alternative at input '[8,8'"),
+        ("input_shape=[8.5,8,1]",
+         "input_shape[0]: Value '8.5' of type 'float' could not be converted to Integer; give a whole number"),
+        ("input_shape=8", "input_shape: a single value where a list belongs; give input_shape=[...]"),
     ],
 )  # fmt: skip
 def test_schema_errors_from_hydra_are_one_line_too(override, message):
     """Misspelt keys and wrong types are refused by the structured config while Hydra composes,
-    before anything runs; they read like every other user error."""
-    result = inspect(override)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {message}"]
+    before anything runs; they read like every other user error. The first through the
+    command (exit 2, the line on stderr), the others in this process (the same line)."""
+    if override.startswith("model.layer_defaults"):
+        result = inspect(override)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [f"error: {message}"]
+    else:
+        with pytest.raises(ConfigError) as refused:
+            convnets.inspect([override])
+        assert str(refused.value) == message
 
 
 def test_pitfalls_warn_but_still_report():
