@@ -229,6 +229,7 @@ def fit(
             model.load_weights(checkpoint_dir / state["last"])
 
     initial_epoch = state["epoch"] if state and state.get("last") else 0
+    replicas = strategy.num_replicas_in_sync
     timer = _Throughput(data.num_train - data.train_dropped_per_epoch)
     epoch_state = _EpochState(
         checkpoint_dir,
@@ -249,6 +250,7 @@ def fit(
                 initial_epoch=initial_epoch,
                 callbacks=[
                     timer,
+                    *([_AverageReplicaStatistics(strategy)] if replicas > 1 else []),
                     epoch_state,
                     *([_StopWhenRequested(stop_requested)] if stop_requested else []),
                     *callbacks,
@@ -391,6 +393,49 @@ def _process_age() -> float | None:
     except ImportError:
         return None
     return time.time() - psutil.Process().create_time()
+
+
+class _AverageReplicaStatistics(keras.callbacks.Callback):
+    """Gives every replica the replicas' mean of batch norm's moving statistics before each
+    evaluation and at each epoch's end (before its checkpoint).
+
+    Each replica updates its copy from its own share of the batch, so the copies drift apart
+    (unless ``distribute.sync_batch_norm``). Keras evaluates each replica with its own copy,
+    while a checkpoint or a logged model holds the first replica's: the validation accuracy
+    that picks the best epoch, and a test accuracy measured without restoring weights, were
+    figures of no model that was saved. With the mean in every replica, the evaluated, the
+    checkpointed and the logged model are one model, and its statistics come from every
+    replica's images (as one device's would).
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy):
+        super().__init__()
+        self.strategy = strategy
+        self._average = None
+
+    def set_model(self, model):
+        super().set_model(model)
+        statistics = [
+            v
+            for layer in model.layers  # the package's models are flat
+            if isinstance(layer, keras.layers.BatchNormalization) and not layer.synchronized
+            for v in (layer.moving_mean, layer.moving_variance)
+        ]
+
+        @tf.function
+        def average():
+            context = tf.distribute.get_replica_context()
+            for variable in statistics:
+                variable.assign(context.all_reduce("mean", variable.value))
+
+        self._average = (lambda: self.strategy.run(average)) if statistics else None
+
+    def on_test_begin(self, logs=None):
+        if self._average is not None:
+            self._average()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.on_test_begin()
 
 
 class _StopWhenRequested(keras.callbacks.Callback):

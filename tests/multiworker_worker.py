@@ -89,12 +89,19 @@ def tiny_cnn(batch_norm: str | None = None) -> keras.Model:
 
 
 def train(
-    strategy, checkpoint_dir: str, batch_norm: str | None = None, num_train: int = NUM_TRAIN
+    strategy,
+    checkpoint_dir: str,
+    batch_norm: str | None = None,
+    num_train: int = NUM_TRAIN,
+    restore_best: bool = True,
 ) -> dict:
     """2 epochs of Adam on digits, deterministic; the record the tests compare."""
     trainer_cfg = OmegaConf.structured(
-        TrainerConfig(epochs=2, batch_size=64, seed=1, deterministic=True, verbose=0)
-    )
+        TrainerConfig(
+            epochs=2, batch_size=64, seed=1, deterministic=True, verbose=0,
+            restore_best=restore_best,
+        )
+    )  # fmt: skip
     opt_cfg = OmegaConf.structured(OptimizerConfig(name="adam", lr=3e-3))
     data = digits_bundle(
         batch_size=trainer_cfg.batch_size,
@@ -113,7 +120,15 @@ def train(
     digest = hashlib.sha256()
     for weights in model.get_weights():
         digest.update(keras.ops.convert_to_numpy(weights).tobytes())
+    # The same weights on one device: what a saved or logged copy of the model scores.
+    copy = tiny_cnn(batch_norm and "plain")
+    copy.set_weights(model.get_weights())
+    copy.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     return {
+        "one_device_copy": {
+            "test": trainer.evaluate(copy, data.test),
+            "val_loss": trainer.evaluate(copy, data.val)["loss"] if data.val is not None else None,
+        },
         "num_replicas": strategy.num_replicas_in_sync,
         "history": result.history,
         "epochs_completed": result.epochs_completed,
@@ -167,8 +182,9 @@ def main(mode: str, checkpoint_dir: str, result_path: str) -> None:
         # A last batch of one image: with per-replica batch norm, the second replica would
         # get none (NaN statistics, or oneDNN's "Incompatible shapes").
         uneven = 18 * 64 + 1
+        # Without restoring the best epoch: the model tested is the one of the last epoch.
         result["mirrored/uneven"] = train(
-            two, os.path.join(checkpoint_dir, "uneven"), "plain", uneven
+            two, os.path.join(checkpoint_dir, "uneven"), "plain", uneven, restore_best=False
         )
         result["split_mismatches"] = replica_split_mismatches(two)
     else:

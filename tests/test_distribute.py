@@ -104,6 +104,13 @@ def test_two_cpu_replicas_match_one_device(tmp_path):
     assert uneven["train_dropped_per_epoch"] == 1
     assert uneven["weights_finite"], uneven
     assert uneven["history"]["loss"][-1] < uneven["history"]["loss"][0]
+    # Per-replica batch norm: what the run measured is what the saved model scores (each
+    # replica evaluated with its own drifted statistics, the checkpoint held the first's).
+    # Summed in another order: ~1e-7 apart; the drifted statistics moved the losses ~2e-5.
+    copy = uneven["one_device_copy"]
+    assert copy["test"]["loss"] == pytest.approx(uneven["test"]["loss"], rel=2e-6)
+    assert copy["test"]["accuracy"] == pytest.approx(uneven["test"]["accuracy"], abs=1e-9)
+    assert copy["val_loss"] == pytest.approx(uneven["history"]["val_loss"][-1], rel=2e-6)
 
 
 @pytest.mark.slow
