@@ -137,9 +137,24 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("dataset.test_fraction=0 leaves digits no test split: use e.g. 0.2")
     if cfg.dataset.input_shape is not None:  # known without the data: digits, TFDS sets
         check_channel_stats(cfg.dataset, int(cfg.dataset.input_shape[-1]))
+    if cfg.distribute.cpu_replicas and cfg.distribute.strategy != "mirrored":
+        raise ConfigError(
+            f"distribute.cpu_replicas={cfg.distribute.cpu_replicas} splits the CPU for "
+            f"distribute=mirrored, and this run uses distribute={cfg.distribute.strategy}: add "
+            "distribute=mirrored, or leave cpu_replicas out"
+        )
     replicas, which = _replicas_from_config(cfg.distribute)
     if replicas:
-        check_batch_split(cfg.trainer.batch_size, replicas, which)
+        check_replicas(cfg.trainer, replicas, which)
+    on_cpus = cfg.distribute.cpu_replicas or any(
+        "cpu" in str(d).lower() for d in cfg.distribute.devices or []
+    )
+    if replicas > 1 and on_cpus and cfg.trainer.jit_compile:
+        raise ConfigError(
+            f"trainer.jit_compile=true with several CPU replicas ({which}): XLA cannot reach a "
+            "variable of one logical CPU device from another; set trainer.jit_compile=false, or "
+            "train on one device"
+        )
     check_stack(cfg.model, cfg.dataset)
 
 
@@ -153,6 +168,19 @@ def check_channel_stats(dataset: DictConfig, channels: int) -> None:
                 f"{channels} channel{'s' if channels > 1 else ''}: give one value or one per "
                 "channel"
             )
+
+
+def check_replicas(trainer: DictConfig, replicas: int, which: str) -> None:
+    """What several replicas need of the trainer: a batch that splits evenly over them, and
+    one step per execution (Keras 3's multi-step loop under a MirroredStrategy fails in
+    TensorFlow 2.21 with "You must feed a value for placeholder tensor")."""
+    check_batch_split(trainer.batch_size, replicas, which)
+    if replicas > 1 and trainer.steps_per_execution > 1:
+        raise ConfigError(
+            f"trainer.steps_per_execution={trainer.steps_per_execution} with {replicas} "
+            f"replicas ({which}): TensorFlow runs several steps per call on one device only; "
+            "set trainer.steps_per_execution=1"
+        )
 
 
 def check_batch_split(batch_size: int, replicas: int, which: str) -> None:

@@ -156,19 +156,33 @@ def load_data(
         )
     mean, std = _channel_stats(cfg, input_shape[-1])
 
-    from convnets.pipeline import Pipeline, last_batch_leaves_a_replica_empty
+    from convnets.pipeline import (
+        Pipeline,
+        evaluation_batch_size,
+        last_batch_leaves_a_replica_empty,
+    )
+
+    def evaluation(split: str, x: np.ndarray, y: np.ndarray) -> tf.data.Dataset:
+        size = evaluation_batch_size(len(y), batch_size, replicas)
+        if size is None:
+            raise DataError(
+                f"dataset {cfg.name}: its {split} split has {len(y)} images, too few to give "
+                f"each of {replicas} replicas one in its last batch; use fewer replicas, or "
+                "a larger split (dataset.val_fraction, dataset.test_fraction)"
+            )
+        return pipe.evaluation(x, y, size)
 
     train_idx, val_idx = check_splits(cfg, arrays.y_train, arrays.y_test, arrays.class_names)
     pipe = Pipeline(cfg.augment, cfg.shuffle_buffer, batch_size, seed, deterministic)
     x_train, y_train = arrays.x_train[train_idx], arrays.y_train[train_idx]
     x_val, y_val = arrays.x_train[val_idx], arrays.y_train[val_idx]
-    val = pipe.evaluation(x_val, y_val) if len(val_idx) else None
+    val = evaluation("validation", x_val, y_val) if len(val_idx) else None
     drop_last = last_batch_leaves_a_replica_empty(len(train_idx), batch_size, replicas)
     return DataBundle(
         train=pipe.training(x_train, y_train, drop_last=drop_last),
         train_dropped_per_epoch=len(train_idx) % batch_size if drop_last else 0,
         val=val,
-        test=pipe.evaluation(arrays.x_test, arrays.y_test),
+        test=evaluation("test", arrays.x_test, arrays.y_test),
         input_shape=input_shape,  # type: ignore[arg-type]
         num_classes=num_classes,
         class_names=list(arrays.class_names),

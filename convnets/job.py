@@ -170,8 +170,8 @@ class _Job:
         trainer.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
         trainer.set_precision(cfg.trainer.precision)
         strategy = distribute.make_strategy(cfg.distribute)
-        checks.check_batch_split(  # the devices are known only now (e.g. GPUs under auto)
-            cfg.trainer.batch_size, strategy.num_replicas_in_sync, "the devices of this machine"
+        checks.check_replicas(  # the devices are known only now (e.g. GPUs under auto)
+            cfg.trainer, strategy.num_replicas_in_sync, "the devices of this machine"
         )
         print(f"devices: {distribute.describe(strategy)}", flush=True)
         bundle = data.load_data(

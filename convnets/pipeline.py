@@ -37,6 +37,22 @@ def last_batch_leaves_a_replica_empty(num_examples: int, batch_size: int, replic
     return rest <= (replicas - 1) * chunk
 
 
+def evaluation_batch_size(num_examples: int, batch_size: int, replicas: int) -> int | None:
+    """The batch an evaluation split is read in: ``batch_size``, or, where its last batch
+    would leave one of several replicas without images (TensorFlow's oneDNN kernels then fail
+    with "Incompatible shapes"), the nearest multiple of ``replicas`` whose last batch reaches
+    every replica. Evaluation may take any batch: inference has no batch statistics, so the
+    metrics are the same. None when no batch works (a split of a few images over many
+    replicas)."""
+    if not last_batch_leaves_a_replica_empty(num_examples, batch_size, replicas):
+        return batch_size
+    candidates = range(replicas, max(batch_size, num_examples) + replicas, replicas)
+    for size in sorted(candidates, key=lambda c: (abs(c - batch_size), c)):
+        if not last_batch_leaves_a_replica_empty(num_examples, size, replicas):
+            return size
+    return None
+
+
 class Pipeline:
     """Builds the train and evaluation ``tf.data`` pipelines over in-memory arrays."""
 
@@ -68,9 +84,13 @@ class Pipeline:
         # Batches may leave the parallel map out of order unless deterministic (faster).
         return self._finish(ds, deterministic=self.deterministic)
 
-    def evaluation(self, x: np.ndarray, y: np.ndarray) -> tf.data.Dataset:
-        """Always in the arrays' order, so predictions line up with the labels of a rerun."""
-        ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32))).batch(self.batch_size)
+    def evaluation(
+        self, x: np.ndarray, y: np.ndarray, batch_size: int | None = None
+    ) -> tf.data.Dataset:
+        """Always in the arrays' order, so predictions line up with the labels of a rerun.
+        ``batch_size``: default, the training batch."""
+        ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32)))
+        ds = ds.batch(batch_size or self.batch_size)
         return self._finish(ds.map(self._to_float, num_parallel_calls=AUTOTUNE), deterministic=True)
 
     def _augment(self, batch, key):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -156,6 +157,44 @@ def test_two_workers_train_to_the_same_model(tmp_path):
 )
 def test_a_last_batch_that_would_starve_a_replica(num_examples, batch_size, replicas, empty):
     assert last_batch_leaves_a_replica_empty(num_examples, batch_size, replicas) is empty
+
+
+def test_an_evaluation_split_is_read_in_batches_that_reach_every_replica():
+    from convnets.pipeline import evaluation_batch_size
+
+    assert evaluation_batch_size(365, 8, 1) == 8  # one device: the training batch
+    assert evaluation_batch_size(364, 8, 4) == 8  # no short batch
+    # 365 in 8s on 4 replicas ends with 5 (2, 2, 1, 0); in 4s with 1, in 12s with 5 again;
+    # in 16s with 13 (4, 4, 4, 1)
+    assert evaluation_batch_size(365, 8, 4) == 16
+    assert evaluation_batch_size(5, 8, 4) is None  # 5 images over 4 replicas: never
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["distribute=mirrored", "distribute.cpu_replicas=2", "trainer.steps_per_execution=3"],
+         "trainer.steps_per_execution=3 with 2 replicas (distribute.cpu_replicas=2): TensorFlow "
+         "runs several steps per call on one device only; set trainer.steps_per_execution=1"),
+        (["distribute=mirrored", "distribute.cpu_replicas=2", "trainer.jit_compile=true"],
+         "trainer.jit_compile=true with several CPU replicas (distribute.cpu_replicas=2): XLA "
+         "cannot reach a variable of one logical CPU device from another"),
+        (["distribute=one_device", "distribute.cpu_replicas=2"],
+         "distribute.cpu_replicas=2 splits the CPU for distribute=mirrored, and this run uses "
+         "distribute=one_device"),
+    ],
+)  # fmt: skip
+def test_what_several_replicas_cannot_do_is_refused_before_training(
+    tmp_path, monkeypatch, overrides, message
+):
+    """Each failed after the data loaded with a TensorFlow traceback (or, for one_device,
+    trained on one device without a word)."""
+    import convnets
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        convnets.train([*overrides, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_auto_and_one_device_on_cpu():
