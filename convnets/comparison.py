@@ -284,6 +284,7 @@ def compare(
     csv = out_dir / "runs.csv"
     table.to_csv(csv, index=False)
     figures = summary_figures(table, out_dir)
+    _check_baseline_run(tracker, baseline, table)
     groups, groups_csv, group_figure = seed_groups(table, out_dir, baseline)
     if group_figure is not None:
         figures["groups_accuracy_vs_params"] = group_figure
@@ -294,6 +295,28 @@ def compare(
             tracker.log_artifact_to(parent_id, path, COMPARE_DIR)
     log.info("compare: %d runs in %d groups; report in %s", len(table), len(groups), out_dir)
     return CompareReport(table, csv, figures, parent_id, groups, groups_csv)
+
+
+def _check_baseline_run(tracker: Tracker, baseline: str | None, table: pd.DataFrame) -> None:
+    """A ``baseline`` that is the id of a run left out of the comparison (not FINISHED, or
+    without a test accuracy) says so, rather than 'not a run id of the compared runs'."""
+    if baseline is None or not re.fullmatch(r"[0-9a-f]{32}", str(baseline)):
+        return
+    if str(baseline) in set(table["run_id"]):
+        return
+    with contextlib.suppress(TrackingError):
+        run = tracker.get_run(str(baseline), key="baseline")
+        if run.info.status != "FINISHED":
+            why = f"it is {run.info.status}"
+        elif "test_accuracy" not in run.data.metrics:
+            why = "it has no test_accuracy"
+        else:
+            return  # another experiment's run: baseline_group says what the groups are
+        raise ConfigError(
+            f"baseline={baseline}: that run is not among the compared runs ({why}; only "
+            "FINISHED runs with a test accuracy are compared): name a finished run of the "
+            "baseline configuration, or its group label"
+        )
 
 
 def seed_groups(

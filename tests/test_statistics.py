@@ -13,6 +13,7 @@ from scipy import stats as scipy_stats
 
 import convnets
 from convnets import statistics
+from convnets.errors import ConfigError
 
 
 def table(rows: list[tuple[float, int, float]]) -> pd.DataFrame:
@@ -197,3 +198,9 @@ def test_a_comparison_across_datasets_says_so(tmp_path, capsys):
         "warning: compare=mixed: the runs trained on different datasets (digits, image_folder)"
         in capsys.readouterr().err
     )
+    # A baseline that is a run the comparison leaves out says why.
+    failed = client.create_run(experiment).info.run_id
+    client.set_terminated(failed, "FAILED")
+    with pytest.raises(ConfigError, match=f"baseline={failed}: that run is not among the "
+                       r"compared runs \(it is FAILED; only FINISHED runs"):  # fmt: skip
+        comparison.compare(Tracker(uri), "mixed", tmp_path / "cmp2", baseline=failed)
