@@ -68,7 +68,13 @@ def train(
             "run's folder cannot be created there: pass a writable folder as output_dir"
         ) from err
     context = job.JobContext(overrides=tuple(overrides), output_dir=folder)
-    return job.train(cfg, context, recorder)
+    keras = sys.modules.get("keras")
+    policy = keras.mixed_precision.global_policy().name if keras else "float32"
+    try:
+        return job.train(cfg, context, recorder)
+    finally:  # Keras's dtype policy is process-wide: the caller's next models keep theirs
+        if "keras" in sys.modules:  # a refusal may come before Keras loads
+            sys.modules["keras"].mixed_precision.set_global_policy(policy)
 
 
 def evaluate(overrides: Sequence[str] = (), **keys: Any) -> EvalReport:

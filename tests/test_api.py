@@ -91,6 +91,20 @@ def test_a_refused_config_raises_and_records_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
 
 
+def test_a_mixed_precision_run_leaves_the_callers_dtype_policy_as_it_was(tmp_path):
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32")
+    run = convnets.train(
+        ["model.layers=[{filters:4,pool:max}]", "trainer.epochs=1", "trainer.verbose=0",
+         "trainer.precision=mixed_bfloat16", "tracking.log_model=false",
+         f"tracking.uri={sqlite_store(tmp_path)}"],
+        output_dir=tmp_path / "run",
+    )  # fmt: skip
+    assert run.params["trainer.precision"] == "mixed_bfloat16"
+    assert keras.mixed_precision.global_policy().name == "float32"  # a notebook's next model
+
+
 def test_inspect_returns_the_analysis():
     analysis = convnets.inspect(["model=vgg_small", "dataset=cifar10"])
     assert analysis.param_count > 0 and analysis.receptive_field > 0
