@@ -234,6 +234,12 @@ def _finished_runs(tracker: Tracker, target: str) -> tuple[pd.DataFrame, str | N
                 f"{tracker.shown_uri}; check tracking.uri, or list experiments with "
                 "`mlflow experiments search`"
             )
+        if experiment.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"compare={target}: the experiment {target!r} is deleted in "
+                f"{tracker.shown_uri}; restore it with `mlflow experiments restore "
+                f"--experiment-id {experiment.experiment_id}`, or compare another"
+            )
         runs = tracker.search_runs(
             [experiment.experiment_id], filter_string="attributes.status = 'FINISHED'"
         )

@@ -13,7 +13,7 @@ from scipy import stats as scipy_stats
 
 import convnets
 from convnets import statistics
-from convnets.errors import ConfigError
+from convnets.errors import ConfigError, TrackingError
 
 
 def table(rows: list[tuple[float, int, float]]) -> pd.DataFrame:
@@ -204,3 +204,6 @@ def test_a_comparison_across_datasets_says_so(tmp_path, capsys):
     with pytest.raises(ConfigError, match=f"baseline={failed}: that run is not among the "
                        r"compared runs \(it is FAILED; only FINISHED runs"):  # fmt: skip
         comparison.compare(Tracker(uri), "mixed", tmp_path / "cmp2", baseline=failed)
+    client.delete_experiment(experiment)
+    with pytest.raises(TrackingError, match="compare=mixed: the experiment 'mixed' is deleted"):
+        comparison.compare(Tracker(uri), "mixed", tmp_path / "cmp3")
