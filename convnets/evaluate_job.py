@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from convnets import comparison
 from convnets.checks import check_dataset, check_interpolations, check_known_keys
+from convnets.config import RUNTIME_KEYS, DatasetConfig, is_runtime_key
 from convnets.errors import ConfigError
 from convnets.sweep_files import is_parent
 from convnets.tracking import Tracker, require_existing_store
@@ -52,7 +53,8 @@ def run(
             f"baseline={cfg.baseline} names the group the others are tested against in a "
             "comparison: add compare=<experiment name or sweep parent run id>"
         )
-    if cfg.get("dataset") is not None:
+    dataset, dataset_keys = dataset_given(cfg)
+    if dataset is not None:
         check_dataset(cfg)
     out_dir = Path(cfg.output_dir or default_out_dir)
     if cfg.checkpoint:
@@ -60,7 +62,8 @@ def run(
         report = evaluation.evaluate_checkpoint(
             cfg.checkpoint,
             out_dir / evaluation.EVAL_DIR,
-            dataset=cfg.dataset,
+            dataset=dataset,
+            dataset_overrides=dataset_keys,
             batch_size=cfg.batch_size,
         )
         log.info("checkpoint %s: %s; figures in %s", cfg.checkpoint, _fmt(report), out_dir)
@@ -73,6 +76,7 @@ def run(
     if cfg.compare:
         return comparison.compare(tracker, str(cfg.compare), out_dir, cfg.baseline)
     run_id = str(cfg.run_id)
+    _check_run_dataset_keys(run_id, dataset, dataset_keys)
     run = tracker.get_run(run_id)  # an unknown id is refused here, before TensorFlow loads
     if is_parent(run.data.tags):
         raise ConfigError(
@@ -81,10 +85,52 @@ def run(
         )
     evaluation = _evaluation(libraries_loaded)
     report = evaluation.evaluate_run(
-        tracker, run_id, out_dir / evaluation.EVAL_DIR, batch_size=cfg.batch_size
+        tracker,
+        run_id,
+        out_dir / evaluation.EVAL_DIR,
+        batch_size=cfg.batch_size,
+        dataset_overrides=dataset_keys,
     )
     log.info("run %s: %s; figures logged under %s/", run_id, _fmt(report), evaluation.EVAL_DIR)
     return report
+
+
+def dataset_given(cfg: DictConfig) -> tuple[DictConfig | None, dict[str, Any]]:
+    """``(dataset, keys)``: the ``dataset=<name>`` section chosen on the command line (None
+    without one), else the ``dataset.<key>`` values given alone, as ``{"dataset.path": ...}``.
+
+    Without a choice the section is the schema's defaults (``configs/evaluate.yaml``), so a
+    key that differs from its default is one the user gave.
+    """
+    node = cfg.get("dataset")
+    if node is None:
+        return None, {}
+    if not OmegaConf.is_missing(node, "name"):
+        return node, {}
+    values = OmegaConf.to_container(node, resolve=True)
+    defaults = OmegaConf.to_container(OmegaConf.structured(DatasetConfig))
+    return None, {f"dataset.{k}": v for k, v in values.items() if v != defaults.get(k)}
+
+
+def _check_run_dataset_keys(
+    run_id: str, dataset: DictConfig | None, dataset_keys: dict[str, Any]
+) -> None:
+    """``run_id=`` tests the model on the dataset its run recorded: only where that data lives
+    on this machine (the runtime keys ``reproduce=`` accepts too) may be given with it."""
+    allowed = ", ".join(key for key in RUNTIME_KEYS if key.startswith("dataset."))
+    if dataset is not None:
+        raise ConfigError(
+            f"dataset={dataset.name}: run_id={run_id} evaluates the run's model on the dataset "
+            f"the run recorded; give only where that data lives ({allowed}), or evaluate the "
+            f"model on other data with checkpoint=<its model.keras> dataset={dataset.name}"
+        )
+    others = [key for key in dataset_keys if not is_runtime_key(key)]
+    if others:
+        raise ConfigError(
+            f"{', '.join(others)}: run_id={run_id} evaluates the run's model on the dataset the "
+            f"run recorded; drop {'it' if len(others) == 1 else 'them'} -- only where that data "
+            f"lives may be given ({allowed})"
+        )
 
 
 def _evaluation(libraries_loaded: Callable[[], None] | None):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from convnets import plots
 from convnets.architecture import analyze, resolve_stack
+from convnets.checks import check_dataset
 from convnets.config import read_run_config
 from convnets.data import check_available, load_data
 from convnets.erf import ERF_IMAGES, ErfResult, effective_receptive_field, theoretical_rf_box
-from convnets.errors import ConfigError, TrackingError
+from convnets.errors import ConfigError, TrackingError, command
 from convnets.model import PREPROCESS, feature_map_layers
-from convnets.tracking import CONFIG_ARTIFACT, Tracker, run_is_finished
+from convnets.plan import warn
+from convnets.tracking import CONFIG_ARTIFACT, MODEL_URI_TAG, Tracker, run_is_finished
 from convnets.trainer import evaluate
 
 log = logging.getLogger(__name__)
@@ -166,32 +169,39 @@ def evaluate_model(
     return EvalReport(metrics, figures, erf)
 
 
-def check_keras_archive(path: str | Path) -> None:
-    """Refuse a file that is not a ``.keras`` archive at all (Keras itself says "File not
-    found" for one)."""
+def is_keras_archive(path: str | Path) -> bool:
+    """Whether ``path`` is a ``.keras`` archive (Keras itself says "File not found" for a file
+    that is not one)."""
     import zipfile
 
-    if not Path(path).is_file():
-        return
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
-            if "config.json" in archive.namelist():  # what every Keras archive holds
-                return
-    raise ConfigError(
-        f"checkpoint={path}: not a Keras archive (a .keras file is the zip archive "
-        "model.save writes, e.g. the model.keras beside a run's checkpoints)"
-    )
+            return "config.json" in archive.namelist()  # what every Keras archive holds
+    return False
 
 
-def load_keras_model(path: str | Path) -> keras.Model:
-    """Load a ``.keras`` file in Keras safe mode (no arbitrary code from the file)."""
+def check_keras_archive(path: str | Path) -> None:
+    """Refuse a ``checkpoint=`` file that is not a ``.keras`` archive at all."""
+    if Path(path).is_file() and not is_keras_archive(path):
+        raise ConfigError(
+            f"checkpoint={path}: not a Keras archive (a .keras file is the zip archive "
+            "model.save writes, e.g. the model.keras beside a run's checkpoints)"
+        )
+
+
+def load_keras_model(
+    path: str | Path, what: str | None = None, fix: str = "pass a .keras file"
+) -> keras.Model:
+    """Load a ``.keras`` file in Keras safe mode (no arbitrary code from the file). An error
+    names it as ``what`` (default ``checkpoint=<path>``, the key the user gave) and says
+    ``fix``."""
     check_keras_archive(path)
     try:
         return keras.saving.load_model(path, safe_mode=True, compile=True)
     except (OSError, ValueError) as err:
         raise ConfigError(
-            f"checkpoint={path}: not a loadable Keras model ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); pass a .keras file"
+            f"{what or f'checkpoint={path}'}: not a loadable Keras model ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); {fix}"
         ) from err
 
 
@@ -213,21 +223,104 @@ def check_input_shape(model: keras.Model, bundle: Any, dataset: str, what: str) 
         )
 
 
-def _download_model(tracker: Tracker, run_id: str, dst: Path) -> Path:
-    """The ``.keras`` file of the model the run logged (its ``model_uri`` tag)."""
+def check_trained_on(trained: Mapping[str, Any], bundle: Any, dataset: str, what: str) -> None:
+    """Warn when the data differs from what the model was trained on in a way the shapes do
+    not show: its pixel range (the model divides by its own) or its class names (label k of
+    one is counted as class k of the other). Only a warning: a user may know better."""
+    trained_max = trained.get("max_pixel_value")
+    if trained_max is not None and float(trained_max) != float(bundle.max_pixel_value):
+        trained_max, given_max = f"{float(trained_max):g}", f"{float(bundle.max_pixel_value):g}"
+        warn(
+            f"{what}: the model was trained on pixels 0..{trained_max} and scales its input by "
+            f"that range, but dataset={dataset}'s pixels are 0..{given_max} "
+            "(dataset.max_pixel_value): its eval_accuracy says little about the model; store "
+            f"the images as 0..{trained_max} (or, if they already are, set "
+            f"dataset.max_pixel_value={trained_max})"
+        )
+    names = trained.get("class_names")
+    if names is not None and [str(n) for n in names] != [str(n) for n in bundle.class_names]:
+        warn(
+            f"{what}: the model's classes are {_names(names)} but dataset={dataset}'s are "
+            f"{_names(bundle.class_names)}: its eval_accuracy counts the k-th of one as the "
+            "k-th of the other; evaluate data with the model's classes (an image folder: "
+            "name its class folders as they are)"
+        )
+
+
+def _names(names: Any, shown: int = 6) -> str:
+    names = [str(n) for n in names]
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+
+
+def model_metadata(folder: Path) -> dict[str, Any]:
+    """The metadata a logged model records (its ``MLmodel`` file in ``folder``: the pixel
+    range and class names it was trained on); empty without one."""
+    from mlflow.models import Model
+
+    if not (folder / "MLmodel").is_file():
+        return {}
     try:
-        local = tracker.download_model(run_id, dst)
+        return dict(Model.load(folder).metadata or {})
+    except Exception:  # noqa: BLE001 - a damaged MLmodel only costs the check it feeds
+        return {}
+
+
+def _load_logged_model(tracker: Tracker, run: Any, dst: Path) -> tuple[keras.Model, dict]:
+    """The model the run logged (its ``model_uri`` tag) and its :func:`model_metadata`."""
+    run_id = run.info.run_id
+    try:
+        local = Path(tracker.download_model(run_id, dst))
     except TrackingError as err:
         raise TrackingError(
             f"{err}; retrain it, or evaluate a saved model with checkpoint=<path.keras>"
         ) from err
-    found = sorted(Path(local).rglob("*.keras"))
+    found = sorted(local.rglob("*.keras"))
     if not found:
         raise TrackingError(
             f"run_id={run_id}: its logged model holds no .keras file (not saved by convnets); "
             "evaluate a saved model with checkpoint=<path.keras>"
         )
-    return found[0]
+    # Named as the user knows it (the run and its artifact), not by the temporary copy.
+    artifact = f"{run.data.tags.get(MODEL_URI_TAG)}, file {found[0].relative_to(local)}"
+    retrain = (
+        f"retrain it ({command('train')} reproduce={run_id}), or evaluate a copy saved "
+        "elsewhere with checkpoint=<path.keras>"
+    )
+    if not is_keras_archive(found[0]):
+        raise TrackingError(
+            f"run_id={run_id}: its logged model (artifact {artifact}) is not a Keras archive: "
+            f"it was damaged after it was logged; {retrain}"
+        )
+    model = load_keras_model(
+        found[0], f"run_id={run_id}: its logged model (artifact {artifact})", retrain
+    )
+    return model, model_metadata(local)
+
+
+def _run_config(tracker: Tracker, run_id: str) -> DictConfig:
+    """The run's recorded ``config.yaml`` (the dataset its model is tested on), or one line
+    naming the run and the artifact (not the temporary copy read)."""
+    instead = (
+        "so the data to test its model on is unknown; evaluate the model with "
+        "checkpoint=<its model.keras> dataset=<name>"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = tracker.download_artifacts(run_id, CONFIG_ARTIFACT, tmp)
+        except Exception as err:  # noqa: BLE001 - MLflow raises several types for "not there"
+            raise TrackingError(
+                f"run_id={run_id}: the run has no readable {CONFIG_ARTIFACT} artifact "
+                f"({type(err).__name__}), {instead}"
+            ) from err
+        try:
+            return read_run_config(local, f"run_id={run_id}", ("dataset",))
+        except ConfigError as err:
+            # read_run_config's "<what>: <path> <what is wrong>; <advice for a local file>"
+            message = str(err)
+            wrong = message.split(f"{local} ", 1)[-1].split(";", 1)[0]
+            raise ConfigError(
+                f"run_id={run_id}: its {CONFIG_ARTIFACT} artifact {wrong}, {instead}"
+            ) from None
 
 
 def _bundle(cfg: DictConfig, batch_size: int | None) -> Any:
@@ -250,17 +343,35 @@ def _analysis(cfg: DictConfig, bundle: Any) -> Any:
 
 
 def evaluate_run(
-    tracker: Tracker, run_id: str, out_dir: str | Path, *, batch_size: int | None = None
+    tracker: Tracker,
+    run_id: str,
+    out_dir: str | Path,
+    *,
+    batch_size: int | None = None,
+    dataset_overrides: Mapping[str, Any] | None = None,
 ) -> EvalReport:
     """``python evaluate.py run_id=...``: evaluate a run's logged model on its test split.
 
     Loads the model (Keras safe mode) and the run's ``config.yaml``, rebuilds the test split
     with the run's dataset config, seed and ``trainer.batch_size`` (unless ``batch_size``),
     and logs to the same run: the :func:`evaluate_model` metrics (``eval_*``) and the
-    figures under ``evaluation/``. Only FINISHED runs: a failed or killed run has no final
-    model, a running one may not have logged it yet.
+    figures under ``evaluation/``. ``dataset_overrides`` (``{"dataset.path": ...}``: where
+    the data lives on this machine) apply over the recorded dataset. Only FINISHED runs: a
+    failed or killed run has no final model, a running one may not have logged it yet.
     """
     run = tracker.get_run(run_id)
+    if run.info.status in ("RUNNING", "SCHEDULED"):
+        folder = run.data.tags.get("checkpoint_dir")
+        raise TrackingError(
+            f"run_id={run_id}: the run is {run.info.status} (its model is logged when it "
+            "ends); wait until it finishes"
+            + (
+                ", or evaluate the model.keras it saves in its checkpoint folder with "
+                f"checkpoint={Path(folder) / 'model.keras'}"
+                if folder
+                else ""
+            )
+        )
     if not run_is_finished(run):
         reason = run.data.tags.get("failure_reason")
         raise TrackingError(
@@ -268,11 +379,14 @@ def evaluate_run(
             + (f" ({reason.splitlines()[0][:200]})" if reason else "")
             + "; evaluate a FINISHED run (rerun it with python train.py reproduce=<id>)"
         )
-    cfg = tracker.load_config(run_id, require=("dataset",))
+    cfg = _run_config(tracker, run_id)
+    for key, value in (dataset_overrides or {}).items():
+        OmegaConf.update(cfg, key, value, merge=False)
     with tempfile.TemporaryDirectory() as tmp:
-        model = load_keras_model(_download_model(tracker, run_id, Path(tmp)))
+        model, trained = _load_logged_model(tracker, run, Path(tmp))
     bundle = _bundle(cfg, batch_size)
     check_input_shape(model, bundle, cfg.dataset.name, f"run_id={run_id}")
+    check_trained_on(trained, bundle, cfg.dataset.name, f"run_id={run_id}")
     report = evaluate_model(
         model, bundle, out_dir, analysis=_analysis(cfg, bundle), title=run.info.run_name or ""
     )
@@ -282,13 +396,16 @@ def evaluate_run(
     return report
 
 
-def checkpoint_config(path: str | Path, dataset: Any = None) -> DictConfig:
+def checkpoint_config(
+    path: str | Path, dataset: Any = None, dataset_overrides: Mapping[str, Any] | None = None
+) -> DictConfig:
     """The config of a local ``.keras`` model: ``config.yaml`` next to it, else ``dataset``.
 
     ``config.yaml`` (e.g. a run's downloaded artifact, or Hydra's resolved config) gives the
     dataset, trainer.batch_size/seed and the model stack (for the theoretical receptive
     field). Without one, ``dataset=<name>`` on the command line says which test split to
-    use; the receptive-field box is then left out of the ERF figure.
+    use; the receptive-field box is then left out of the ERF figure. ``dataset_overrides``
+    (``dataset.<key>`` values given without a ``dataset=<name>``) apply over the recorded one.
     """
     path = Path(path)
     if not path.is_file():
@@ -298,13 +415,38 @@ def checkpoint_config(path: str | Path, dataset: Any = None) -> DictConfig:
         cfg = read_run_config(beside, f"checkpoint={path}", ("dataset",))
         if dataset is not None:
             cfg.dataset = dataset
+        elif dataset_overrides:
+            for key, value in dataset_overrides.items():
+                OmegaConf.update(cfg, key, value, merge=False)
+            check_dataset(cfg)
         return cfg
     if dataset is None:
+        given = f" ({', '.join(dataset_overrides)} alone cannot say)" if dataset_overrides else ""
         raise ConfigError(
-            f"checkpoint={path}: no {CONFIG_ARTIFACT} next to it, so the dataset is unknown; "
-            f"add dataset=<name> (e.g. dataset=digits) or put the run's {CONFIG_ARTIFACT} beside it"
+            f"checkpoint={path}: no {CONFIG_ARTIFACT} next to it, so the dataset is unknown"
+            f"{given}; add dataset=<name> (e.g. dataset=digits) or put the run's "
+            f"{CONFIG_ARTIFACT} beside it"
         )
     return OmegaConf.create({"dataset": dataset})
+
+
+def checkpoint_trained_on(path: str | Path) -> dict[str, Any]:
+    """What a local ``.keras`` model was trained on, where that is recorded beside it: the
+    metadata of a downloaded logged model (its ``MLmodel``, beside the file or above its
+    ``data/`` folder), else the pixel range of the run's ``config.yaml`` beside it."""
+    path = Path(path)
+    folders = [path.parent, *([path.parent.parent] if path.parent.name == "data" else [])]
+    for folder in folders:
+        metadata = model_metadata(folder)
+        if metadata:
+            return metadata
+    beside = path.parent / CONFIG_ARTIFACT
+    if beside.is_file():
+        recorded = read_run_config(beside, f"checkpoint={path}", ("dataset",))
+        value = OmegaConf.select(recorded, "dataset.max_pixel_value")
+        if value is not None:
+            return {"max_pixel_value": value}
+    return {}
 
 
 def evaluate_checkpoint(
@@ -312,14 +454,16 @@ def evaluate_checkpoint(
     out_dir: str | Path,
     *,
     dataset: Any = None,
+    dataset_overrides: Mapping[str, Any] | None = None,
     batch_size: int | None = None,
 ) -> EvalReport:
     """``python evaluate.py checkpoint=<path.keras>``: figures and metrics, written locally."""
     check_keras_archive(path)  # before asking for the dataset a model would need
-    cfg = checkpoint_config(path, dataset)
+    cfg = checkpoint_config(path, dataset, dataset_overrides)
     model = load_keras_model(path)
     bundle = _bundle(cfg, batch_size)
     check_input_shape(model, bundle, cfg.dataset.name, f"checkpoint={path}")
+    check_trained_on(checkpoint_trained_on(path), bundle, cfg.dataset.name, f"checkpoint={path}")
     return evaluate_model(
         model, bundle, out_dir, analysis=_analysis(cfg, bundle), title=Path(path).name
     )
