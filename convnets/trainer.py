@@ -426,7 +426,10 @@ class _AverageReplicaStatistics(keras.callbacks.Callback):
         def average():
             context = tf.distribute.get_replica_context()
             for variable in statistics:
-                variable.assign(context.all_reduce("mean", variable.value))
+                # this replica's copy as a tensor: MultiWorkerMirroredStrategy's all-reduce
+                # refuses the distributed variable itself ("destinations can not be empty")
+                local = tf.identity(variable.value)
+                variable.assign(context.all_reduce("mean", local))
 
         self._average = (lambda: self.strategy.run(average)) if statistics else None
 
