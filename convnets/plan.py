@@ -260,6 +260,13 @@ def _check_architecture_and_data(cfg: DictConfig):
     analysis = architecture.analyze(stack, input_shape, num_classes)
     for warning in analysis.warnings:
         warn(warning)
+    pad, side = int(cfg.dataset.augment.random_crop_padding), min(input_shape[:2])
+    if pad * 2 > side:  # the average crop then keeps less than ~56% of the image
+        warn(
+            f"dataset.augment.random_crop_padding={pad} on {input_shape[0]}x{input_shape[1]} "
+            f"images: a random crop is then largely padding; CIFAR's usual is 4 on 32x32, "
+            f"about {max(1, side // 8)} here"
+        )
     memory = checks.check_memory(analysis, cfg.trainer.batch_size)
     if memory is not None:
         warn(memory)

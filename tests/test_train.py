@@ -277,3 +277,16 @@ def test_an_invalid_stack_is_refused_before_anything_is_recorded(tmp_path):
         "stride > 1 together with dilation > 1); set stride: 1 or dilation: 1"
     )
     assert not (tmp_path / "mlflow.db").exists()  # nothing half-written
+
+
+def test_a_crop_padding_larger_than_half_the_image_warns(tmp_path, capsys):
+    """40 pixels of padding around 8x8 digits: the run trained at chance without a word."""
+    convnets.train(
+        [TINY, "dataset.augment.random_crop_padding=5", "trainer.epochs=1", "trainer.verbose=0",
+         "tracking.log_model=false", f"tracking.uri={sqlite_store(tmp_path)}"],
+        output_dir=tmp_path / "run",
+    )  # fmt: skip
+    assert (
+        "warning: dataset.augment.random_crop_padding=5 on 8x8 images: a random crop is then "
+        "largely padding; CIFAR's usual is 4 on 32x32, about 1 here"
+    ) in capsys.readouterr().err
