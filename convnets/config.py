@@ -88,13 +88,26 @@ def override_texts(overrides: ListConfig | list[str]) -> tuple[str, ...]:
     return tuple(overrides)
 
 
-def read_run_config(path: str | Path, what: str, require: tuple[str, ...] = ()) -> DictConfig:
+def read_run_config(
+    path: str | Path,
+    what: str,
+    require: tuple[str, ...] = (),
+    *,
+    shown: str | None = None,
+    then: str | None = None,
+) -> DictConfig:
     """A run's resolved ``config.yaml`` (its artifact, or the copy beside a ``.keras`` model),
     or a :class:`ConfigError` naming ``what`` and the file when it is not one: not YAML, not
-    a mapping, or without a section of ``require`` (``dataset``, to evaluate a model)."""
+    a mapping, or without a section of ``require`` (``dataset``, to evaluate a model).
+    ``shown``: how the message names the file (default its path: a downloaded artifact's is a
+    temporary copy); ``then``: what the message says after what is wrong, instead of how to
+    replace the file."""
     import yaml
 
     from convnets.errors import ConfigError
+
+    def refused(wrong: str, advice: str) -> ConfigError:
+        return ConfigError(f"{what}: {shown or path} {wrong}" + (f", {then}" if then else advice))
 
     try:
         cfg = OmegaConf.load(path)
@@ -102,16 +115,17 @@ def read_run_config(path: str | Path, what: str, require: tuple[str, ...] = ()) 
         where = (
             f" at line {err.problem_mark.line + 1}" if getattr(err, "problem_mark", None) else ""
         )
-        raise ConfigError(
-            f"{what}: {path} is not readable YAML{where}; it is not the config.yaml a run "
-            "records (download the run's again, or write it as the run recorded it)"
+        raise refused(
+            f"is not readable YAML{where}",
+            "; it is not the config.yaml a run records (download the run's again, or write it "
+            "as the run recorded it)",
         ) from None
     missing = [key for key in require if key not in cfg] if isinstance(cfg, DictConfig) else []
     if not isinstance(cfg, DictConfig) or missing:
         lacks = f"it has no {missing[0]} section" if missing else "it is not a mapping"
-        raise ConfigError(
-            f"{what}: {path} is not a run's config ({lacks}); download the run's config.yaml "
-            "again, or write it as the run recorded it"
+        raise refused(
+            f"is not a run's config ({lacks})",
+            "; download the run's config.yaml again, or write it as the run recorded it",
         )
     return cfg
 

@@ -297,32 +297,6 @@ def _load_logged_model(tracker: Tracker, run: Any, dst: Path) -> tuple[keras.Mod
     return model, model_metadata(local)
 
 
-def _run_config(tracker: Tracker, run_id: str) -> DictConfig:
-    """The run's recorded ``config.yaml`` (the dataset its model is tested on), or one line
-    naming the run and the artifact (not the temporary copy read)."""
-    instead = (
-        "so the data to test its model on is unknown; evaluate the model with "
-        "checkpoint=<its model.keras> dataset=<name>"
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = tracker.download_artifacts(run_id, CONFIG_ARTIFACT, tmp)
-        except Exception as err:  # noqa: BLE001 - MLflow raises several types for "not there"
-            raise TrackingError(
-                f"run_id={run_id}: the run has no readable {CONFIG_ARTIFACT} artifact "
-                f"({type(err).__name__}), {instead}"
-            ) from err
-        try:
-            return read_run_config(local, f"run_id={run_id}", ("dataset",))
-        except ConfigError as err:
-            # read_run_config's "<what>: <path> <what is wrong>; <advice for a local file>"
-            message = str(err)
-            wrong = message.split(f"{local} ", 1)[-1].split(";", 1)[0]
-            raise ConfigError(
-                f"run_id={run_id}: its {CONFIG_ARTIFACT} artifact {wrong}, {instead}"
-            ) from None
-
-
 def _bundle(cfg: DictConfig, batch_size: int | None) -> Any:
     """The test split exactly as the run saw it (same dataset config, seed and batch size)."""
     check_available(cfg.dataset)
@@ -379,9 +353,13 @@ def evaluate_run(
             + (f" ({reason.splitlines()[0][:200]})" if reason else "")
             + "; evaluate a FINISHED run (rerun it with python train.py reproduce=<id>)"
         )
-    cfg = _run_config(tracker, run_id)
-    for key, value in (dataset_overrides or {}).items():
-        OmegaConf.update(cfg, key, value, merge=False)
+    cfg = tracker.load_config(
+        run_id,
+        require=("dataset",),
+        then="so the data to test its model on is unknown; evaluate the model with "
+        "checkpoint=<its model.keras> dataset=<name>",
+    )
+    _apply(cfg, dataset_overrides or {})
     with tempfile.TemporaryDirectory() as tmp:
         model, trained = _load_logged_model(tracker, run, Path(tmp))
     bundle = _bundle(cfg, batch_size)
@@ -416,8 +394,7 @@ def checkpoint_config(
         if dataset is not None:
             cfg.dataset = dataset
         elif dataset_overrides:
-            for key, value in dataset_overrides.items():
-                OmegaConf.update(cfg, key, value, merge=False)
+            _apply(cfg, dataset_overrides)
             check_dataset(cfg)
         return cfg
     if dataset is None:
@@ -428,6 +405,12 @@ def checkpoint_config(
             f"{CONFIG_ARTIFACT} beside it"
         )
     return OmegaConf.create({"dataset": dataset})
+
+
+def _apply(cfg: DictConfig, overrides: Mapping[str, Any]) -> None:
+    """``{"dataset.path": ...}`` values over a recorded config."""
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, merge=False)
 
 
 def checkpoint_trained_on(path: str | Path) -> dict[str, Any]:

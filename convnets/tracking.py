@@ -471,10 +471,16 @@ class Tracker:
             self.client.delete_run(run_id)
 
     def load_config(
-        self, run_id: str, *, key: str = "run_id", require: tuple[str, ...] = ()
+        self,
+        run_id: str,
+        *,
+        key: str = "run_id",
+        require: tuple[str, ...] = (),
+        then: str | None = None,
     ) -> DictConfig:
         """The resolved config a run recorded as its ``config.yaml`` artifact (with the
-        sections of ``require``: :func:`~convnets.config.read_run_config`)."""
+        sections of ``require``: :func:`~convnets.config.read_run_config`). ``then``: what a
+        refusal says after what is wrong (default: for a rerun)."""
         self.get_run(run_id, key=key)
         with tempfile.TemporaryDirectory() as tmp:
             try:
@@ -482,9 +488,13 @@ class Tracker:
             except Exception as err:  # noqa: BLE001
                 raise TrackingError(
                     f"{key}={run_id}: the run has no readable {CONFIG_ARTIFACT} artifact "
-                    f"({type(err).__name__}); only runs recorded by train.py can be rerun"
+                    f"({type(err).__name__})"
+                    + (f", {then}" if then else "; only runs recorded by train.py can be rerun")
                 ) from err
-            return read_run_config(local, f"{key}={run_id}", require)
+            # A caller's own ending names the file as the user knows it, not by the temporary
+            # copy read; a rerun's refusal still shows the copy's path.
+            shown = f"its {CONFIG_ARTIFACT} artifact" if then else None
+            return read_run_config(local, f"{key}={run_id}", require, shown=shown, then=then)
 
     def finished_study_jobs(self, parent: Run) -> list[tuple[int, Run]]:
         """The finished, unpruned jobs with a test accuracy of the sweep or search whose

@@ -239,6 +239,12 @@ def test_a_running_run_says_to_wait_for_it(tmp_path):
     )
 
 
+def only_warning(capsys) -> str:
+    """The one ``warning:`` line printed since the last read."""
+    [warning] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    return warning
+
+
 @pytest.mark.slow
 def test_data_unlike_what_the_model_was_trained_on_is_one_warning(runs, tmp_path, capsys):
     uri, digits, folder, images = runs
@@ -248,8 +254,7 @@ def test_data_unlike_what_the_model_was_trained_on_is_one_warning(runs, tmp_path
         output_dir=tmp_path / "a",
     )
     assert 0 <= report.metrics["eval_accuracy"] <= 1  # evaluated all the same
-    [warning] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
-    assert warning == (
+    assert only_warning(capsys) == (
         f"warning: checkpoint={digits.model_path}: the model was trained on pixels 0..16 and "
         "scales its input by that range, but dataset=image_folder's pixels are 0..255 "
         "(dataset.max_pixel_value): its eval_accuracy says little about the model; store the "
@@ -259,8 +264,7 @@ def test_data_unlike_what_the_model_was_trained_on_is_one_warning(runs, tmp_path
     renamed = write_images(tmp_path / "renamed", [f"c{d}" for d in range(10)])
     convnets.evaluate([f"dataset.path={renamed}"], run_id=folder.run_id, tracking_uri=uri,
                       output_dir=tmp_path / "b")  # fmt: skip
-    [warning] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
-    assert warning == (
+    assert only_warning(capsys) == (
         f"warning: run_id={folder.run_id}: the model's classes are 0, 1, 2, 3, 4, 5, ... (10 "
         "in all) but dataset=image_folder's are c0, c1, c2, c3, c4, c5, ... (10 in all): its "
         "eval_accuracy counts the k-th of one as the k-th of the other; evaluate data with the "
