@@ -47,8 +47,7 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
     Columns: ``run_id``, ``name``, the params whose values differ between the runs (without
     the ``params.`` prefix; their names also in ``table.attrs["params"]``; a param only some
     runs have differs), ``trainer.seed``, then :data:`METRIC_COLUMNS` (NaN where a run lacks
-    one), ``erf_saturated``, ``reproduces`` (the run id a run reproduces, or empty) and
-    ``start_time``.
+    one), ``erf_saturated`` and ``start_time``.
     """
     # Sorted: mlflow.search_runs orders its params columns by a set of names, so by the
     # process's hash seed; the group labels made of them must read the same every time.
@@ -73,8 +72,7 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
     for m in METRIC_COLUMNS:
         table[m] = runs.get(f"metrics.{m}", pd.Series(np.nan, index=runs.index))
     table["selected_val_accuracy"] = selected_val_accuracy(runs)
-    # Which run a run reproduces, and when each started: the seed groups count a seed once.
-    table["reproduces"] = runs.get("tags.reproduces", pd.Series("", index=runs.index)).fillna("")
+    # When each run started: the seed groups keep a seed's earliest run (the original).
     table["start_time"] = runs.get("start_time", pd.Series(pd.NaT, index=runs.index))
     # The measured ERF filled the whole image: it says nothing about the stack beyond that.
     saturated = runs.get("tags.erf_saturated", pd.Series(None, index=runs.index))
@@ -371,6 +369,7 @@ def _group_figure(groups: pd.DataFrame, out_dir: Path) -> Path:
 def group_lines(groups: pd.DataFrame) -> list[str]:
     """One line a group: ``g1 width=1.0: n=3 test_accuracy 0.95 +- 0.01 (95% CI ...)``."""
     lines = []
+    tested = int(np.isfinite(groups["p_value"].to_numpy(float)).sum()) if "p_value" in groups else 0
     for i, row in groups.iterrows():
         text = (
             f"g{i + 1} {row['group']}: n={row['n']} test_accuracy {row['test_accuracy_mean']:.4f}"
@@ -386,7 +385,6 @@ def group_lines(groups: pd.DataFrame) -> list[str]:
             text += f"; {row['verdict']}"
             if math.isfinite(row["p_value"]):
                 text += f" ({row['test']}, p={row['p_value']:.3g}"
-                tested = int(np.isfinite(groups["p_value"].to_numpy(float)).sum())
                 if tested > 1:
                     text += f", Holm-adjusted for {tested} tests p={row['p_holm']:.3g}"
                 text += ")"

@@ -134,8 +134,9 @@ def load_data(
 ) -> DataBundle:
     """Read the dataset, split off validation, and build the three batched pipelines.
 
-    ``batch_size`` is the global batch, split over ``replicas``. ``seed`` drives the shuffle order and the augmentation
-    (``dataset.split_seed`` alone decides which examples go to val/test). Call
+    ``batch_size`` is the global batch, split over ``replicas``. ``seed`` drives the shuffle
+    order and the augmentation (``dataset.split_seed`` alone decides which examples go to
+    val/test). Call
     :func:`check_available` first: an unprepared TFDS dataset would otherwise be downloaded.
     """
     cfg = _as_config(cfg)
@@ -162,6 +163,9 @@ def load_data(
         last_batch_leaves_a_replica_empty,
     )
 
+    train_idx, val_idx = check_splits(cfg, arrays.y_train, arrays.y_test, arrays.class_names)
+    pipe = Pipeline(cfg.augment, cfg.shuffle_buffer, batch_size, seed, deterministic)
+
     def evaluation(split: str, x: np.ndarray, y: np.ndarray) -> tf.data.Dataset:
         size = evaluation_batch_size(len(y), batch_size, replicas)
         if size is None:
@@ -172,8 +176,6 @@ def load_data(
             )
         return pipe.evaluation(x, y, size)
 
-    train_idx, val_idx = check_splits(cfg, arrays.y_train, arrays.y_test, arrays.class_names)
-    pipe = Pipeline(cfg.augment, cfg.shuffle_buffer, batch_size, seed, deterministic)
     x_train, y_train = arrays.x_train[train_idx], arrays.y_train[train_idx]
     x_val, y_val = arrays.x_train[val_idx], arrays.y_train[val_idx]
     val = evaluation("validation", x_val, y_val) if len(val_idx) else None
