@@ -273,17 +273,28 @@ def training_memory(analysis: Any, batch_size: int) -> int:
     return activations + analysis.param_count * _PARAM_COPIES * _BYTES
 
 
-def check_memory(analysis: Any, batch_size: int, limit: MemoryLimit | None = None) -> str | None:
+def check_memory(
+    analysis: Any,
+    batch_size: int,
+    limit: MemoryLimit | None = None,
+    train_images: int | None = None,
+) -> str | None:
     """Refuse a stack whose training step cannot fit in the memory this process may use (one
     line with the estimate and the limit: the machine's memory, or a container's, a job's or
     ``ulimit -v``'s where smaller, see :mod:`convnets.memory_limit`); return a warning above
     :data:`WARN_FRACTION` of it. Host memory, not a GPU's: this runs before TensorFlow has
-    seen any device."""
+    seen any device. ``train_images``, where known: no batch holds more images than that."""
     if limit is None:
         limit = memory_limit()
-    need = training_memory(analysis, batch_size)
+    batch = batch_size if train_images is None else min(batch_size, train_images)
+    need = training_memory(analysis, batch)
+    of_batch = (
+        f"a batch of {batch_size}"
+        if batch == batch_size
+        else f"a batch of all {batch} training images (trainer.batch_size={batch_size})"
+    )
     shown = (
-        f"~{need / 2**30:.1f} GiB for a batch of {batch_size} (activations with the "
+        f"~{need / 2**30:.1f} GiB for {of_batch} (activations with the "
         f"backward pass, parameters with gradients and optimizer state)"
     )
     if need > limit.bytes:

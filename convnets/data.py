@@ -112,21 +112,23 @@ def dataset_shape(cfg: Any) -> tuple[tuple[int, int, int], int]:
     return (height, width, channels), int(cfg.num_classes)
 
 
-def check_available(cfg: Any) -> None:
+def check_available(cfg: Any) -> int | None:
     """Raise :class:`DataError` within seconds, touching nothing, if the dataset is not usable.
 
     Where the labels are known without decoding (digits, an image folder's layout), this also
-    refuses data that cannot train a classifier (see :func:`check_splits`).
+    refuses data that cannot train a classifier (see :func:`check_splits`) and returns the
+    number of training images once validation is held out; ``None`` where that is not known
+    before reading the data (TFDS).
     """
     cfg = _as_config(cfg)
     if cfg.source == "sklearn":
         arrays = _load_digits(cfg)  # bundled with scikit-learn; a tenth of a second
-        check_splits(cfg, arrays.y_train, arrays.y_test, arrays.class_names)
-        return
-    if cfg.source == "tfds":
-        _check_tfds(cfg)
-    elif cfg.source == "image_folder":
-        _check_image_folder(cfg)
+        train_idx, _ = check_splits(cfg, arrays.y_train, arrays.y_test, arrays.class_names)
+        return len(train_idx)
+    if cfg.source == "image_folder":
+        return _check_image_folder(cfg)
+    _check_tfds(cfg)
+    return None
 
 
 def load_data(
@@ -506,7 +508,7 @@ def _image_shape(path: Path) -> tuple[int, int, int]:
     return height, width, 1 if mode in GRAYSCALE_MODES else 3
 
 
-def _check_image_folder(cfg: DictConfig) -> None:
+def _check_image_folder(cfg: DictConfig) -> int:
     from PIL import Image
 
     root = _folder_root(cfg)
@@ -544,9 +546,10 @@ def _check_image_folder(cfg: DictConfig) -> None:
                     f"{first[1][0]}x{first[1][1]}: set dataset.image_size=[H,W] to resize "
                     "every image, or replace the file"
                 )
-    check_splits(cfg, labels_of["train"], labels_of["test"], train_labels)
+    train_idx, _ = check_splits(cfg, labels_of["train"], labels_of["test"], train_labels)
     if cfg.image_size is not None:
         _image_size(cfg)
+    return len(train_idx)
 
 
 def _first_undecodable(files: list[Path]) -> Path | None:

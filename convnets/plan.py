@@ -255,7 +255,7 @@ def _check_architecture_and_data(cfg: DictConfig):
 
     checks.check_config(cfg)
     stack = architecture.resolve_stack(cfg.model)
-    data.check_available(cfg.dataset)
+    train_images = data.check_available(cfg.dataset)
     input_shape, num_classes = data.dataset_shape(cfg.dataset)
     analysis = architecture.analyze(stack, input_shape, num_classes)
     for warning in analysis.warnings:
@@ -267,7 +267,7 @@ def _check_architecture_and_data(cfg: DictConfig):
             f"images: a random crop is then largely padding; CIFAR's usual is 4 on 32x32, "
             f"about {max(1, side // 8)} here"
         )
-    memory = checks.check_memory(analysis, cfg.trainer.batch_size)
+    memory = checks.check_memory(analysis, cfg.trainer.batch_size, train_images=train_images)
     if memory is not None:
         warn(memory)
     if cfg.trainer.restore_best and cfg.dataset.val_fraction == 0:

@@ -275,6 +275,30 @@ def test_the_memory_estimate_warns_above_half_the_machine():
         check_memory(analysis, 64, machine(need - 1))
 
 
+def test_no_batch_is_estimated_larger_than_the_training_set(tmp_path):
+    """A batch size over the number of training images trains in batches of all of them, and
+    the estimate counts those: digits' ~1,150 images at ``batch_size=1000000`` once asked for
+    ~196 GB and were refused."""
+    from convnets.architecture import analyze, resolve_stack
+    from convnets.checks import check_memory, training_memory
+    from convnets.memory_limit import MemoryLimit
+
+    analysis = analyze(resolve_stack({"layers": [{"filters": 64}]}), [8, 8, 1], 10)
+    limit = MemoryLimit(training_memory(analysis, 3000), "this machine's")
+    with pytest.raises(Exception, match="for a batch of 1000000 "):
+        check_memory(analysis, 1_000_000, limit)
+    assert check_memory(analysis, 1_000_000, limit, train_images=1000) is None
+    warned = check_memory(analysis, 1_000_000, limit, train_images=1600)
+    assert "for a batch of all 1600 training images (trainer.batch_size=1000000)" in warned
+
+    run = convnets.train(
+        ["model.layers=[{filters:64}]", "trainer.batch_size=1000000", "trainer.epochs=1",
+         "trainer.verbose=0", "tracking.log_model=false", f"tracking.uri={sqlite_store(tmp_path)}"],
+        output_dir=tmp_path / "out",
+    )  # fmt: skip
+    assert run.metrics["epochs_completed"] == 1
+
+
 def test_an_output_folder_that_cannot_be_created_is_one_line(tmp_path):
     (tmp_path / "taken").write_text("a file, not a folder")
     result = command("train.py", f"hydra.run.dir={tmp_path / 'taken'}", cwd=tmp_path, timeout=120)
