@@ -377,6 +377,23 @@ def check_first_job(config: DictConfig, definition: dict[str, str]) -> None:
     check_known_keys(job)
 
 
+def _refuse_an_ended_sweeps_folder(sweep_dir: Path, search: bool) -> None:
+    """A grid sweep given a folder where another sweep ran (its ``mlflow_sweep.json`` is
+    there) would write its jobs' folders and its summary over that sweep's. A search given
+    a search's folder goes on: resumed there, it continues the same study and parent."""
+    try:
+        earlier = SweepContext.read(sweep_dir)
+    except (OSError, ValueError, TypeError):  # unreadable or damaged: a sweep's folder still
+        earlier = SweepContext("", "", "an earlier sweep")
+    if earlier is None or (search and earlier.search):
+        return
+    raise ConfigError(
+        f"hydra.sweep.dir={sweep_dir}: holds the jobs and summary of the sweep whose parent "
+        f"run is {earlier.parent_run_id}, which this sweep would write over; give this one its "
+        "own folder (leave hydra.sweep.dir out: every sweep gets a new folder)"
+    )
+
+
 class MlflowSweepCallback(Callback):
     """Parent MLflow run for a multirun: created before the fan-out, summarised at the end;
     the runs of jobs that could not end them, ended."""
@@ -411,6 +428,7 @@ class MlflowSweepCallback(Callback):
         from convnets.tracking import Tracker, require_existing_store
 
         study = study_ref(config)  # checks an Optuna search before any run exists
+        _refuse_an_ended_sweeps_folder(Path(config.hydra.sweep.dir).resolve(), study is not None)
         run_ids = {
             key: str(config[key])
             for key in RUN_ID_KEYS

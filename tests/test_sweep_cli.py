@@ -78,13 +78,13 @@ class Sweep:
         return [r for r in self.children if r.info.status == "FINISHED"]
 
 
-def sweep_command(tmp: Path, *overrides: str) -> list[str]:
+def sweep_command(tmp: Path, *overrides: str, folder: str = "multirun") -> list[str]:
     return [
         sys.executable,
         "train.py",
         "-m",
         f"tracking.uri=sqlite:///{tmp}/mlflow.db",
-        f"hydra.sweep.dir={tmp}/multirun",
+        f"hydra.sweep.dir={tmp}/{folder}",
         *overrides,
     ]
 
@@ -95,10 +95,11 @@ def sweep_env(tmp: Path) -> dict[str, str]:
     return {**env, "SWEEP_TEST_MARK": str(tmp)}
 
 
-def sweep_process(tmp: Path, *overrides: str, timeout: float = 420):
-    """``train.py -m`` on the store and sweep folder in ``tmp``, run to its end."""
+def sweep_process(tmp: Path, *overrides: str, timeout: float = 420, folder: str = "multirun"):
+    """``train.py -m`` on the store and sweep folder (``tmp/folder``) in ``tmp``, run to its
+    end."""
     return subprocess.run(
-        sweep_command(tmp, *overrides),
+        sweep_command(tmp, *overrides, folder=folder),
         cwd=REPO,
         env=sweep_env(tmp),
         capture_output=True,
@@ -509,8 +510,18 @@ def test_a_sweep_over_seeds_reads_as_configurations_and_reproduces_as_a_study(tm
     assert re.search(r"^g1 .*: n=2 test_accuracy \S+ \+- \S+ \(95% CI ", s.proc.stdout, re.M)
 
     # The whole study again, under a new parent: every job identical, the study unchanged.
+    # Not in the first sweep's folder: its jobs' folders and summary would be written over.
     parent_id = s.parent.info.run_id
-    again = sweep_process(tmp_path, f"reproduce={parent_id}")  # the summary above was read
+    refused = sweep_process(tmp_path, f"reproduce={parent_id}")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines() == [
+        f"error: hydra.sweep.dir={s.dir}: holds the jobs and summary of the sweep whose parent "
+        f"run is {parent_id}, which this sweep would write over; give this one its own folder "
+        "(leave hydra.sweep.dir out: every sweep gets a new folder)"
+    ]
+    assert len(s.client.search_runs([s.parent.info.experiment_id])) == 5  # no parent made
+    assert not (s.dir / "sweep.lock").exists()
+    again = sweep_process(tmp_path, f"reproduce={parent_id}", folder="again")
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count(": identical (delta test_accuracy=+0") == 4
     assert f"study {parent_id}: same best (j" in again.stdout
