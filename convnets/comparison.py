@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from convnets import plots, statistics
-from convnets.errors import ConfigError, TrackingError, command, shell_override
+from convnets.errors import ConfigError, TrackingError, command, shell_override, warn
 from convnets.pareto import pareto_front
 from convnets.sweep_files import is_parent
 from convnets.tracking import Tracker
@@ -271,13 +270,11 @@ def compare(
     table = runs_table(runs)
     if "dataset.name" in table.attrs["params"]:  # accuracies on different test sets
         names = ", ".join(sorted(table["dataset.name"].astype(str).unique()))
-        print(
-            f"warning: compare={target}: the runs trained on different datasets ({names}), so "
+        warn(
+            f"compare={target}: the runs trained on different datasets ({names}), so "
             "the fronts and groups weigh accuracies on different test sets against each "
             "other; record each dataset's runs in an experiment of its own "
-            "(tracking.experiment=...)",
-            file=sys.stderr,
-            flush=True,
+            "(tracking.experiment=...)"
         )
     acc = table["test_accuracy"]
     for flag, col in (("pareto_params", "param_count"), ("pareto_rf", "receptive_field")):

@@ -12,6 +12,11 @@ import sys
 from pathlib import Path
 
 
+def warn(message: str) -> None:
+    """The one ``warning: <message>`` line on stderr: the run goes on, the user may act."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 class ConvnetsError(Exception):
     """An error the user can fix; ``str(err)`` is the single line they see."""
 

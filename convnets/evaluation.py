@@ -26,9 +26,8 @@ from convnets.checks import check_dataset
 from convnets.config import read_run_config
 from convnets.data import check_available, load_data
 from convnets.erf import ERF_IMAGES, ErfResult, effective_receptive_field, theoretical_rf_box
-from convnets.errors import ConfigError, TrackingError, command
+from convnets.errors import ConfigError, TrackingError, command, warn
 from convnets.model import PREPROCESS, feature_map_layers
-from convnets.plan import warn
 from convnets.tracking import CONFIG_ARTIFACT, MODEL_URI_TAG, Tracker, run_is_finished
 from convnets.trainer import evaluate
 

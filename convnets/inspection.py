@@ -11,13 +11,12 @@ imports TensorFlow, so it answers in about a second.
 from __future__ import annotations
 
 import json
-import sys
 
 from omegaconf import DictConfig, OmegaConf
 
 from convnets.architecture import analysis_to_dict, analyze, format_table, resolve_stack
 from convnets.checks import check_interpolations
-from convnets.errors import ConfigError
+from convnets.errors import ConfigError, warn
 
 FORMATS = ("table", "json")
 
@@ -55,5 +54,5 @@ def run(cfg: DictConfig) -> dict:
         print(f"model {stack.name}", flush=True)
         print(format_table(analysis), flush=True)
         for warning in analysis.warnings:
-            print(f"warning: {warning}", file=sys.stderr, flush=True)
+            warn(warning)
     return result

@@ -34,6 +34,7 @@ from convnets.errors import (
     command,
     out_of_space,
     shell_override,
+    warn,
 )
 from convnets.plan import (
     CODE_DIFF_ARTIFACT,
@@ -45,7 +46,6 @@ from convnets.plan import (
     recordable,
     run_name,
     sha256,
-    warn,
 )
 from convnets.recording import Definition, MlflowRecorder, Recorder, resume_command
 from convnets.tracking import (

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from convnets import architecture, checkpoints, checks, sweep
 from convnets.config import RUNTIME_KEYS, TrainConfig, is_runtime_key
-from convnets.errors import ConfigError, TrackingError, command
+from convnets.errors import ConfigError, TrackingError, command, warn
 from convnets.sweep_files import is_parent
 from convnets.tracking import (
     CONFIG_ARTIFACT,
@@ -429,7 +428,3 @@ def sha256(text: str) -> str:
 
 def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from omegaconf import DictConfig, OmegaConf
 
 from convnets import liveness
-from convnets.errors import ConvnetsError, TrackingError, command, shell_override
+from convnets.errors import ConvnetsError, TrackingError, command, shell_override, warn
 from convnets.outbox import Epoch, Outbox, keep_unsent, upload_command
 from convnets.sweep_files import is_parent
 from convnets.tracking import (
@@ -88,11 +88,7 @@ def end_dead_runs(tracker: Tracker, experiment_id: str, uri: str, keep: str | No
             )
         elif "checkpoint_dir" in tags:
             hint = f"; continue it with: {resume_command(run.info.run_id, uri)}"
-        print(
-            f"warning: {what} {run.info.run_id} was left RUNNING: {reason}; recorded KILLED{hint}",
-            file=sys.stderr,
-            flush=True,
-        )
+        warn(f"{what} {run.info.run_id} was left RUNNING: {reason}; recorded KILLED{hint}")
 
 
 def _is_search(parent_tags: Mapping[str, str]) -> bool:
@@ -265,12 +261,10 @@ class MlflowRecorder:
                 )
 
         def failing(err: Exception) -> None:
-            print(
-                f"warning: tracking.uri={self.shown_uri}: the MLflow store stopped answering "
+            warn(
+                f"tracking.uri={self.shown_uri}: the MLflow store stopped answering "
                 f"({describe_error(err)}); training goes on, its epochs are kept and sent "
-                "once the store answers again",
-                file=sys.stderr,
-                flush=True,
+                "once the store answers again"
             )
 
         def recovered(count: int) -> None:
@@ -300,12 +294,10 @@ class MlflowRecorder:
                     uri = absolute_uri(self.uri)
                     self.unsent_path = keep_unsent(folder, self.run_id, uri, unsent)
             except OSError as err:  # a full disk: the error under way matters more
-                print(
-                    f"warning: run {self.run_id}: {len(unsent)} epochs the MLflow store did not "
+                warn(
+                    f"run {self.run_id}: {len(unsent)} epochs the MLflow store did not "
                     f"get could not be kept in {folder} ({err.strerror or err}); resume= sends "
-                    "them again from the checkpoint",
-                    file=sys.stderr,
-                    flush=True,
+                    "them again from the checkpoint"
                 )
         return self.unsent_path
 
@@ -317,11 +309,9 @@ class MlflowRecorder:
         path = self._keep_unsent(0.0 if failing else self.http_timeout_s)
         told = self._told or (isinstance(err, Exception) and store_failure(err))
         if path is not None and not told:
-            print(
-                f"warning: run {self.run_id}: the MLflow store did not get every epoch; they "
-                f"are kept in {path}; send them with: {upload_command(path)}",
-                file=sys.stderr,
-                flush=True,
+            warn(
+                f"run {self.run_id}: the MLflow store did not get every epoch; they "
+                f"are kept in {path}; send them with: {upload_command(path)}"
             )
 
     def _lost(self, cause: BaseException | None, *, waited: bool = False) -> TrackingError:
