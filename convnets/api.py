@@ -84,10 +84,11 @@ def evaluate(overrides: Sequence[str] = (), **keys: Any) -> EvalReport:
     override. Returns the metrics and figures."""
     from convnets import evaluate_job
 
-    cfg, hydra_cfg = _compose("evaluate", [*_listed(overrides), *_as_overrides(keys)])
+    given = [*_listed(overrides), *_as_overrides(keys)]
+    cfg, hydra_cfg = _compose("evaluate", given)
     if cfg.compare:
         raise ConfigError("compare=: use convnets.compare(target) for a comparison")
-    return evaluate_job.run(cfg, hydra_cfg.run.dir)
+    return evaluate_job.run(cfg, hydra_cfg.run.dir, overrides=given)
 
 
 def compare(target: str, overrides: Sequence[str] = (), **keys: Any) -> CompareReport:

@@ -69,8 +69,12 @@ def _train(cfg: DictConfig) -> float:
 def _evaluate(cfg: DictConfig) -> float | None:
     from convnets import evaluate_job  # MLflow
 
+    hydra_cfg = HydraConfig.get()
     report = evaluate_job.run(
-        cfg, HydraConfig.get().runtime.output_dir, libraries_loaded=freeze_loaded_libraries
+        cfg,
+        hydra_cfg.runtime.output_dir,
+        libraries_loaded=freeze_loaded_libraries,
+        overrides=convnets.config.override_texts(hydra_cfg.overrides.task),
     )
     return None if cfg.compare else report.metrics["eval_accuracy"]
 

@@ -79,6 +79,11 @@ RUNTIME_KEYS = (
 RUN_ID_KEYS = ("reproduce", "resume", "init_from")
 
 
+def override_key(override: str) -> str:
+    """The key an override sets (``+dataset.path=x`` -> ``dataset.path``)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def override_texts(overrides: ListConfig | list[str]) -> tuple[str, ...]:
     """Hydra's ``overrides.task`` as the text typed: not resolved, so an override whose value
     holds ``${...}`` (``'x=${oc.env:NAME}'``) is read as written, not resolved in Hydra's node

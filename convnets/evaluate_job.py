@@ -9,7 +9,7 @@ TensorFlow (with :mod:`convnets.evaluation`) loads only to evaluate a model, and
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from convnets import comparison
 from convnets.checks import check_dataset, check_interpolations, check_known_keys
-from convnets.config import RUNTIME_KEYS, DatasetConfig, is_runtime_key
+from convnets.config import RUNTIME_KEYS, DatasetConfig, is_runtime_key, override_key
 from convnets.errors import ConfigError
 from convnets.sweep_files import is_parent
 from convnets.tracking import Tracker, require_existing_store
@@ -32,12 +32,14 @@ def run(
     cfg: DictConfig,
     default_out_dir: str | Path,
     libraries_loaded: Callable[[], None] | None = None,
+    overrides: Sequence[str] = (),
 ) -> EvalReport | comparison.CompareReport:
     """Evaluate ``run_id``'s logged model or the ``checkpoint`` file, or compare the runs of
     ``compare`` (an experiment name or a sweep's parent run id). Files go to ``output_dir``
     (default ``default_out_dir``, Hydra's run directory): ``evaluation/*.png`` or the
     compare report. ``libraries_loaded`` is called once TensorFlow is loaded, before the
-    model: the entry point's process-wide settings that need it.
+    model: the entry point's process-wide settings that need it. ``overrides``: the command
+    line's, as typed (a ``dataset.*`` key given there counts even at its default value).
     """
     check_interpolations(cfg)
     chosen = [key for key in ("run_id", "checkpoint", "compare") if cfg.get(key)]
@@ -53,7 +55,7 @@ def run(
             f"baseline={cfg.baseline} names the group the others are tested against in a "
             "comparison: add compare=<experiment name or sweep parent run id>"
         )
-    dataset, dataset_keys = dataset_given(cfg)
+    dataset, dataset_keys = dataset_given(cfg, overrides)
     if dataset is not None:
         check_dataset(cfg)
     out_dir = Path(cfg.output_dir or default_out_dir)
@@ -95,12 +97,15 @@ def run(
     return report
 
 
-def dataset_given(cfg: DictConfig) -> tuple[DictConfig | None, dict[str, Any]]:
+def dataset_given(
+    cfg: DictConfig, overrides: Sequence[str] = ()
+) -> tuple[DictConfig | None, dict[str, Any]]:
     """``(dataset, keys)``: the ``dataset=<name>`` section chosen on the command line (None
     without one), else the ``dataset.<key>`` values given alone, as ``{"dataset.path": ...}``.
 
     Without a choice the section is the schema's defaults (``configs/evaluate.yaml``), so a
-    key that differs from its default is one the user gave.
+    key given is one named in ``overrides`` (even at its default value) or, from a user's own
+    config file, one that differs from its default.
     """
     node = cfg.get("dataset")
     if node is None:
@@ -109,7 +114,10 @@ def dataset_given(cfg: DictConfig) -> tuple[DictConfig | None, dict[str, Any]]:
         return node, {}
     values = OmegaConf.to_container(node, resolve=True)
     defaults = OmegaConf.to_container(OmegaConf.structured(DatasetConfig))
-    return None, {f"dataset.{k}": v for k, v in values.items() if v != defaults.get(k)}
+    named = {override_key(o).removeprefix("dataset.") for o in overrides}
+    return None, {
+        f"dataset.{k}": v for k, v in values.items() if k in named or v != defaults.get(k)
+    }
 
 
 def _check_run_dataset_keys(

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from convnets import architecture, checkpoints, checks, sweep
-from convnets.config import RUNTIME_KEYS, TrainConfig, is_runtime_key
+from convnets.config import RUNTIME_KEYS, TrainConfig, is_runtime_key, override_key
 from convnets.errors import ConfigError, TrackingError, command, warn
 from convnets.sweep_files import is_parent
 from convnets.tracking import (
@@ -424,7 +424,3 @@ def _drop_unset(tree: Any) -> Any:
 
 def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")

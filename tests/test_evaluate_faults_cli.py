@@ -152,12 +152,16 @@ def test_run_id_takes_where_its_data_lives_and_refuses_another_dataset(runs, tmp
         f"the run recorded; give only where that data lives {allowed}, or evaluate the model "
         "on other data with checkpoint=<its model.keras> dataset=image_folder"
     )
-    with pytest.raises(ConvnetsError) as refused:
-        convnets.evaluate(["dataset.val_fraction=0.5"], run_id=digits.run_id, tracking_uri=uri)
-    assert str(refused.value) == (
-        f"dataset.val_fraction: run_id={digits.run_id} evaluates the run's model on the dataset "
-        f"the run recorded; drop it -- only where that data lives may be given {allowed}"
-    )
+    for value in ("0.5", "0.1"):  # 0.1 is the default: given, it is refused all the same
+        with pytest.raises(ConvnetsError) as refused:
+            convnets.evaluate(
+                [f"dataset.val_fraction={value}"], run_id=digits.run_id, tracking_uri=uri
+            )
+        assert str(refused.value) == (
+            f"dataset.val_fraction: run_id={digits.run_id} evaluates the run's model on the "
+            f"dataset the run recorded; drop it -- only where that data lives may be given "
+            f"{allowed}"
+        )
 
 
 def test_two_evaluations_started_in_one_second_get_their_own_folders():
