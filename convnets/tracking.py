@@ -480,7 +480,8 @@ class Tracker:
     ) -> DictConfig:
         """The resolved config a run recorded as its ``config.yaml`` artifact (with the
         sections of ``require``: :func:`~convnets.config.read_run_config`). ``then``: what a
-        refusal says after what is wrong (default: for a rerun)."""
+        refusal says after what is wrong (default: for a rerun). A refusal names the
+        artifact, not the temporary copy it read."""
         self.get_run(run_id, key=key)
         with tempfile.TemporaryDirectory() as tmp:
             try:
@@ -491,10 +492,13 @@ class Tracker:
                     f"({type(err).__name__})"
                     + (f", {then}" if then else "; only runs recorded by train.py can be rerun")
                 ) from err
-            # A caller's own ending names the file as the user knows it, not by the temporary
-            # copy read; a rerun's refusal still shows the copy's path.
-            shown = f"its {CONFIG_ARTIFACT} artifact" if then else None
-            return read_run_config(local, f"{key}={run_id}", require, shown=shown, then=then)
+            return read_run_config(
+                local,
+                f"{key}={run_id}",
+                require,
+                shown=f"its {CONFIG_ARTIFACT} artifact",
+                then=then or "so the run cannot be rerun from its record",
+            )
 
     def finished_study_jobs(self, parent: Run) -> list[tuple[int, Run]]:
         """The finished, unpruned jobs with a test accuracy of the sweep or search whose

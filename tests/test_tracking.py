@@ -317,3 +317,27 @@ def test_processes_setting_the_same_new_tags_on_one_run_at_once_all_succeed(stor
     assert errors == []
     tags = tracker.client.get_run(run_id).data.tags
     assert all(tags[f"process_{n}"] in {str(w) for w in range(6)} for n in range(4))
+
+
+@pytest.mark.parametrize(
+    ("text", "wrong"),
+    [("a: [1\n", "is not readable YAML at line 2"),
+     ("- a list\n", "is not a run's config (it is not a mapping)")],
+)  # fmt: skip
+def test_a_rerun_of_a_damaged_recorded_config_names_the_artifact(tmp_path, text, wrong):
+    """reproduce= reads the run's config.yaml artifact through a temporary copy: the refusal
+    names the artifact, not that copy (gone by the time it is read)."""
+    import convnets
+    from convnets.errors import ConfigError
+
+    uri = sqlite_store(tmp_path)
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    (tmp_path / "config.yaml").write_text(text)
+    client.log_artifact(run_id, str(tmp_path / "config.yaml"))
+    with pytest.raises(ConfigError) as refused:
+        convnets.train([f"reproduce={run_id}", f"tracking.uri={uri}"], output_dir=tmp_path / "o")
+    assert str(refused.value) == (
+        f"reproduce={run_id}: its config.yaml artifact {wrong}, so the run cannot be rerun "
+        "from its record"
+    )
