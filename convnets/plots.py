@@ -404,12 +404,21 @@ def pareto_scatter(
     return fig
 
 
+def _axis_range(x: np.ndarray, log_x: bool) -> tuple[float, float]:
+    """The smallest and largest plottable value of ``x`` on the axis' scale (log10 on a log
+    axis, where only positive values show); (0, 0) when there is none."""
+    finite = x[np.isfinite(x) & ((x > 0) if log_x else True)]
+    if not len(finite):
+        return 0.0, 0.0
+    lo, hi = float(finite.min()), float(finite.max())
+    return (float(np.log10(lo)), float(np.log10(hi))) if log_x else (lo, hi)
+
+
 def _axis_fraction(x: np.ndarray, log_x: bool):
     """Where a value sits between the smallest and largest of ``x`` (0..1; 0 when all are
     equal), on the axis' scale."""
-    scale = np.log10 if log_x else np.asarray
-    finite = x[np.isfinite(x) & ((x > 0) if log_x else True)]
-    lo, hi = (float(scale(finite.min())), float(scale(finite.max()))) if len(finite) else (0, 0)
+    lo, hi = _axis_range(x, log_x)
+    scale = np.log10 if log_x else float
     return lambda value: (float(scale(value)) - lo) / (hi - lo) if hi > lo else 0.0
 
 
@@ -417,10 +426,9 @@ def _dodged(x: np.ndarray, log_x: bool) -> np.ndarray:
     """``x`` with the points that share a value spread side by side (a few percent of a
     decade, or of the range, apart), so that their error bars and labels do not overlap."""
     out = x.astype(float).copy()
-    finite = x[np.isfinite(x)]
-    span = (np.ptp(np.log10(finite[finite > 0])) if log_x else np.ptp(finite)) if len(finite) else 0
-    step = 0.03 * (span or 1.0) if not log_x else 0.02 * max(span, 1.0)
-    for value in np.unique(finite):
+    lo, hi = _axis_range(x, log_x)
+    step = 0.02 * max(hi - lo, 1.0) if log_x else 0.03 * ((hi - lo) or 1.0)
+    for value in np.unique(x[np.isfinite(x)]):
         same = np.flatnonzero(x == value)
         if len(same) < 2:
             continue
