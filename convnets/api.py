@@ -12,21 +12,26 @@ own through ``hydra.searchpath=[file://DIR]`` among the overrides), runs the sam
 leaves the same MLflow record. A refusal raises the project's typed errors
 (:class:`convnets.ConfigError`, :class:`convnets.DataError`, :class:`convnets.TrackingError`)
 instead of exiting; nothing is recorded for a refused config. Calls do not share state: each
-composes afresh, and a training run clears the previous one's Keras state first. What stays
-process-wide is TensorFlow's own (e.g. ``distribute.cpu_replicas`` applies in a process that
-has not run a TensorFlow op yet). Multiruns (``-m``: sweeps, searches) are command-line only.
+composes afresh, and a training run clears the previous one's Keras state first. The
+caller's own settings are as they were after each call: MLflow's tracking URI (and its
+``MLFLOW_TRACKING_URI`` variable), Keras's dtype policy, TensorFlow's op determinism, and a
+Hydra the caller initialised. What stays process-wide is TensorFlow's own (e.g.
+``distribute.cpu_replicas`` applies in a process that has not run a TensorFlow op yet).
+Multiruns (``-m``: sweeps, searches) are command-line only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from convnets.errors import ConfigError, hydra_override
+from convnets.errors import ConfigError, TrackingError, hydra_override
 
 if TYPE_CHECKING:
     from convnets.architecture import Analysis
@@ -53,28 +58,25 @@ def train(
     """
     from convnets.checks import check_config
 
+    overrides = _listed(overrides)  # once: an iterator would be spent by the composition
     cfg, hydra_cfg = _compose("train", overrides)
     check_config(cfg)  # before the store is touched: a refused config records nothing
+    _refuse_a_callers_active_run()
     from convnets import job
 
-    if "keras" in sys.modules:  # a previous run in this process: its graphs and layer names
-        sys.modules["keras"].utils.clear_session(free_memory=True)
     folder = Path(output_dir) if output_dir is not None else Path(hydra_cfg.run.dir)
-    try:
-        _save_config(folder, cfg, overrides)
-    except OSError as err:
-        raise ConfigError(
-            f"output_dir={folder}: {err.strerror or type(err).__name__} ({err.filename}); the "
-            "run's folder cannot be created there: pass a writable folder as output_dir"
-        ) from err
-    context = job.JobContext(overrides=tuple(overrides), output_dir=folder)
-    keras = sys.modules.get("keras")
-    policy = keras.mixed_precision.global_policy().name if keras else "float32"
-    try:
+    with _callers_mlflow(), _callers_tensorflow():
+        if "keras" in sys.modules:  # a previous run in this process: its graphs and names
+            sys.modules["keras"].utils.clear_session(free_memory=True)
+        try:
+            _save_config(folder, cfg, overrides)
+        except OSError as err:
+            raise ConfigError(
+                f"output_dir={folder}: {err.strerror or type(err).__name__} ({err.filename}); "
+                "the run's folder cannot be created there: pass a writable folder as output_dir"
+            ) from err
+        context = job.JobContext(overrides=tuple(overrides), output_dir=folder)
         return job.train(cfg, context, recorder)
-    finally:  # Keras's dtype policy is process-wide: the caller's next models keep theirs
-        if "keras" in sys.modules:  # a refusal may come before Keras loads
-            sys.modules["keras"].mixed_precision.set_global_policy(policy)
 
 
 def evaluate(overrides: Sequence[str] = (), **keys: Any) -> EvalReport:
@@ -88,7 +90,8 @@ def evaluate(overrides: Sequence[str] = (), **keys: Any) -> EvalReport:
     cfg, hydra_cfg = _compose("evaluate", given)
     if cfg.compare:
         raise ConfigError("compare=: use convnets.compare(target) for a comparison")
-    return evaluate_job.run(cfg, hydra_cfg.run.dir, overrides=given)
+    with _callers_mlflow(), _callers_tensorflow():
+        return evaluate_job.run(cfg, hydra_cfg.run.dir, overrides=given)
 
 
 def compare(target: str, overrides: Sequence[str] = (), **keys: Any) -> CompareReport:
@@ -99,7 +102,8 @@ def compare(target: str, overrides: Sequence[str] = (), **keys: Any) -> CompareR
 
     keys = {"compare": target, **keys}
     cfg, hydra_cfg = _compose("evaluate", [*_listed(overrides), *_as_overrides(keys)])
-    return evaluate_job.run(cfg, hydra_cfg.run.dir)
+    with _callers_mlflow():
+        return evaluate_job.run(cfg, hydra_cfg.run.dir)
 
 
 def inspect(overrides: Sequence[str] = (), *, quiet: bool = True) -> Analysis:
@@ -137,7 +141,10 @@ def _compose(config_name: str, overrides: Sequence[str]) -> tuple[DictConfig, Di
         flags = [o for o in overrides if o.lstrip().startswith("-")]
         raise ConfigError(f"{' '.join(flags)}: flags are for the command line; pass overrides only")
     try:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3", job_name=config_name):
+        with (  # the second is made once the caller's Hydra is set aside
+            _callers_hydra_set_aside(),
+            initialize_config_dir(str(CONFIG_DIR), version_base="1.3", job_name=config_name),
+        ):
             cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     except Exception as err:
         line = config_error_line(err, overrides)
@@ -155,6 +162,84 @@ def _compose(config_name: str, overrides: Sequence[str]) -> tuple[DictConfig, Di
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg, hydra_cfg
+
+
+@contextlib.contextmanager
+def _callers_hydra_set_aside() -> Iterator[None]:
+    """A Hydra the caller initialised (``initialize_config_dir`` in a notebook) set aside
+    while the package composes its own, and put back after. Hydra's global instance allows
+    one initialisation at a time; ``clear`` and ``initialize`` are its public way out."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    instance = GlobalHydra.instance()
+    callers = instance.hydra if instance.is_initialized() else None
+    if callers is not None:
+        instance.clear()
+    try:
+        yield
+    finally:
+        if callers is not None:
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(callers)
+
+
+@contextlib.contextmanager
+def _callers_mlflow() -> Iterator[None]:
+    """MLflow's tracking URI as the caller had it, after a call that records or reads the
+    package's store (which sets the URI and ``MLFLOW_TRACKING_URI`` for its own calls).
+    Unset, then the variable put back: the URI the caller's next call finds is the one it
+    set, or the one its environment names."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        yield
+    finally:
+        if "mlflow" in sys.modules:
+            sys.modules["mlflow"].set_tracking_uri(None)  # None: MLflow unsets its own
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@contextlib.contextmanager
+def _callers_tensorflow() -> Iterator[None]:
+    """Keras's dtype policy and TensorFlow's op determinism, both process-wide, as the caller
+    had them: its next models keep their precision, its own code its speed and XLA. Read
+    before anything of the run's clears or sets them."""
+    keras = sys.modules.get("keras")
+    policy = keras.mixed_precision.global_policy().name if keras else "float32"
+    deterministic = _op_determinism()
+    try:
+        yield
+    finally:
+        if "keras" in sys.modules:  # a refusal may come before Keras loads
+            sys.modules["keras"].mixed_precision.set_global_policy(policy)
+        if "tensorflow" in sys.modules and _op_determinism() != deterministic:
+            from convnets.trainer import set_op_determinism
+
+            set_op_determinism(deterministic)
+
+
+def _op_determinism() -> bool:
+    if "tensorflow" not in sys.modules:
+        return False  # nothing has turned it on
+    from tensorflow.python.framework import config as tf_config
+
+    return tf_config.is_op_determinism_enabled()
+
+
+def _refuse_a_callers_active_run() -> None:
+    """A training records its own run, which MLflow cannot start beside a run the caller has
+    open in this thread (``mlflow.start_run()``): refused before anything loads, instead of
+    MLflow's untyped error after the data."""
+    mlflow = sys.modules.get("mlflow")
+    active = mlflow.active_run() if mlflow is not None else None
+    if active is not None:
+        raise TrackingError(
+            f"an MLflow run is active in this process ({active.info.run_id}, from "
+            "mlflow.start_run()); end it with mlflow.end_run() before convnets.train, which "
+            "records a run of its own"
+        )
 
 
 def _listed(overrides: Sequence[str] | None) -> list[str]:

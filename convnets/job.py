@@ -51,6 +51,7 @@ from convnets.recording import Definition, MlflowRecorder, Recorder, resume_comm
 from convnets.tracking import (
     CONFIG_ARTIFACT,
     MODEL_URI_TAG,
+    absolute_uri,
     failure_reason,
     flatten,
     git_changes,
@@ -264,7 +265,7 @@ class _Job:
         return Run(
             run_id=self.run_id,
             experiment_id=self.plan.experiment_id,
-            tracking_uri=self.recorder.shown_uri,
+            tracking_uri=absolute_uri(self.recorder.shown_uri),  # a notebook may change folder
             metrics=recorded.metrics,
             params=recorded.params,
             model_path=final,

@@ -50,7 +50,12 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     (``tensorflow.python.framework.config``), pinned by a canary in tests/test_trainer.py.
     """
     keras.utils.set_random_seed(int(seed))
-    if deterministic:
+    set_op_determinism(deterministic)
+
+
+def set_op_determinism(on: bool) -> None:
+    """TensorFlow's process-wide op determinism on or off (see :func:`seed_everything`)."""
+    if on:
         tf.config.experimental.enable_op_determinism()
     elif tf_config.is_op_determinism_enabled():
         tf_config.disable_op_determinism()

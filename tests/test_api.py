@@ -118,3 +118,47 @@ def test_importing_convnets_loads_neither_tensorflow_nor_mlflow():
     from conftest import heavy_modules_loaded
 
     assert heavy_modules_loaded("convnets", ("tensorflow", "keras", "mlflow", "optuna")) == []
+
+
+def test_a_call_leaves_the_callers_process_as_it_was(tmp_path, monkeypatch):
+    """A notebook's own MLflow store and run, Keras dtype policy, op determinism and Hydra
+    are as it had them after each call; overrides given as an iterator are recorded."""
+    import keras
+    import mlflow
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from tensorflow.python.framework import config as tf_config
+
+    mine = sqlite_store(tmp_path / "mine")
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "mine.yaml").write_text("answer: 42\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mine)
+    mlflow.set_tracking_uri(mine)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    initialize_config_dir(str(tmp_path / "conf"), version_base="1.3")
+    uri = sqlite_store(tmp_path / "package")
+    overrides = [TINY, "trainer.epochs=1", "trainer.verbose=0", "trainer.deterministic=true",
+                 "tracking.log_model=false", f"tracking.uri={uri}"]  # fmt: skip
+    try:
+        run = convnets.train(iter(overrides), output_dir=tmp_path / "run")
+        assert run.tags["hydra_overrides"] == " ".join(overrides)
+        assert run.tracking_uri == uri  # absolute: a notebook may change its folder
+        convnets.compare("digits", tracking_uri=uri, output_dir=tmp_path / "compare")
+        assert mlflow.get_tracking_uri() == mine and os.environ["MLFLOW_TRACKING_URI"] == mine
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+        assert not tf_config.is_op_determinism_enabled()
+        assert compose("mine").answer == 42  # the caller's Hydra, initialised still
+
+        with (  # the caller's own run, open: refused, untouched
+            mlflow.start_run() as active,
+            pytest.raises(convnets.TrackingError, match="an MLflow run is active"),
+        ):
+            convnets.train(overrides, output_dir=tmp_path / "refused")
+        assert MlflowClient(mine).get_run(active.info.run_id).info.status == "FINISHED"
+        (tmp_path / "a_file").touch()
+        with pytest.raises(convnets.ConfigError, match="output_dir="):  # None: no overrides
+            convnets.train(None, output_dir=tmp_path / "a_file")
+    finally:
+        GlobalHydra.instance().clear()
+        keras.mixed_precision.set_global_policy("float32")
+        mlflow.set_tracking_uri(None)
