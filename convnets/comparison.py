@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from convnets import plots, statistics
+from convnets.config import RUNTIME_KEYS
 from convnets.errors import ConfigError, TrackingError, command, shell_override, warn
 from convnets.pareto import pareto_front
 from convnets.sweep_files import is_parent
@@ -35,7 +36,9 @@ METRIC_COLUMNS = (
     "macs",
 )
 # Parameters that differ between runs without being a design choice.
-_NOISE_PARAMS = ("tracking.", "hydra.", "reproduce", "resume", "trainer.verbose")
+# Where and how a run ran (the runtime keys a rerun may change: where the data lives, the
+# devices), not what it trained: a reproduction on another machine is the same configuration.
+_NOISE_PARAMS = ("tracking.", "hydra.", "reproduce", "resume", *RUNTIME_KEYS)
 # Derived from the stack (logged as params so that MLflow can group by them): not a choice.
 _NOISE_PARAMS += ("receptive_field", "depth")
 
@@ -335,7 +338,7 @@ def seed_groups(
     ] = True
     if baseline is not None:
         try:
-            base = statistics.baseline_group(groups, str(baseline))
+            base = statistics.baseline_group(groups, str(baseline), table)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         groups = statistics.verdicts(groups, table, base)

@@ -123,11 +123,18 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def baseline_group(groups: pd.DataFrame, baseline: str) -> int:
-    """The index of the group ``baseline`` names: a run id in it, or its label."""
+def baseline_group(groups: pd.DataFrame, baseline: str, table: pd.DataFrame | None = None) -> int:
+    """The index of the group ``baseline`` names: a run id in it, or its label; or, given the
+    runs' ``table``, a run of its configuration left out as a repeated seed."""
     for i, row in groups.iterrows():
         if baseline in row["run_ids"].split() or baseline == row["group"]:
             return int(i)
+    repeated = table[table["run_id"] == baseline] if table is not None else ()
+    if len(repeated):
+        label = group_label(repeated.iloc[0], groups.attrs["params"])
+        for i, row in groups.iterrows():
+            if row["group"] == label:
+                return int(i)
     labels = "; ".join(groups["group"])
     raise ValueError(
         f"baseline={baseline}: neither a run id of the compared runs nor a group label "

@@ -91,7 +91,10 @@ def summary(
     best_before = max(numbers, key=lambda n: _finite(objective(before[n])))
     done = [n for n in numbers if n in reproduced]
     parts, tags, metrics = [], {}, {}
-    if best_before in reproduced:
+    if not math.isfinite(objective(before[best_before])):  # trained without validation data
+        parts.append("no best job (no validation accuracy to choose one by)")
+        tags["reproduce_same_best"] = "unknown"
+    elif best_before in reproduced:
         best_after = max(done, key=lambda n: _finite(objective(reproduced[n])))
         same = best_after == best_before
         parts.append(

@@ -438,12 +438,18 @@ class MlflowSweepCallback(Callback):
             require_existing_store(config.tracking.uri, f"{key}={run_id}")
         tracker = Tracker(config.tracking.uri, http_timeout_s=config.tracking.http_timeout_s)
         tracker.check_store()  # first contact: sqlite creates its schema here, once
+        original_experiment = None  # a whole study again goes beside the original
         for key, run_id in run_ids.items():  # every job would fail to find it
             found = tracker.get_run(run_id, key=key)
             if key == "reproduce" and is_parent(found.data.tags):  # a whole study again
                 tracker.finished_study_jobs(found)  # none: refused, no parent made
+                original_experiment = found.info.experiment_id
         if study is None:
-            experiment_id = tracker.experiment_id(experiment_name(config))
+            experiment_id = (
+                original_experiment
+                if original_experiment is not None and not config.tracking.experiment
+                else tracker.experiment_id(experiment_name(config))
+            )
             run_id = self._create_parent(tracker, config, experiment_id, definition, False)
         else:
             experiment_id, run_id = self._study_parent(tracker, config, definition, study)
@@ -768,8 +774,9 @@ def summarize(
     Logs ``summary/jobs.csv`` (one row per job), ``summary/groups.csv`` (jobs that differ only
     in the seed as one configuration: n, mean, std, 95% CI), ``summary/*.png`` (test accuracy
     against parameter count coloured by receptive field, and against receptive field; the
-    configurations' means with error bars), the job counts, and the best job: the finished,
-    unpruned one with the highest ``selected_val_accuracy``, as tags ``best_run_id``,
+    configurations' means with error bars), the job counts (finished, failed, pruned), and the
+    best job: the finished, unpruned one with the highest ``selected_val_accuracy`` (none
+    when no job has one: trained without validation data), as tags ``best_run_id``,
     ``best_run_name`` and ``best_criterion`` (:func:`best_criterion`; ``objectives``: a
     search's) and metrics ``best_selected_val_accuracy`` / ``best_test_accuracy``, both that
     run's. The parent ends FINISHED, or FAILED when no job finished.
@@ -796,13 +803,14 @@ def summarize(
         _seed_groups(runs, out_dir)
     tracker.log_artifacts_to(context.parent_run_id, out_dir, SUMMARY_DIR)
 
-    finished = table[
-        (table["status"] == "FINISHED") & table[BEST_BY].notna() & table["pruned"].isna()
-    ]
+    pruned = table["pruned"].notna()
+    finished = table[(table["status"] == "FINISHED") & ~pruned]
     metrics = {"jobs": len(table), "jobs_finished": len(finished)}
     metrics["jobs_failed"] = int((table["status"] == "FAILED").sum())
-    if len(finished):
-        best = finished.loc[finished[BEST_BY].idxmax()]
+    metrics["jobs_pruned"] = int(pruned.sum())
+    choosable = finished[finished[BEST_BY].notna()]  # none trained with validation data: no best
+    if len(choosable):
+        best = choosable.loc[choosable[BEST_BY].idxmax()]
         tags = {
             "best_run_id": best["run_id"],
             "best_run_name": str(best["run_name"]),
@@ -820,8 +828,11 @@ def summarize(
         tracker.end_run(context.parent_run_id, "FAILED", "no job of the sweep finished")
     log.info("sweep: %d of %d jobs finished; summary in %s", len(finished), len(table), out_dir)
     where = where_to_look(context.tracking_uri, context.experiment_id, context.parent_run_id)
+    also = f" ({metrics['jobs_pruned']} pruned)" if metrics["jobs_pruned"] else ""
+    if len(finished) and not len(choosable):
+        also += f"; no best job: none has a {BEST_BY} (trained without validation data)"
     print(
-        f"sweep done: {len(finished)} of {len(table)} jobs finished; parent run "
+        f"sweep done: {len(finished)} of {len(table)} jobs finished{also}; parent run "
         f"{context.parent_run_id} ({where})",
         flush=True,
     )

@@ -207,3 +207,38 @@ def test_a_comparison_across_datasets_says_so(tmp_path, capsys):
     client.delete_experiment(experiment)
     with pytest.raises(TrackingError, match="compare=mixed: the experiment 'mixed' is deleted"):
         comparison.compare(Tracker(uri), "mixed", tmp_path / "cmp3")
+
+
+def test_a_baseline_run_left_out_as_a_repeated_seed_names_its_configuration():
+    runs = table([(1, 0, 0.9), (1, 1, 0.92), (1, 0, 0.91), (2, 0, 0.5), (2, 1, 0.6)])
+    runs["start_time"] = pd.to_datetime([1, 2, 3, 1, 2], unit="s")  # r2 reran seed 0 last
+    groups = statistics.groups_table(runs)
+    assert groups.attrs["repeated_seed_runs"] == ["r2"]
+    assert groups.loc[statistics.baseline_group(groups, "r2", runs), "group"] == "width=1"
+    with pytest.raises(ValueError, match="neither a run id of the compared runs"):
+        statistics.baseline_group(groups, "r9", runs)
+
+
+def test_where_a_run_ran_does_not_split_its_configuration():
+    """A reproduction given where its data lives on another machine (dataset.data_dir) or
+    other devices is the same configuration: the same group, and left out as a repeated
+    seed, not a group of its own."""
+    from convnets.comparison import runs_table
+
+    runs = pd.DataFrame(
+        {
+            "run_id": ["a", "b", "c"],
+            "params.optimizer.lr": ["0.02", "0.02", "0.001"],
+            "params.dataset.data_dir": ["None", "/elsewhere/tfds", "None"],
+            "params.distribute.devices": ["None", "[0,1]", "None"],
+            "params.trainer.seed": ["0", "0", "0"],
+            "metrics.test_accuracy": [0.9, 0.91, 0.8],
+            "metrics.param_count": [100, 100, 100],
+            "start_time": pd.to_datetime([1, 2, 1], unit="s"),
+        }
+    )
+    compared = runs_table(runs)
+    assert compared.attrs["params"] == ["optimizer.lr"]
+    groups = statistics.groups_table(compared)
+    assert sorted(groups["group"]) == ["optimizer.lr=0.001", "optimizer.lr=0.02"]
+    assert groups.attrs["repeated_seed_runs"] == ["b"]

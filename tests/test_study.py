@@ -48,3 +48,12 @@ def test_the_best_job_is_picked_by_the_tested_epochs_validation_accuracy():
     # a job recorded before selected_val_accuracy existed: what its sweep picked by then
     assert objective({"best_val_accuracy": 0.8, "val_accuracy": 0.85}) == 0.8
     assert objective({"val_accuracy": 0.85}) == 0.85
+
+
+def test_a_study_trained_without_validation_data_has_no_best_job():
+    """Jobs of dataset.val_fraction=0 have no selected_val_accuracy: there is no best job to
+    keep or lose, so the line says so instead of 'same best (j00)'."""
+    blind = [(n, {"test_accuracy": acc, "param_count": 100}) for n, acc in enumerate((0.8, 0.9))]
+    line, record = summary(blind, dict(blind))
+    assert line.startswith("no best job (no validation accuracy to choose one by); rank")
+    assert record["tags"]["reproduce_same_best"] == "unknown"

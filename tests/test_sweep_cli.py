@@ -493,8 +493,9 @@ def test_grid_sweep_nests_jobs_under_a_summarised_parent_and_survives_a_bad_poin
 @pytest.mark.slow
 def test_a_sweep_over_seeds_reads_as_configurations_and_reproduces_as_a_study(tmp_path):
     s = run_sweep(
-        tmp_path, *TINY, "model.width=0.5,1", "trainer.seed=0,1", "trainer.deterministic=true"
-    )
+        tmp_path, *TINY, "model.width=0.5,1", "trainer.seed=0,1", "trainer.deterministic=true",
+        "tracking.experiment=seeds",  # its reproduction goes there too, given no experiment
+    )  # fmt: skip
     assert len(s.finished()) == 4
     summary = s.artifacts(s.parent.info.run_id, "summary")
     assert {"summary/groups.csv", "summary/groups_accuracy_vs_params.png"} <= summary
@@ -911,3 +912,35 @@ def test_a_sweep_killed_outright_is_ended_killed_by_the_next_command(tmp_path):
         x.startswith(f"warning: sweep parent run {parent.info.run_id} was left ") for x in warnings
     )
     assert any(x.startswith(f"warning: run {job.info.run_id} was left RUNNING: ") for x in warnings)
+
+
+def test_a_sweep_without_validation_data_finished_every_job_and_has_no_best(tmp_path, capsys):
+    """Jobs of dataset.val_fraction=0 finish with a test accuracy and no
+    selected_val_accuracy: the sweep counts them finished (it once said "0 of 3" and failed
+    the parent) and names no best job; a pruned trial is counted apart."""
+    from mlflow.tracking import MlflowClient
+
+    uri = sqlite_store(tmp_path)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("noval")
+    parent = client.create_run(experiment).info.run_id
+    for job_num, metrics in enumerate([{"test_accuracy": 0.8}, {"test_accuracy": 0.9}, {}]):
+        tags = {"mlflow.parentRunId": parent, "sweep_job": str(job_num)}
+        if not metrics:
+            tags["pruned"] = "true"
+        child = client.create_run(experiment, tags=tags).info.run_id
+        for key, value in {**metrics, "param_count": 100}.items():
+            client.log_metric(child, key, value)
+        client.set_terminated(child, "FINISHED")
+    context = SweepContext(uri, experiment, parent)
+    sweep.summarize(context, tmp_path / "summary")
+
+    record = client.get_run(parent)
+    assert record.info.status == "FINISHED"
+    assert {k: record.data.metrics[k] for k in ("jobs", "jobs_finished", "jobs_pruned")} == {
+        "jobs": 3, "jobs_finished": 2, "jobs_pruned": 1}  # fmt: skip
+    assert "best_run_id" not in record.data.tags
+    assert (
+        "sweep done: 2 of 3 jobs finished (1 pruned); no best job: none has a "
+        "selected_val_accuracy (trained without validation data); parent run"
+    ) in capsys.readouterr().out
