@@ -44,7 +44,7 @@ from omegaconf import DictConfig
 from convnets import folder_lock, trial_liveness
 from convnets.errors import ConfigError
 from convnets.search_report import name_objectives, write_results
-from convnets.search_settings import HEARTBEAT_S, Objective, check
+from convnets.search_settings import HEARTBEAT_S, Objective, check, warn_of_a_searched_seed
 from convnets.search_space import parse_space, space_overrides, trial_overrides
 from convnets.search_storage import (
     MAX_RETRY,
@@ -177,6 +177,7 @@ class Search:
         import optuna
 
         space, fixed = parse_space(space_overrides(settings.params, arguments))
+        warn_of_a_searched_seed(space)
         storage = open_storage(url, settings.stale_after_s)
         name = study_name(settings, self.config)
         pruner = PrunerSpec(settings.pruner, int(self.config.trainer.epochs))

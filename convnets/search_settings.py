@@ -3,14 +3,14 @@ checked once, in one line each, before any job, run or storage exists. No Optuna
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from convnets.config import override_texts
-from convnets.errors import ConfigError
+from convnets.errors import ConfigError, warn
 from convnets.search_space import parse_space, space_overrides
 
 # Objective -> its usual direction (used when the config names no direction). Each is the
@@ -148,3 +148,15 @@ def check(config: DictConfig) -> tuple[Settings, tuple[Objective, ...]]:
             "of one configuration run a grid: -m trainer.seed=0,1,2"
         )
     return settings, objectives
+
+
+def warn_of_a_searched_seed(space: Mapping[str, Any]) -> None:
+    """A grid repeats each configuration over ``trainer.seed=0,1,2``; a search samples the
+    seed like any other key, and its best configuration then carries a lucky seed."""
+    if "trainer.seed" in space:
+        warn(
+            "trainer.seed: in a search the seed is a hyperparameter like the others (each "
+            "trial draws one, and Optuna favours lucky ones), not a repetition of each "
+            "configuration; leave it out, then rerun the best configuration over seeds as a "
+            "grid: -m trainer.seed=0,1,2 <its overrides>"
+        )

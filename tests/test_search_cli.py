@@ -628,3 +628,15 @@ def test_a_dead_trials_run_that_ended_itself_keeps_its_status_and_cause(tmp_path
     ended = client.get_run(silent)
     assert ended.info.status == "KILLED"
     assert ended.data.tags["failure_reason"].startswith("its process died (no heartbeat)")
+
+
+def test_a_searched_seed_says_it_is_tuned_not_repeated(capsys):
+    from convnets.search_settings import warn_of_a_searched_seed
+    from convnets.search_space import parse_space
+
+    warn_of_a_searched_seed(parse_space(["optimizer.lr=tag(log, interval(1e-4, 1e-1))"])[0])
+    assert capsys.readouterr().err == ""
+    warn_of_a_searched_seed(parse_space(["trainer.seed=0,1,2", "model.width=0.5,1"])[0])
+    assert capsys.readouterr().err.startswith(
+        "warning: trainer.seed: in a search the seed is a hyperparameter like the others"
+    )
