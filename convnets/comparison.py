@@ -370,9 +370,10 @@ def group_lines(groups: pd.DataFrame) -> list[str]:
     """One line a group: ``g1 width=1.0: n=3 test_accuracy 0.95 +- 0.01 (95% CI ...)``."""
     lines = []
     tested = int(np.isfinite(groups["p_value"].to_numpy(float)).sum()) if "p_value" in groups else 0
-    for i, row in groups.iterrows():
+    for _, row in groups.iterrows():
         text = (
-            f"g{i + 1} {row['group']}: n={row['n']} test_accuracy {row['test_accuracy_mean']:.4f}"
+            f"{row['label']} {row['group']}: n={row['n']} test_accuracy "
+            f"{row['test_accuracy_mean']:.4f}"
         )
         if row["n"] >= 2:
             text += (

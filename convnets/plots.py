@@ -472,8 +472,9 @@ def group_means(
         ax.scatter(x[~has_ci], mean[~has_ci], facecolors="none", edgecolors="tab:blue",
                    label="one run (no interval)")  # fmt: skip
     front = list(front)
-    if front:
+    if front:  # ringed too: a front of one group draws no line
         ax.plot(x[front], mean[front], drawstyle="steps-post", color="crimson", lw=1.2,
+                marker="o", markersize=11, markerfacecolor="none",
                 label="Pareto front of the means")  # fmt: skip
     stacked: dict[float, int] = {}  # labels of groups drawn side by side: one above another
     for i in range(len(x)):
@@ -482,7 +483,8 @@ def group_means(
                     xytext=(6, 4 + 9 * level), fontsize=7)  # fmt: skip
     if log_x:
         ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
+    shared = len(np.unique(raw_x[np.isfinite(raw_x)])) < np.isfinite(raw_x).sum()
+    ax.set_xlabel(f"{xlabel}; groups of one size drawn side by side" if shared else xlabel)
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")

@@ -59,7 +59,8 @@ def mean_interval(values: np.ndarray) -> tuple[float, float, float, float]:
 
 
 def groups_table(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per configuration (runs that differ only in the seed): ``group`` (its label),
+    """One row per configuration (runs that differ only in the seed): ``label`` (``g1``...,
+    best mean first, as the figures and printed lines number them), ``group`` (its params),
     the differing params, ``n``, ``seeds``, ``run_ids``, then for each of :data:`MEASURED`
     ``<metric>_mean/_std/_ci_low/_ci_high``, then :data:`CARRIED` (the same within a group).
     Sorted by mean test accuracy, best first."""
@@ -90,11 +91,12 @@ def groups_table(table: pd.DataFrame) -> pd.DataFrame:
                 row[col] = first[col]
         rows.append(row)
     groups = pd.DataFrame(rows)
+    groups = groups.sort_values("test_accuracy_mean", ascending=False, kind="stable")
+    groups = groups.reset_index(drop=True)
+    groups.insert(0, "label", [f"g{i + 1}" for i in range(len(groups))])  # as figures show them
     groups.attrs["params"] = keys
     groups.attrs["repeated_seed_runs"] = repeated
-    return groups.sort_values("test_accuracy_mean", ascending=False, kind="stable").reset_index(
-        drop=True
-    )
+    return groups
 
 
 def one_run_per_seed(table: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, list[str]]:

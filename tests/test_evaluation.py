@@ -333,6 +333,7 @@ def test_groups_of_one_size_are_drawn_side_by_side_with_their_labels_apart():
     )  # fmt: skip
     drawn = fig.axes[0].lines[0].get_xdata()  # the error bars' markers
     assert len(set(np.round(drawn, 9))) == 6
+    assert fig.axes[0].get_xlabel() == "parameters; groups of one size drawn side by side"
     boxes = _label_boxes(fig)
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
 

@@ -214,6 +214,7 @@ def test_a_baseline_run_left_out_as_a_repeated_seed_names_its_configuration():
     runs["start_time"] = pd.to_datetime([1, 2, 3, 1, 2], unit="s")  # r2 reran seed 0 last
     groups = statistics.groups_table(runs)
     assert groups.attrs["repeated_seed_runs"] == ["r2"]
+    assert list(groups["label"]) == ["g1", "g2"]  # as the figure and the printed lines
     assert groups.loc[statistics.baseline_group(groups, "r2", runs), "group"] == "width=1"
     with pytest.raises(ValueError, match="neither a run id of the compared runs"):
         statistics.baseline_group(groups, "r9", runs)
