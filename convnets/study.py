@@ -50,9 +50,13 @@ def reproduce(cfg: DictConfig, context, parent):
         sweep = context.sweep and dataclasses.replace(context.sweep, job_num=number)
         child_context = dataclasses.replace(context, sweep=sweep)
         reproduced[number] = job.train(child_cfg, child_context)  # its own MLflow recorder
+    from hydra_plugins.convnets_optuna.convnets_optuna_sweeper import ConvnetsOptunaSweeper
+
+    searched = parent.data.tags.get("sweeper") == ConvnetsOptunaSweeper.__name__  # trials: t03
     line, record = summary(
         [(n, run.data.metrics) for n, run in originals],
         {n: run.metrics for n, run in reproduced.items() if run is not None},
+        prefix="t" if searched else "j",
     )
     print(f"study {parent_id}: {line}", flush=True)
     if context.sweep is not None:
@@ -78,10 +82,14 @@ def objective(metrics: dict[str, float]) -> float:
 
 
 def summary(
-    originals: Sequence[tuple[int, dict[str, float]]], reproduced: dict[int, dict[str, float]]
+    originals: Sequence[tuple[int, dict[str, float]]],
+    reproduced: dict[int, dict[str, float]],
+    prefix: str = "j",
 ) -> tuple[str, dict]:
     """The study line and the new parent's record, from each job's metrics (originals in job
-    order; reproduced by job number, a failed one missing)."""
+    order; reproduced by job number, a failed one missing). ``prefix``: how the study's run
+    names number its jobs (``j03``; a search's trials ``t03``)."""
+    p = prefix
     from scipy import stats
 
     from convnets.pareto import pareto_front
@@ -98,13 +106,13 @@ def summary(
         best_after = max(done, key=lambda n: _finite(objective(reproduced[n])))
         same = best_after == best_before
         parts.append(
-            f"same best (j{best_before:02d})"
+            f"same best ({p}{best_before:02d})"
             if same
-            else f"best changed (j{best_before:02d} -> j{best_after:02d})"
+            else f"best changed ({p}{best_before:02d} -> {p}{best_after:02d})"
         )
         tags["reproduce_same_best"] = str(same).lower()
     else:
-        parts.append(f"the best job j{best_before:02d} failed to reproduce")
+        parts.append(f"the best job {p}{best_before:02d} failed to reproduce")
         tags["reproduce_same_best"] = "unknown"
     accuracy_before = [before[n]["test_accuracy"] for n in done]
     accuracy_after = [reproduced[n]["test_accuracy"] for n in done]
@@ -120,13 +128,13 @@ def summary(
     params = [before[n].get("param_count", math.nan) for n in done]
     front_before = {done[i] for i in pareto_front(params, accuracy_before)}
     front_after = {done[i] for i in pareto_front(params, accuracy_after)}
-    changed = [f"+j{n:02d}" for n in sorted(front_after - front_before)]
-    changed += [f"-j{n:02d}" for n in sorted(front_before - front_after)]
+    changed = [f"+{p}{n:02d}" for n in sorted(front_after - front_before)]
+    changed += [f"-{p}{n:02d}" for n in sorted(front_before - front_after)]
     parts.append(f"Pareto front changed: {' '.join(changed)}" if changed else "same Pareto front")
     tags["reproduce_pareto_changed"] = " ".join(changed) or "none"
     failed = [n for n in numbers if n not in reproduced]
     if failed:
-        parts.append(f"{len(failed)} job(s) failed: {' '.join(f'j{n:02d}' for n in failed)}")
+        parts.append(f"{len(failed)} job(s) failed: {' '.join(f'{p}{n:02d}' for n in failed)}")
     return "; ".join(parts), {"tags": tags, "metrics": metrics, "best_original": best_before}
 
 

@@ -57,3 +57,9 @@ def test_a_study_trained_without_validation_data_has_no_best_job():
     line, record = summary(blind, dict(blind))
     assert line.startswith("no best job (no validation accuracy to choose one by); rank")
     assert record["tags"]["reproduce_same_best"] == "unknown"
+
+
+def test_a_searchs_study_line_numbers_its_trials_as_their_runs_do():
+    again = {0: job(0.90, 0.91, 100), 1: job(0.80, 0.94, 200), 2: job(0.97, 0.85, 50)}
+    line, _ = summary(ORIGINAL, again, prefix="t")
+    assert line.startswith("best changed (t01 -> t02)")
