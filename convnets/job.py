@@ -232,6 +232,9 @@ class _Job:
                 self.checkpoint_dir = plan.output_dir() / "checkpoints" / run_id
                 self.recorder.set_tags({"checkpoint_dir": str(self.checkpoint_dir)})
                 self.recorder.log_definition(definition(plan, bundle))
+            elif plan.source.run.data.tags.get("checkpoint_dir") != str(self.checkpoint_dir):
+                # resumed from a copy (checkpoint_dir=): the run's files are there from now on
+                self.recorder.set_tags({"checkpoint_dir": str(self.checkpoint_dir)})
             self.recorder.set_folder(self.checkpoint_dir)
             if self.trial is not None:
                 self.trial.start(run_id)
@@ -436,6 +439,7 @@ class _Job:
             num_test,
             deterministic=bool(cfg.trainer.deterministic),
             data_changed=changed,
+            resumed=source.run.data.tags.get("resumed") == "true",
         )
         self.recorder.set_tags({"reproduce_verdict": verdict})
         print(
@@ -568,10 +572,12 @@ def reproduce_verdict(
     *,
     deterministic: bool = True,
     data_changed: Sequence[str] = (),
+    resumed: bool = False,
 ) -> str:
     """identical (bit for bit) / within noise (accuracy within 2 binomial standard errors of
     the original's on ``num_test`` images) / differs; qualified when the original was not
-    deterministic (bit-identity was not expected) and when the data's digest changed."""
+    deterministic or was resumed (bit-identity was not expected) and when the data's digest
+    changed."""
     if delta_accuracy == 0 and delta_loss == 0:
         verdict = "identical"
     else:
@@ -580,6 +586,8 @@ def reproduce_verdict(
     notes = []
     if not deterministic:
         notes.append("bit-identity not expected: the original ran with trainer.deterministic=false")
+    elif resumed:  # its epochs after the resume shuffled from a fresh seed, not where it stopped
+        notes.append("bit-identity not expected: the original was interrupted and resumed")
     if data_changed:
         notes.append(f"the data differs: {', '.join(data_changed)} digest changed")
     return f"{verdict} ({'; '.join(notes)})" if notes else verdict

@@ -203,7 +203,10 @@ def _resolve_source(
         if name not in ("reproduce", "resume"):
             (runtime if is_runtime_key(name) else others).append(override)
     if others:
-        shown = ", ".join(k if "." in k else f"{k}.*" for k in RUNTIME_KEYS)
+        shown = ", ".join(
+            f"{k}.*" if isinstance(OmegaConf.select(cfg, k), DictConfig) else k
+            for k in RUNTIME_KEYS
+        )
         raise ConfigError(
             f"{key}={run_id} reruns the recorded config exactly; drop the other overrides "
             f"({' '.join(others)}) -- only the runtime keys (where and how it runs) may "
@@ -222,12 +225,22 @@ def _resolve_source(
         )
     if key == "resume" and "checkpoint_dir" not in run.data.tags:
         raise TrackingError(f"resume={run_id}: the run has no checkpoint_dir tag; cannot resume")
+    fixed = [o for o in runtime if override_key(o) in _KEPT_BY_A_RESUMED_RUN]
+    if key == "resume" and fixed:
+        raise ConfigError(
+            f"{' '.join(fixed)}: a resumed run keeps its experiment and its name; drop "
+            f"{'it' if len(fixed) == 1 else 'them'} (reproduce={run_id} trains it again as a "
+            "new run, which may go elsewhere)"
+        )
     recorded = recorder.load_config(run_id, key=key)
     _warn_if_the_code_differs(key, run)
     rerun = _rerun_config(recorded, cfg, [override_key(o) for o in runtime])
     if key == "resume":
         _check_resumable(run, rerun)
     return Source(key, run), rerun, runtime
+
+
+_KEPT_BY_A_RESUMED_RUN = ("tracking.experiment", "tracking.run_name")
 
 
 def _warn_if_the_code_differs(key: str, run: MlflowRun) -> None:
@@ -279,8 +292,10 @@ def _check_architecture_and_data(cfg: DictConfig):
 
 
 def _rerun_config(recorded: DictConfig, current: DictConfig, runtime: Sequence[str]) -> DictConfig:
-    """The recorded config, checked against today's schema, recorded where the user says now,
-    with the runtime keys given on this command line (``runtime``) taken from it."""
+    """The recorded config, checked against today's schema, recorded in today's store (the
+    command line's ``tracking.uri`` and ``tracking.experiment``; the other ``tracking`` keys,
+    such as ``log_model``, as recorded), with the runtime keys given on this command line
+    (``runtime``) taken from it."""
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), recorded)
     except Exception as err:  # noqa: BLE001 - OmegaConf's validation errors
@@ -288,10 +303,19 @@ def _rerun_config(recorded: DictConfig, current: DictConfig, runtime: Sequence[s
             f"the recorded {CONFIG_ARTIFACT} no longer fits the config schema ({err}); "
             "check out the run's git_commit and rerun from there"
         ) from err
+    recorded_tracking = OmegaConf.to_container(cfg.tracking)  # a copy: the node is replaced
     cfg.tracking = current.tracking
+    for name, value in recorded_tracking.items():  # how the run recorded itself stays
+        if name not in _WHERE_IT_RECORDS and f"tracking.{name}" not in runtime:
+            cfg.tracking[name] = value
     for key in runtime:
         OmegaConf.update(cfg, key, OmegaConf.select(current, key), merge=False)
     return cfg
+
+
+# The tracking keys a rerun takes from today's command line, given or not: the store it was
+# looked up in, and the experiment (a reproduction's goes beside its original unless given).
+_WHERE_IT_RECORDS = ("uri", "experiment")
 
 
 def _check_resumable(run: MlflowRun, cfg: DictConfig) -> None:

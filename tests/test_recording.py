@@ -64,6 +64,8 @@ def test_reproduce_reads_the_run_from_the_same_recorder(recorded):
     assert again.tags["reproduces"] == run.run_id
     assert again.tags["reproduce_verdict"] == "identical"  # deterministic, same machine
     assert again.metrics["reproduce_delta_test_accuracy"] == 0.0
+    # How the original recorded itself is part of its config: no model logged, as then.
+    assert again.params["tracking.log_model"] == "False" and again.model_uri is None
 
 
 def test_a_run_that_fails_ends_failed_with_its_reason(tmp_path):

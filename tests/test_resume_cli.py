@@ -64,6 +64,8 @@ def test_resume_refuses_a_live_run_and_a_missing_folder_and_takes_a_copy(tmp_pat
     assert client.get_metric_history(run_id, "loss") == history  # the store as it was
 
     # The refusals above are the command's; the resume that trains runs in this process.
+    with pytest.raises(convnets.ConfigError, match="a resumed run keeps its experiment and its"):
+        convnets.train([f"resume={run_id}", f"tracking.uri={uri}", "tracking.experiment=other"])
     resumed = convnets.train(
         [f"resume={run_id}", f"tracking.uri={uri}", f"checkpoint_dir={copy}", "trainer.verbose=0"],
         output_dir=tmp_path / "resumed",
@@ -74,4 +76,5 @@ def test_resume_refuses_a_live_run_and_a_missing_folder_and_takes_a_copy(tmp_pat
     steps = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert sorted(steps) == list(range(1, EPOCHS + 1))
     assert "checkpoint_dir" not in run.data.params  # where a copy lives is not what trained
+    assert run.data.tags["checkpoint_dir"] == str(copy)  # where its files are from now on
     assert not (copy / "training.lock").exists()
