@@ -364,6 +364,13 @@ def evaluate_run(
     bundle = _bundle(cfg, batch_size)
     check_input_shape(model, bundle, cfg.dataset.name, f"run_id={run_id}")
     check_trained_on(trained, bundle, cfg.dataset.name, f"run_id={run_id}")
+    recorded = run.data.tags.get("data_digest.test")
+    if recorded and bundle.digests.get("test") not in (None, recorded):
+        warn(
+            f"run_id={run_id}: these test images differ from the ones the run was tested on "
+            "(test digest changed), so eval_accuracy, logged to the run, measures other data "
+            "than its test_accuracy"
+        )
     report = evaluate_model(
         model, bundle, out_dir, analysis=_analysis(cfg, bundle), title=run.info.run_name or ""
     )

@@ -131,7 +131,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_run_id_takes_where_its_data_lives_and_refuses_another_dataset(runs, tmp_path):
+def test_run_id_takes_where_its_data_lives_and_refuses_another_dataset(runs, tmp_path, capsys):
     uri, digits, folder, images = runs
     with pytest.raises(ConvnetsError, match=rf"image folder {tmp_path / 'gone'} does not exist"):
         convnets.evaluate([f"dataset.path={tmp_path / 'gone'}"], run_id=folder.run_id,
@@ -142,6 +142,17 @@ def test_run_id_takes_where_its_data_lives_and_refuses_another_dataset(runs, tmp
         [f"dataset.path={moved}"], run_id=folder.run_id, tracking_uri=uri, output_dir=tmp_path
     )
     assert report.metrics["eval_accuracy"] == folder.test_accuracy  # same images, same model
+    assert "digest" not in capsys.readouterr().err
+    fewer = tmp_path / "fewer"  # other images at the place given: said, not silently logged
+    shutil.copytree(images, fewer)
+    next((fewer / "test").rglob("*.png")).unlink()
+    convnets.evaluate(
+        [f"dataset.path={fewer}"], run_id=folder.run_id, tracking_uri=uri, output_dir=tmp_path
+    )
+    assert (
+        f"warning: run_id={folder.run_id}: these test images differ from the ones the run was "
+        "tested on (test digest changed)"
+    ) in capsys.readouterr().err
 
     allowed = "(dataset.data_dir, dataset.path)"
     with pytest.raises(ConvnetsError) as refused:
