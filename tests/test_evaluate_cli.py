@@ -226,8 +226,12 @@ def test_bad_input_in_process(store, tmp_path):
     damaged = client.create_run(experiment_id)
     client.log_text(damaged.info.run_id, "dataset: {name: [digits\n", "config.yaml")
     client.set_terminated(damaged.info.run_id, status="FINISHED")
-    with pytest.raises(ConfigError, match=r"config.yaml is not readable YAML at line 2"):
+    with pytest.raises(ConfigError) as refused:  # the artifact, not its temporary copy
         Tracker(uri).load_config(damaged.info.run_id, key="reproduce")
+    assert str(refused.value) == (
+        f"reproduce={damaged.info.run_id}: its config.yaml artifact is not readable YAML at "
+        "line 2, so the run cannot be rerun from its record"
+    )
 
     zipped = tmp_path / "zip" / "model.keras"  # a zip archive, but not one Keras wrote
     zipped.parent.mkdir()
