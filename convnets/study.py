@@ -47,7 +47,12 @@ def reproduce(cfg: DictConfig, context, parent):
     for number, original in originals:
         child_cfg = cfg.copy()
         child_cfg.reproduce = original.info.run_id
-        sweep = context.sweep and dataclasses.replace(context.sweep, job_num=number)
+        # Named by what the original job ran, not by this command's reproduce=<parent>: the
+        # new parent's jobs.csv and best_overrides then say which configuration each is.
+        ran = original.data.tags.get("sweep_overrides")
+        sweep = context.sweep and dataclasses.replace(
+            context.sweep, job_num=number, overrides=(ran,) if ran else context.sweep.overrides
+        )
         child_context = dataclasses.replace(context, sweep=sweep)
         reproduced[number] = job.train(child_cfg, child_context)  # its own MLflow recorder
     from hydra_plugins.convnets_optuna.convnets_optuna_sweeper import ConvnetsOptunaSweeper

@@ -547,6 +547,9 @@ def test_a_sweep_over_seeds_reads_as_configurations_and_reproduces_as_a_study(tm
         original = originals[copy.data.tags["reproduces"]]
         assert copy.info.run_name == f"{original.info.run_name}-reproduce"
         assert copy.data.tags["sweep_job"] == original.data.tags["sweep_job"]
+        # what the job ran, not the command's reproduce=<parent>
+        assert copy.data.tags["sweep_overrides"] == original.data.tags["sweep_overrides"]
+    assert new_parent.data.tags["best_overrides"] == s.parent.data.tags["best_overrides"]
 
 
 @pytest.mark.slow
