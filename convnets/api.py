@@ -214,7 +214,7 @@ def _callers_tensorflow() -> Iterator[None]:
     finally:
         if "keras" in sys.modules:  # a refusal may come before Keras loads
             sys.modules["keras"].mixed_precision.set_global_policy(policy)
-        if "tensorflow" in sys.modules and _op_determinism() != deterministic:
+        if _op_determinism() != deterministic:
             from convnets.trainer import set_op_determinism
 
             set_op_determinism(deterministic)
@@ -222,10 +222,10 @@ def _callers_tensorflow() -> Iterator[None]:
 
 def _op_determinism() -> bool:
     if "tensorflow" not in sys.modules:
-        return False  # nothing has turned it on
-    from tensorflow.python.framework import config as tf_config
+        return False  # nothing has loaded TensorFlow, so nothing has turned it on
+    from convnets.trainer import op_determinism
 
-    return tf_config.is_op_determinism_enabled()
+    return op_determinism()
 
 
 def _refuse_a_callers_active_run() -> None:

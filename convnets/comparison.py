@@ -38,7 +38,7 @@ METRIC_COLUMNS = (
 # Parameters that differ between runs without being a design choice.
 # Where and how a run ran (the runtime keys a rerun may change: where the data lives, the
 # devices), not what it trained: a reproduction on another machine is the same configuration.
-_NOISE_PARAMS = ("tracking.", "hydra.", "reproduce", "resume", *RUNTIME_KEYS)
+_NOISE_PARAMS = ("hydra.", "reproduce", "resume", *RUNTIME_KEYS)  # tracking.* among them
 # Derived from the stack (logged as params so that MLflow can group by them): not a choice.
 _NOISE_PARAMS += ("receptive_field", "depth")
 

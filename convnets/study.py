@@ -94,7 +94,6 @@ def summary(
     """The study line and the new parent's record, from each job's metrics (originals in job
     order; reproduced by job number, a failed one missing). ``prefix``: how the study's run
     names number its jobs (``j03``; a search's trials ``t03``)."""
-    p = prefix
     from scipy import stats
 
     from convnets.pareto import pareto_front
@@ -111,13 +110,13 @@ def summary(
         best_after = max(done, key=lambda n: _finite(objective(reproduced[n])))
         same = best_after == best_before
         parts.append(
-            f"same best ({p}{best_before:02d})"
+            f"same best ({prefix}{best_before:02d})"
             if same
-            else f"best changed ({p}{best_before:02d} -> {p}{best_after:02d})"
+            else f"best changed ({prefix}{best_before:02d} -> {prefix}{best_after:02d})"
         )
         tags["reproduce_same_best"] = str(same).lower()
     else:
-        parts.append(f"the best job {p}{best_before:02d} failed to reproduce")
+        parts.append(f"the best job {prefix}{best_before:02d} failed to reproduce")
         tags["reproduce_same_best"] = "unknown"
     accuracy_before = [before[n]["test_accuracy"] for n in done]
     accuracy_after = [reproduced[n]["test_accuracy"] for n in done]
@@ -133,13 +132,13 @@ def summary(
     params = [before[n].get("param_count", math.nan) for n in done]
     front_before = {done[i] for i in pareto_front(params, accuracy_before)}
     front_after = {done[i] for i in pareto_front(params, accuracy_after)}
-    changed = [f"+{p}{n:02d}" for n in sorted(front_after - front_before)]
-    changed += [f"-{p}{n:02d}" for n in sorted(front_before - front_after)]
+    changed = [f"+{prefix}{n:02d}" for n in sorted(front_after - front_before)]
+    changed += [f"-{prefix}{n:02d}" for n in sorted(front_before - front_after)]
     parts.append(f"Pareto front changed: {' '.join(changed)}" if changed else "same Pareto front")
     tags["reproduce_pareto_changed"] = " ".join(changed) or "none"
     failed = [n for n in numbers if n not in reproduced]
     if failed:
-        parts.append(f"{len(failed)} job(s) failed: {' '.join(f'{p}{n:02d}' for n in failed)}")
+        parts.append(f"{len(failed)} job(s) failed: {' '.join(f'{prefix}{n:02d}' for n in failed)}")
     return "; ".join(parts), {"tags": tags, "metrics": metrics, "best_original": best_before}
 
 

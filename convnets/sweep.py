@@ -383,13 +383,14 @@ def _refuse_an_ended_sweeps_folder(sweep_dir: Path, search: bool) -> None:
     a search's folder goes on: resumed there, it continues the same study and parent."""
     try:
         earlier = SweepContext.read(sweep_dir)
-    except (OSError, ValueError, TypeError):  # unreadable or damaged: a sweep's folder still
-        earlier = SweepContext("", "", "an earlier sweep")
-    if earlier is None or (search and earlier.search):
-        return
+        if earlier is None or (search and earlier.search):
+            return
+        parent = earlier.parent_run_id
+    except (OSError, ValueError, TypeError):  # damaged: a sweep's folder all the same
+        parent = f"unknown ({SweepContext.path(sweep_dir).name} cannot be read)"
     raise ConfigError(
         f"hydra.sweep.dir={sweep_dir}: holds the jobs and summary of the sweep whose parent "
-        f"run is {earlier.parent_run_id}, which this sweep would write over; give this one its "
+        f"run is {parent}, which this sweep would write over; give this one its "
         "own folder (leave hydra.sweep.dir out: every sweep gets a new folder)"
     )
 

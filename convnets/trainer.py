@@ -53,11 +53,16 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     set_op_determinism(deterministic)
 
 
+def op_determinism() -> bool:
+    """Whether TensorFlow's process-wide op determinism is on (see :func:`seed_everything`)."""
+    return tf_config.is_op_determinism_enabled()
+
+
 def set_op_determinism(on: bool) -> None:
     """TensorFlow's process-wide op determinism on or off (see :func:`seed_everything`)."""
     if on:
         tf.config.experimental.enable_op_determinism()
-    elif tf_config.is_op_determinism_enabled():
+    elif op_determinism():
         tf_config.disable_op_determinism()
 
 
