@@ -35,7 +35,13 @@ TINY = [
 # ---------------------------------------------------------------- helpers
 
 
-def search_cli(tmp: Path, *overrides: str, sweep_dir: str = "multirun", timeout: float = 600):
+def search_cli(
+    tmp: Path, *overrides: str, sweep_dir: str = "multirun", timeout: float = 600, with_store=True
+):
+    """``train.py -m`` on the MLflow store ``tmp/mlflow.db``: one there already (a copy of the
+    schema, :func:`conftest.sqlite_store`) unless not ``with_store``."""
+    if with_store:
+        sqlite_store(tmp)
     return train_cli(
         "-m",
         f"tracking.uri=sqlite:///{tmp}/mlflow.db",
@@ -70,7 +76,7 @@ def study(tmp: Path, name: str) -> optuna.Study:
 def killed_in_trial(tmp: Path, args: list[str], number: int) -> subprocess.Popen:
     """``train.py -m ARGS`` on the stores in ``tmp`` (sweep folder ``multirun``), killed with
     SIGKILL (no handler, no atexit) once trial ``number`` has started its MLflow run."""
-    command = [sys.executable, "train.py", "-m", f"tracking.uri=sqlite:///{tmp}/mlflow.db"]
+    command = [sys.executable, "train.py", "-m", f"tracking.uri={sqlite_store(tmp)}"]
     command += [f"hydra.sweep.dir={tmp}/multirun", *args]
     proc = subprocess.Popen(command, cwd=REPO, env=CLI_ENV, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
@@ -372,7 +378,9 @@ def test_the_launcher_process_stays_light():
     ],
 )  # fmt: skip
 def test_a_bad_search_is_one_line_before_any_run(tmp_path, overrides, line):
-    proc = search_cli(tmp_path, "hparams_search=digits_optuna", *overrides, timeout=120)
+    proc = search_cli(
+        tmp_path, "hparams_search=digits_optuna", *overrides, timeout=120, with_store=False
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     [printed] = proc.stderr.strip().splitlines()
     assert printed.startswith(line), proc.stderr[-2000:]

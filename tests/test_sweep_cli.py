@@ -78,7 +78,13 @@ class Sweep:
         return [r for r in self.children if r.info.status == "FINISHED"]
 
 
-def sweep_command(tmp: Path, *overrides: str, folder: str = "multirun") -> list[str]:
+def sweep_command(
+    tmp: Path, *overrides: str, folder: str = "multirun", with_store: bool = True
+) -> list[str]:
+    """``train.py -m`` on the store ``tmp/mlflow.db``: one there already (a copy of the schema,
+    :func:`conftest.sqlite_store`) unless not ``with_store``, when the sweep creates it."""
+    if with_store:
+        sqlite_store(tmp)
     return [
         sys.executable,
         "train.py",
@@ -95,11 +101,13 @@ def sweep_env(tmp: Path) -> dict[str, str]:
     return {**env, "SWEEP_TEST_MARK": str(tmp)}
 
 
-def sweep_process(tmp: Path, *overrides: str, timeout: float = 420, folder: str = "multirun"):
+def sweep_process(
+    tmp: Path, *overrides: str, timeout: float = 420, folder: str = "multirun", with_store=True
+):
     """``train.py -m`` on the store and sweep folder (``tmp/folder``) in ``tmp``, run to its
     end."""
     return subprocess.run(
-        sweep_command(tmp, *overrides, folder=folder),
+        sweep_command(tmp, *overrides, folder=folder, with_store=with_store),
         cwd=REPO,
         env=sweep_env(tmp),
         capture_output=True,
@@ -108,8 +116,8 @@ def sweep_process(tmp: Path, *overrides: str, timeout: float = 420, folder: str 
     )
 
 
-def run_sweep(tmp: Path, *overrides: str, timeout: float = 420) -> Sweep:
-    proc = sweep_process(tmp, *overrides, timeout=timeout)
+def run_sweep(tmp: Path, *overrides: str, timeout: float = 420, with_store=True) -> Sweep:
+    proc = sweep_process(tmp, *overrides, timeout=timeout, with_store=with_store)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return Sweep(tmp, proc)
 
@@ -587,6 +595,7 @@ def test_joblib_workers_on_a_fresh_sqlite_store_lose_nothing(tmp_path):
         *TINY,
         "model.layer_defaults.kernel_size=3,5",
         "model.layer_defaults.dilation=1,2",
+        with_store=False,  # the two workers create its schema at once
     )
     assert [r.info.status for r in s.children] == ["FINISHED"] * 4
     assert {r.data.tags["sweep_job"] for r in s.children} == {"0", "1", "2", "3"}
