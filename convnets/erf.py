@@ -66,6 +66,12 @@ def _square_start(centre: float, side: int, size: int) -> int:
     return min(max(start, 0), max(size - side, 0))
 
 
+# Why a run has no effective_receptive_field: a network whose centre unit does not respond to
+# its input at all (e.g. every ReLU dead after a diverged learning rate) has no field to measure;
+# 0 px would rank it the smallest field of all.
+UNDEFINED = "the centre unit's gradient is zero everywhere (no input pixel affects it)"
+
+
 def erf_square(grad_map: np.ndarray, mass: float = ERF_MASS) -> tuple[int, tuple[int, int, int]]:
     """Smallest square around the gradient's centroid holding ``mass`` of the total.
 
@@ -138,7 +144,7 @@ def effective_receptive_field(
         else (0.0, 0.0)
     )
     if side == 0:
-        log.warning("effective receptive field: the centre unit's gradient is zero everywhere")
+        log.warning(f"effective receptive field: not measured, {UNDEFINED}")
     return ErfResult(side, grad_map, centroid, box, (h // 2, w // 2), mass)
 
 

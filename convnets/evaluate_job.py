@@ -152,7 +152,8 @@ def _evaluation(libraries_loaded: Callable[[], None] | None):
 
 def _fmt(report: EvalReport) -> str:
     m = report.metrics
+    erf = m.get("effective_receptive_field")
     return (
         f"eval_accuracy={m['eval_accuracy']:.4f} eval_loss={m['eval_loss']:.4f} "
-        f"effective_receptive_field={m['effective_receptive_field']:.0f}"
+        f"effective_receptive_field={'undefined' if erf is None else f'{erf:.0f}'}"
     )

@@ -148,7 +148,8 @@ def evaluate_model(
         )
 
     erf = effective_receptive_field(model, x_test)
-    metrics["effective_receptive_field"] = float(erf.side)
+    if erf.side:  # 0: undefined (no input pixel affects the centre unit), not a field of 0 px
+        metrics["effective_receptive_field"] = float(erf.side)
     rf_box = theoretical_rf_box(analysis) if analysis is not None else None
     rf_text = f", theoretical RF {rf_box[2]}x{rf_box[3]}" if rf_box else ""
     put(

@@ -356,17 +356,20 @@ class _Job:
         measured_erf = erf.effective_receptive_field(model, bundle.test)
         if measured_erf.side >= max(bundle.input_shape[:2]):  # it cannot grow any more
             self.recorder.set_tags({"erf_saturated": "true"})
+        if measured_erf.side == 0:  # no gradient reaches the input: undefined, not 0 px
+            self.recorder.set_tags({"erf_undefined": erf.UNDEFINED})
         metrics = {
             "test_accuracy": test["accuracy"],
             "test_loss": test["loss"],
             "param_count": analysis.param_count,
             "receptive_field": analysis.receptive_field,
             "macs": analysis.macs,
-            "effective_receptive_field": measured_erf.side,
             "train_time_s": result.train_time_s,
             "images_per_sec": result.images_per_sec,
             "epochs_completed": result.epochs_completed,
         }
+        if measured_erf.side:
+            metrics["effective_receptive_field"] = measured_erf.side
         if result.startup_s is not None:
             metrics["startup_s"] = result.startup_s  # process start -> first train step
         if result.best_epoch is not None:

@@ -226,6 +226,22 @@ def test_nan_loss_ends_the_run_failed(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_network_no_pixel_affects_has_no_effective_receptive_field(tmp_path):
+    """A learning rate that kills every ReLU in one epoch (the run still finishes, at chance):
+    the ERF is undefined there, and 0 px would rank the dead network the smallest field."""
+    run = convnets.train(
+        ["model.layers=[{filters:4},{filters:4,pool:max}]", "optimizer.lr=3.0",
+         "trainer.seed=0", "trainer.epochs=1", "trainer.verbose=0", "tracking.log_model=false",
+         f"tracking.uri={sqlite_store(tmp_path)}"],
+        output_dir=tmp_path / "out",
+    )  # fmt: skip
+    recorded = MlflowClient(sqlite_store(tmp_path)).get_run(run.run_id).data
+    assert "effective_receptive_field" not in recorded.metrics
+    assert recorded.tags["erf_undefined"].startswith("the centre unit's gradient is zero")
+    assert recorded.metrics["receptive_field"] == 6 and "test_accuracy" in recorded.metrics
+
+
+@pytest.mark.slow
 @pytest.mark.xdist_group("mlflow_server")  # one worker starts the server once
 def test_remote_server_run(mlflow_server, tmp_path, capsys):
     """A run recorded through a real `mlflow server` (artifacts proxied by the server)."""
