@@ -13,6 +13,7 @@ A per-layer field left unset is ``???`` (OmegaConf's MISSING) and falls back to
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -133,6 +134,24 @@ def read_run_config(
             "; download the run's config.yaml again, or write it as the run recorded it",
         )
     return cfg
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"layers": [{"filters": 8}]}}`` -> ``{"model.layers.0.filters": 8}``."""
+    flat: dict[str, Any] = {}
+    if isinstance(tree, Mapping):
+        items = tree.items()
+    elif isinstance(tree, list | tuple):
+        items = enumerate(tree)
+    else:
+        return {prefix: tree}
+    for key, value in items:
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping | list | tuple) and len(value) > 0:
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
 
 
 def is_runtime_key(key: str) -> bool:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig, OmegaConf
 
 from convnets import architecture, checkpoints, checks, sweep
+from convnets.config import flatten
 from convnets.errors import (
     ConvnetsError,
     DiskFull,
@@ -53,7 +54,6 @@ from convnets.tracking import (
     MODEL_URI_TAG,
     absolute_uri,
     failure_reason,
-    flatten,
     git_changes,
 )
 

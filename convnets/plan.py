@@ -22,12 +22,11 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from convnets import architecture, checkpoints, checks, sweep
-from convnets.config import RUNTIME_KEYS, TrainConfig, is_runtime_key, override_key
+from convnets.config import RUNTIME_KEYS, TrainConfig, flatten, is_runtime_key, override_key
 from convnets.errors import ConfigError, TrackingError, command, warn
 from convnets.sweep_files import is_parent
 from convnets.tracking import (
     CONFIG_ARTIFACT,
-    flatten,
     git_changes,
     git_state,
     package_versions,

@@ -42,9 +42,8 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig
 
 from convnets import folder_lock, trial_liveness
-from convnets.errors import ConfigError
 from convnets.search_report import name_objectives, write_results
-from convnets.search_settings import HEARTBEAT_S, Objective, check, warn_of_a_searched_seed
+from convnets.search_settings import HEARTBEAT_S, check, warn_of_a_searched_seed
 from convnets.search_space import parse_space, space_overrides, trial_overrides
 from convnets.search_storage import (
     MAX_RETRY,
@@ -188,7 +187,6 @@ class Search:
             pruner=make_pruner(pruner),
             load_if_exists=True,
         )
-        self._check_same_objectives(study, objectives)
         name_objectives(study, objectives)
         self._fail_dead_trials(study)
         # Trials no live process runs before they are stale keep their place, but not as done.
@@ -197,6 +195,12 @@ class Search:
         study.sampler = make_sampler(settings, done, len(study.get_trials(deepcopy=False)))
         self._link_parent_run(study)
         in_flight = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+        if done >= settings.n_trials:
+            log.warning(
+                "search: study %s has %d trials already, hydra.sweeper.n_trials=%d: none to "
+                "run; raise n_trials to add trials",
+                name, done, settings.n_trials,
+            )  # fmt: skip
         log.info(
             "search: study %s in %s: %d of %d trials done, %d in flight (%d without a live "
             "process), objectives %s, pruner %s",
@@ -255,18 +259,6 @@ class Search:
                     # keeps its status and reason: only a run left RUNNING is ended here.
                     if tracker.get_run(run_id).info.status == "RUNNING":
                         tracker.end_run(run_id, "KILLED", reason)
-
-    def _check_same_objectives(self, study: optuna.Study, objectives: Sequence[Objective]):
-        wanted = [f"{o.name}:{o.direction[:3]}" for o in objectives]
-        recorded = study.user_attrs.get("objectives")
-        if recorded is None:
-            study.set_user_attr("objectives", wanted)
-        elif recorded != wanted:
-            raise ConfigError(
-                f"hydra.sweeper.objectives: study {study.study_name!r} optimises "
-                f"[{', '.join(recorded)}]; keep those or start a new study with "
-                "hydra.sweeper.study_name=<name>"
-            )
 
     def _link_parent_run(self, study: optuna.Study) -> None:
         """Show the study's MLflow parent run (claimed by the sweep callback) as a study user

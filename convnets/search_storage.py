@@ -10,15 +10,24 @@ import functools
 import inspect
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
+from convnets.config import RUN_ID_KEYS, flatten, is_runtime_key, override_texts
 from convnets.errors import ConfigError, StorageLost
-from convnets.search_settings import HEARTBEAT_S, STALE_AFTER_FLOOR_S, Settings, check, is_search
+from convnets.search_settings import (
+    HEARTBEAT_S,
+    STALE_AFTER_FLOOR_S,
+    Objective,
+    Settings,
+    check,
+    is_search,
+)
+from convnets.search_space import parse_space, space_overrides
 from convnets.sweep_files import PrunerSpec, experiment_name
 
 if TYPE_CHECKING:
@@ -238,9 +247,84 @@ def study_ref(config: DictConfig) -> StudyRef | None:
         directions=[o.direction for o in objectives],
         load_if_exists=True,
     )
+    space, fixed = parse_space(
+        space_overrides(settings.params, override_texts(config.hydra.overrides.task))
+    )
+    check_it_continues(
+        study, objectives, experiment_name(config), trained_settings(config, space, fixed)
+    )
     study_id = storage.get_study_id_from_name(name)
     parent = study_parent.claimed(url, study_id, name) or study.user_attrs.get(PARENT_ATTR)
     return StudyRef(url, study_id, name, parent)
+
+
+# ---------------------------------------------------------------- one study, one search
+
+# The study's user attributes a rerun is held to: what it optimises, where its trials are
+# recorded and what they trained with (see check_it_continues).
+OBJECTIVES_ATTR = "objectives"
+SETTINGS_ATTR = "trained_settings"
+
+
+def trained_settings(config: DictConfig, space: dict, fixed: dict[str, str]) -> dict[str, str]:
+    """What every trial of the search trains with besides the searched keys: the composed
+    config (as given, interpolations unresolved) and the fixed overrides on top, by dotted key,
+    as strings (a study's user attribute is JSON). Runtime keys and run ids are left out."""
+    from omegaconf import OmegaConf
+
+    trained = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
+    flat = {key: str(value) for key, value in flatten(OmegaConf.to_container(trained)).items()}
+    flat.update(fixed)
+    searched = tuple(space)
+    return {
+        key: value
+        for key, value in sorted(flat.items())
+        if not is_runtime_key(key.lstrip("+~"))
+        and key not in RUN_ID_KEYS
+        and not any(key == s or key.startswith(f"{s}.") for s in searched)
+    }
+
+
+def check_it_continues(
+    study: optuna.Study,
+    objectives: Sequence[Objective],
+    experiment: str,
+    settings: dict[str, str],
+) -> None:
+    """Refuse, before any run is made or reopened, a rerun that would add to a study trials
+    that do not compare with its own: other objectives, another ``tracking.experiment`` (its
+    trials would land in two experiments under one parent) or another fixed setting
+    (``trainer.epochs=2`` after 1). The first process to run the study records all three;
+    runtime keys (data folders, devices, the store's URI) may differ between the machines
+    sharing it, and a key only one side has (the config schema grew) is not compared."""
+    new_study = "start a new study: hydra.sweeper.study_name=<name>"
+    wanted = [f"{o.name}:{o.direction[:3]}" for o in objectives]
+    recorded = study.user_attrs.get(OBJECTIVES_ATTR)
+    if recorded is None:
+        study.set_user_attr(OBJECTIVES_ATTR, wanted)
+    elif recorded != wanted:
+        raise ConfigError(
+            f"hydra.sweeper.objectives: study {study.study_name!r} optimises "
+            f"[{', '.join(recorded)}]; keep those or {new_study}"
+        )
+    before = study.user_attrs.get(SETTINGS_ATTR)
+    if before is None:
+        study.set_user_attr(SETTINGS_ATTR, {"experiment": experiment, "settings": settings})
+        return
+    if before["experiment"] != experiment:
+        raise ConfigError(
+            f"tracking.experiment={experiment}: study {study.study_name!r} records its trials "
+            f"in the experiment {before['experiment']!r}; keep that one, or {new_study}"
+        )
+    trained = before["settings"]
+    changed = sorted(k for k in trained.keys() & settings.keys() if trained[k] != settings[k])
+    if changed:
+        key, more = changed[0], len(changed) - 1
+        also = f" (and {more} more key{'s' if more > 1 else ''})" if more else ""
+        raise ConfigError(
+            f"{key}={settings[key]}: the trials of study {study.study_name!r} trained with "
+            f"{key}={trained[key]}{also}; rerun with its settings to add trials, or {new_study}"
+        )
 
 
 def redact_url(url: str) -> str:

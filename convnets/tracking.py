@@ -86,24 +86,6 @@ def redact(text: str) -> str:
     return _CREDENTIALS.sub(r"\g<scheme>", text)
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"layers": [{"filters": 8}]}}`` -> ``{"model.layers.0.filters": 8}``."""
-    flat: dict[str, Any] = {}
-    if isinstance(tree, Mapping):
-        items = tree.items()
-    elif isinstance(tree, list | tuple):
-        items = enumerate(tree)
-    else:
-        return {prefix: tree}
-    for key, value in items:
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping | list | tuple) and len(value) > 0:
-            flat.update(flatten(value, name))
-        else:
-            flat[name] = value
-    return flat
-
-
 def shorten(text: str, limit: int, marker: str = SHORTENED) -> str:
     """``text`` cut to ``limit`` characters, ending in ``marker`` when cut."""
     return text if len(text) <= limit else text[: limit - len(marker)] + marker

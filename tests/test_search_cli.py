@@ -415,6 +415,18 @@ def test_a_two_objective_search_resumes_into_the_same_study_and_parent(tmp_path)
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in children}
 
+    # The same search with another fixed setting is refused before any run is reopened: its
+    # trials would not compare with the study's.
+    changed = search_cli(tmp_path, *args, "hydra.sweeper.n_trials=9", "trainer.epochs=2")
+    assert changed.returncode == 2, changed.stderr[-2000:]
+    assert changed.stderr.strip().splitlines() == [
+        "error: trainer.epochs=2: the trials of study 'digits_pareto' trained with "
+        "trainer.epochs=1; rerun with its settings to add trials, or start a new study: "
+        "hydra.sweeper.study_name=<name>"
+    ]
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert len(study(tmp_path, "digits_pareto").trials) == 8
+
     # The Pareto front over all 8 trials: tagged on the runs, listed in pareto.csv.
     local = Path(client.download_artifacts(parent, "pareto/pareto.csv", str(tmp_path)))
     rows = list(csv.DictReader(local.open()))
@@ -598,6 +610,43 @@ def test_a_search_killed_mid_trial_resumes_and_redoes_that_trial(tmp_path):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     by_run = {r.info.run_id: r for r in children}
     assert by_run[killed.user_attrs["mlflow_run_id"]].info.status == "KILLED"
+
+
+def a_search_config(epochs=1, experiment="e", lr="interval(1e-4, 1e-2)", **sweeper):
+    config = sweeper_config(**sweeper)
+    config.hydra.sweeper.params = {"optimizer.lr": lr}
+    config.hydra.overrides = {"task": [f"trainer.epochs={epochs}", "tracking.uri=sqlite:///a.db"]}
+    config.trainer = {"epochs": epochs, "batch_size": 64}
+    config.tracking.experiment = experiment
+    return config
+
+
+def continues(study, config) -> None:
+    from convnets.search_storage import check_it_continues, trained_settings
+
+    settings, objectives = search_settings.check(config)
+    task = list(config.hydra.overrides.task)
+    space, fixed = search_space.parse_space(search_space.space_overrides(settings.params, task))
+    check_it_continues(study, objectives, config.tracking.experiment,
+                       trained_settings(config, space, fixed))  # fmt: skip
+
+
+def test_a_study_continues_only_with_its_objectives_experiment_and_settings():
+    study = optuna.create_study()
+    continues(study, a_search_config())  # the first run of the study records them
+    assert study.user_attrs["trained_settings"]["settings"]["trainer.epochs"] == "1"
+    assert "optimizer.lr" not in study.user_attrs["trained_settings"]["settings"]  # searched
+    continues(study, a_search_config())  # the same search again: more trials
+    continues(study, a_search_config(lr="interval(1e-3, 1e-1)"))  # a narrowed range
+    refused = {
+        "trainer.epochs=2: the trials of study": a_search_config(epochs=2),
+        "tracking.experiment=other: study": a_search_config(experiment="other"),
+        "hydra.sweeper.objectives: study": a_search_config(objectives=["test_accuracy"]),
+    }
+    for line, config in refused.items():
+        with pytest.raises(ConfigError, match="start a new study: hydra.sweeper.study_name") as e:
+            continues(study, config)
+        assert str(e.value).startswith(line)
 
 
 def test_a_dead_trials_run_that_ended_itself_keeps_its_status_and_cause(tmp_path):

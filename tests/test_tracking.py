@@ -24,12 +24,12 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from omegaconf import OmegaConf
 
 import convnets.config  # noqa: F401  (registers the schemas)
+from convnets.config import flatten
 from convnets.errors import TrackingError
 from convnets.tracking import (
     SHORTENED,
     Tracker,
     epoch_metrics,
-    flatten,
     redact,
     sqlite_path,
     to_params,
