@@ -16,6 +16,7 @@ information. Pure: pandas, NumPy, SciPy; no MLflow, no TensorFlow.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -126,10 +127,11 @@ def holm(p_values: list[float]) -> list[float]:
 
 
 def baseline_group(groups: pd.DataFrame, baseline: str, table: pd.DataFrame | None = None) -> int:
-    """The index of the group ``baseline`` names: a run id in it, or its label; or, given the
-    runs' ``table``, a run of its configuration left out as a repeated seed."""
+    """The index of the group ``baseline`` names: a run id in it, its short label (``g2``, as
+    the figures and the printed table show it) or its full one (the params that set it apart);
+    or, given the runs' ``table``, a run of its configuration left out as a repeated seed."""
     for i, row in groups.iterrows():
-        if baseline in row["run_ids"].split() or baseline == row["group"]:
+        if baseline in row["run_ids"].split() or baseline in (row["group"], row.get("label")):
             return int(i)
     repeated = table[table["run_id"] == baseline] if table is not None else ()
     if len(repeated):
@@ -137,7 +139,7 @@ def baseline_group(groups: pd.DataFrame, baseline: str, table: pd.DataFrame | No
         for i, row in groups.iterrows():
             if row["group"] == label:
                 return int(i)
-    labels = "; ".join(groups["group"])
+    labels = "; ".join(f"{row['label']}: {row['group']}" for _, row in groups.iterrows())
     raise ValueError(
         f"baseline={baseline}: neither a run id of the compared runs nor a group label "
         f"(the groups: {labels})"
@@ -173,7 +175,14 @@ def verdicts(groups: pd.DataFrame, table: pd.DataFrame, baseline: int) -> pd.Dat
             # would answer p=0 for any difference, with a cancellation warning).
             reason = "no test: every seed gave the same accuracy in both groups (no spread)"
         else:
-            p = float(stats.ttest_ind(values, base, equal_var=False).pvalue)
+            with warnings.catch_warnings():
+                # One group of identical accuracies (no spread) makes SciPy warn of precision
+                # loss in its variance; Welch's variance then comes from the other group, and
+                # the p-value stands. Only that warning, only here.
+                warnings.filterwarnings(
+                    "ignore", "Precision loss occurred in moment calculation", RuntimeWarning
+                )
+                p = float(stats.ttest_ind(values, base, equal_var=False).pvalue)
         reasons.append(reason)
         p_values.append(p)
         better.append(values.mean() > base.mean())
@@ -189,6 +198,6 @@ def verdicts(groups: pd.DataFrame, table: pd.DataFrame, baseline: int) -> pd.Dat
     out["verdict"] = verdict
     out["p_value"] = p_values
     out["p_holm"] = adjusted
-    out["test"] = TEST_NAME
+    out["test"] = [TEST_NAME if math.isfinite(p) else "" for p in p_values]  # rows tested only
     out.attrs = {**groups.attrs, "params": keys}
     return out

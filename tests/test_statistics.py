@@ -65,7 +65,9 @@ def test_welch_verdicts_against_a_baseline():
     assert judged.loc["width=2", "verdict"] == "better" and judged.loc["width=2", "p_holm"] < 0.05
     assert judged.loc["width=3", "verdict"] == "indistinguishable"
     assert judged.loc["width=4", "verdict"].startswith("no test: this group has one run")
-    assert set(judged["test"]) == {"Welch's t-test"}
+    tested = judged["p_value"].notna()
+    assert set(judged.loc[tested, "test"]) == {"Welch's t-test"}
+    assert set(judged.loc[~tested, "test"]) == {""}  # the baseline, the one-run group
     expected = scipy_stats.ttest_ind([0.97, 0.98, 0.97, 0.98], [0.90, 0.91, 0.92, 0.90],
                                      equal_var=False).pvalue  # fmt: skip
     assert judged.loc["width=2", "p_value"] == pytest.approx(expected)
@@ -73,7 +75,9 @@ def test_welch_verdicts_against_a_baseline():
     other = judged.loc["width=3", "p_value"]
     assert judged.loc["width=2", "p_holm"] == pytest.approx(2 * expected)
     assert judged.loc["width=3", "p_holm"] == pytest.approx(max(2 * expected, min(1.0, other)))
-    with pytest.raises(ValueError, match="baseline=nope"):
+    # The short label the figures and the printed table show names a group too.
+    assert statistics.baseline_group(groups, groups.loc[base, "label"]) == base
+    with pytest.raises(ValueError, match="baseline=nope.*g2: width=2"):
         statistics.baseline_group(groups, "nope")
 
 
@@ -98,6 +102,21 @@ def test_holm_keeps_the_family_of_verdicts_at_five_percent():
     worst = judged.set_index("group").loc["width=5"]
     assert worst["p_value"] < 0.05 and worst["p_holm"] == pytest.approx(4 * worst["p_value"])
     assert worst["verdict"] == ("worse" if 4 * worst["p_value"] < 0.05 else "indistinguishable")
+
+
+def test_one_group_without_spread_is_tested_quietly(recwarn):
+    """Identical accuracies in one group only: Welch's variance comes from the other, the
+    test stands; SciPy's precision-loss warning about the first must not reach the user."""
+    runs = table(
+        [(1, s, 1.0) for s in range(3)] + [(2, s, a) for s, a in enumerate([0.9, 0.95, 1.0])]
+    )
+    groups = statistics.groups_table(runs)
+    judged = statistics.verdicts(groups, runs, statistics.baseline_group(groups, "r0"))
+    assert not [w for w in recwarn if "Precision loss" in str(w.message)]
+    other = judged.set_index("group").loc["width=2"]
+    expected = scipy_stats.ttest_ind([0.9, 0.95, 1.0], [1.0] * 3, equal_var=False).pvalue
+    assert [w for w in recwarn if "Precision loss" in str(w.message)]  # SciPy's own, as said
+    assert other["p_value"] == pytest.approx(expected) and other["verdict"] == "indistinguishable"
 
 
 def test_groups_without_spread_get_no_test():
