@@ -397,6 +397,12 @@ def pareto_scatter(
         ax.set_xscale("log")
     elif np.isfinite(x).any() and np.all(x[np.isfinite(x)] == np.round(x[np.isfinite(x)])):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # pixels: no 7.8 px ticks
+    lo, hi = _axis_range(x, log_x)
+    if lo == hi and np.isfinite(x).any():
+        # Every run has the same value: matplotlib would span a sliver around it, ticked in
+        # fractions of a pixel. One step either side (a factor of 2 on a log axis) instead.
+        value = float(x[np.isfinite(x)][0])
+        ax.set_xlim(*((value / 2, value * 2) if log_x else (value - 1, value + 1)))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

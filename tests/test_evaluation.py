@@ -314,6 +314,20 @@ def test_summary_figures_stay_readable_with_many_keys_and_long_floats(tmp_path):
     assert all(is_png(p, 10_000) for p in paths.values())
 
 
+@pytest.mark.parametrize("log_x", [False, True])
+def test_runs_that_share_one_value_get_an_axis_of_whole_steps_around_it(log_x):
+    """Every run with a receptive field of 6 px: the axis spans 5..7 (3..12 on a log axis),
+    not a sliver around 6 ticked in fractions of a pixel."""
+    fig = plots.pareto_scatter(
+        [6, 6, 6], [0.9, 0.95, 0.97], [2], xlabel="receptive field", title="t", log_x=log_x
+    )
+    ax = fig.axes[0]
+    assert ax.get_xlim() == ((3.0, 12.0) if log_x else (5.0, 7.0))
+    if not log_x:
+        ticks = [t for t in ax.get_xticks() if 5 <= t <= 7]
+        assert ticks == [5, 6, 7]
+
+
 def _label_boxes(fig):
     """The display-space boxes of a figure's annotations (drawn first)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
