@@ -180,18 +180,45 @@ def job_run_name(context: SweepContext) -> str:
     if context.swept_keys:
         shown = [o for o in shown if _bare_key(o.split("=", 1)[0]) in context.swept_keys]
     number = "" if context.job_num is None else f"{context.job_num:02d}"
-    words = [f"{'t' if context.search else 'j'}{number}", *map(short_override, shown)]
+    digits = dict(context.name_digits)
+    shown = [short_override(o, digits.get(_bare_key(o.split("=", 1)[0]), 2)) for o in shown]
+    words = [f"{'t' if context.search else 'j'}{number}", *shown]
     return fit_name([redact(word) for word in words])
 
 
-def short_override(override: str) -> str:
+def short_override(override: str, digits: int = 2) -> str:
     """``model.layer_defaults.kernel_size=5`` -> ``k=5``, ``optimizer.lr=0.0055123`` ->
-    ``lr=5.5e-3`` (floats to 2 significant digits), ``model.layers.0.stride=2`` -> ``l0.s=2``,
-    a stack ``[{filters:16},{filters:32,pool:max}]`` -> ``16-32pmax``."""
+    ``lr=5.5e-3`` (floats to ``digits`` significant digits), ``model.layers.0.stride=2`` ->
+    ``l0.s=2``, a stack ``[{filters:16},{filters:32,pool:max}]`` -> ``16-32pmax``."""
     key, sep, value = override.partition("=")
     if not sep:
         return key
-    return f"{_short_key(key)}={_short_value(value)}"
+    return f"{_short_key(key)}={_short_value(value, digits)}"
+
+
+def name_digits(definition: dict[str, str]) -> tuple[tuple[str, int], ...]:
+    """The significant digits each numeric key of a grid needs in its jobs' names to tell its
+    values apart (``lr=0.00123,0.00124``: 3), where 2 do not. A search's ranges are not
+    enumerable: its trials keep 2 (their numbers tell them apart)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    needed = []
+    for key, value in definition.items():
+        try:
+            values = {
+                float(v) for v in parser.parse_override(f"{key}={value}").sweep_string_iterator()
+            }
+        except (HydraException, ValueError):  # not a grid of numbers
+            continue
+        digits = next(
+            (d for d in range(2, 16) if len({_significant(v, d) for v in values}) == len(values)),
+            16,
+        )
+        if digits > 2:
+            needed.append((_bare_key(key), digits))
+    return tuple(needed)
 
 
 def fit_name(words: Sequence[str], sep: str = " ", limit: int = RUN_NAME_LIMIT) -> str:
@@ -230,7 +257,7 @@ def _short_key(key: str) -> str:
     return f"l{index}.{short}" if index is not None else short  # one layer of model.layers
 
 
-def _short_value(value: str) -> str:
+def _short_value(value: str, digits: int = 2) -> str:
     text = value.strip()
     if re.fullmatch(r"[+-]?\d+", text):
         return text
@@ -238,17 +265,21 @@ def _short_value(value: str) -> str:
         number = float(text)
     except ValueError:
         return _short_stack(text) if text.startswith("[{") else text
-    return _two_digits(number)
+    return _rounded(number, digits)
 
 
-def _two_digits(x: float) -> str:
-    """2 significant digits: plain from 0.1 to 999 (``0.25``, ``1``, ``120``), else compact
-    scientific (``5.5e-3``, ``1e-4``, ``2.5e4``)."""
+def _significant(x: float, digits: int) -> float:
+    return float(f"{x:.{digits - 1}e}")
+
+
+def _rounded(x: float, digits: int = 2) -> str:
+    """``digits`` significant digits: plain from 0.1 to 999 (``0.25``, ``1``, ``120``), else
+    compact scientific (``5.5e-3``, ``1e-4``, ``2.5e4``; ``1.23e-3`` with 3)."""
     if x == 0 or not math.isfinite(x):
         return f"{x:g}"
-    mantissa, exponent = f"{x:.1e}".split("e")
+    mantissa, exponent = f"{x:.{digits - 1}e}".split("e")
     if -2 < int(exponent) < 3:
-        return f"{float(f'{x:.2g}'):g}"
+        return f"{_significant(x, digits):.{max(6, digits)}g}"
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
@@ -461,7 +492,12 @@ class MlflowSweepCallback(Callback):
         self._join_parent(tracker, experiment_id, run_id)
 
         context = SweepContext(
-            config.tracking.uri, experiment_id, run_id, study is not None, swept_keys(definition)
+            config.tracking.uri,
+            experiment_id,
+            run_id,
+            study is not None,
+            swept_keys(definition),
+            name_digits=() if study is not None else name_digits(definition),
         )
         context.write(Path(config.hydra.sweep.dir).resolve())  # before any job reads it
         log.info("sweep: MLflow parent run %s in experiment %s", run_id, experiment_id)

@@ -84,6 +84,8 @@ class SweepContext:
     swept_keys: tuple[str, ...] = ()  # the keys the sweep varies: they name its jobs' runs
     job_num: int | None = None  # this job's index in the sweep (Hydra's hydra.job.num)
     overrides: tuple[str, ...] = ()  # this job's overrides (its grid point / trial)
+    # (key, significant digits) where a grid's numbers need more than 2 to stay apart in names
+    name_digits: tuple[tuple[str, int], ...] = ()
 
     @staticmethod
     def path(sweep_dir: str | Path) -> Path:
@@ -94,6 +96,7 @@ class SweepContext:
         fields = asdict(self)
         del fields["job_num"], fields["overrides"]
         fields["swept_keys"] = list(self.swept_keys)
+        fields["name_digits"] = [list(pair) for pair in self.name_digits]
         path = self.path(sweep_dir)
         _write_atomically(path, json.dumps(fields, indent=1))
         return path
@@ -113,6 +116,7 @@ class SweepContext:
             return None
         fields = json.loads(path.read_text())
         fields["swept_keys"] = tuple(fields.get("swept_keys", ()))
+        fields["name_digits"] = tuple((k, int(d)) for k, d in fields.get("name_digits", ()))
         return cls(**fields, job_num=job_num, overrides=tuple(overrides))
 
     def tags(self) -> dict[str, str]:

@@ -256,6 +256,19 @@ def test_a_grid_job_is_named_by_its_number_and_what_the_sweep_varies():
     assert sweep.job_run_name(unknown) == "j12 ep=1 layers=4-4pmax k=5 d=2"
 
 
+def test_a_grids_numbers_keep_the_digits_that_tell_them_apart_in_names():
+    definition = {"optimizer.lr": "0.00123,0.00124", "model.layer_defaults.dropout": "0.0,0.05",
+                  "model.width": "choice(0.5, 1.0)", "trainer.epochs": "1"}  # fmt: skip
+    digits = sweep.name_digits(definition)
+    assert digits == (("optimizer.lr", 3),)  # 2 digits show both as 1.2e-3
+    names = [
+        sweep.job_run_name(SweepContext("u", "1", "p", False, ("optimizer.lr",), n,
+                                        (f"optimizer.lr={lr}",), name_digits=digits))
+        for n, lr in enumerate(["0.00123", "0.00124"])
+    ]  # fmt: skip
+    assert names == ["j00 lr=1.23e-3", "j01 lr=1.24e-3"]
+
+
 @pytest.mark.parametrize(
     ("value", "shown"),
     [
