@@ -96,7 +96,8 @@ def _gone(record: dict, last_beat: object, now: float) -> str | None:
     alive = folder_lock.is_alive(record)
     if alive is False:
         return (
-            f"its process ({who}) ended without ending the run (killed with SIGKILL, or it crashed)"
+            f"its process ({who}) ended without ending the run (killed with SIGKILL, crashed, "
+            "or the store was not answering when it ended)"
         )
     if alive is None:
         try:

@@ -27,7 +27,7 @@ def test_a_run_whose_process_ended_on_this_host_is_dead_at_once():
     reason = liveness.dead_reason(tags_of(record, time.time()))
     assert reason == (
         f"its process (process {record['pid']} on {record['host']}) ended without ending the run "
-        "(killed with SIGKILL, or it crashed)"
+        "(killed with SIGKILL, crashed, or the store was not answering when it ended)"
     )
 
 
@@ -153,7 +153,7 @@ def test_the_next_command_ends_a_dead_sweeps_parent_and_says_how_to_continue(tmp
     assert ended.info.status == "KILLED"
     assert ended.data.tags["failure_reason"] == (
         f"its process ({folder_lock.describe(gone)}) ended without ending the run "
-        "(killed with SIGKILL, or it crashed)"
+        "(killed with SIGKILL, crashed, or the store was not answering when it ended)"
     )
     assert tracker.client.get_run(live).info.status == "RUNNING"  # this process shares it
     assert tracker.client.get_run(trial).info.status == "KILLED"
