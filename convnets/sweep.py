@@ -830,6 +830,11 @@ def summarize(
     )
     table = runs.reindex(columns=list(SUMMARY_COLUMNS)).rename(columns=SUMMARY_COLUMNS)
     table["selected_val_accuracy"] = selected_val_accuracy(runs)  # older runs' from their record
+    if any(spec.split(":")[0] == "val_accuracy" for spec in objectives):
+        # A search on the last epoch's validation accuracy: its objective, under its own name
+        # beside the tested epoch's, as pareto.csv and the study have it.
+        last = runs.get("metrics.val_accuracy", pd.Series(float("nan"), index=runs.index))
+        table.insert(table.columns.get_loc("selected_val_accuracy") + 1, "val_accuracy", last)
     table["job"] = pd.to_numeric(table["job"]).astype("Int64")
     table = table.sort_values("job", kind="stable").reset_index(drop=True)
     out_dir.mkdir(parents=True, exist_ok=True)

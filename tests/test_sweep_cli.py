@@ -969,3 +969,35 @@ def test_a_sweep_without_validation_data_finished_every_job_and_has_no_best(tmp_
         "sweep done: 2 of 3 jobs finished (1 pruned); no best job: none has a "
         "selected_val_accuracy (trained without validation data); parent run"
     ) in capsys.readouterr().out
+
+
+def test_a_search_on_the_last_epochs_val_accuracy_lists_it_in_its_summary(tmp_path):
+    """Its objective is the last epoch's val_accuracy: jobs.csv shows it under that name,
+    beside the tested epoch's selected_val_accuracy, as pareto.csv and the study do."""
+    from mlflow.tracking import MlflowClient
+
+    uri = sqlite_store(tmp_path)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("last")
+    parent = client.create_run(experiment).info.run_id
+    child = client.create_run(
+        experiment, tags={"mlflow.parentRunId": parent, "sweep_job": "0"}
+    ).info.run_id
+    for step, value in enumerate([0.2292, 0.2083], start=1):  # the best epoch was the first
+        client.log_metric(child, "val_accuracy", value, step=step)
+    for key, value in {
+        "selected_val_accuracy": 0.2292,
+        "test_accuracy": 0.2,
+        "param_count": 9,
+    }.items():
+        client.log_metric(child, key, value)
+    client.set_terminated(child, "FINISHED")
+    context = SweepContext(uri, experiment, parent, search=True)
+    objectives = ("val_accuracy:max", "param_count:min")
+    sweep.summarize(context, tmp_path / "summary", objectives=objectives)
+    with open(tmp_path / "summary" / "jobs.csv", newline="") as f:
+        [row] = list(csv.DictReader(f))
+    assert (float(row["val_accuracy"]), float(row["selected_val_accuracy"])) == (0.2083, 0.2292)
+    sweep.summarize(context, tmp_path / "other", objectives=("selected_val_accuracy:max",))
+    with open(tmp_path / "other" / "jobs.csv", newline="") as f:
+        assert "val_accuracy" not in next(csv.reader(f))
