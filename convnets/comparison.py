@@ -171,13 +171,15 @@ def summary_figures(runs: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
 
 
 LABEL_LIMIT = 30  # characters of a point label; longer ones give way to the job's number
+RUN_ID_SHOWN = 6  # characters of a run id that label its point when nothing shorter does
 
 
 def _point_labels(runs: pd.DataFrame) -> list[str] | None:
     """What tells the runs apart: the differing params (``kernel_size=5``) that
     :func:`runs_table` found, else the run name; when those are long (several keys, long
     floats), the job's or trial's number from its run name (``j03``, ``t05``; the CSV beside
-    the figure has its overrides), else the row number."""
+    the figure has its overrides) when no two runs share one (runs of several sweeps do),
+    else the start of the run id (``83ea41``), which the CSV and MLflow's UI show too."""
     names = next(
         (list(runs[col].astype(str)) for col in ("name", "run_name") if col in runs.columns),
         None,
@@ -189,9 +191,13 @@ def _point_labels(runs: pd.DataFrame) -> list[str] | None:
         labels = [", ".join(f"{short[c]}={row[c]}" for c in params) for _, row in runs.iterrows()]
     if labels is None or max(map(len, labels), default=0) <= LABEL_LIMIT:
         return labels
-    numbers = [re.match(r"[jt]\d+\b", name) for name in names or []]
-    if names and all(numbers):
-        return [match[0] for match in numbers]
+    numbers = [
+        match[0] if (match := re.match(r"[jt]\d+\b", name)) else None for name in names or []
+    ]
+    if names and all(numbers) and len(set(numbers)) == len(numbers):
+        return numbers
+    if "run_id" in runs.columns:
+        return [str(run_id)[:RUN_ID_SHOWN] for run_id in runs["run_id"]]
     return [f"#{i + 1}" for i in range(len(labels))]
 
 

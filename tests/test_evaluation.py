@@ -328,6 +328,26 @@ def test_runs_that_share_one_value_get_an_axis_of_whole_steps_around_it(log_x):
         assert ticks == [5, 6, 7]
 
 
+def test_runs_of_several_sweeps_are_labelled_by_run_id_not_by_a_shared_job_number():
+    """Two sweeps compared together both have a j00 and a j01: their points are labelled by
+    the start of the run id (in runs.csv and MLflow's UI), not by numbers that repeat."""
+    from convnets.comparison import _point_labels
+
+    long = "0.0012345678901234"
+    table = pd.DataFrame(
+        {
+            "run_id": ["83ea41" + "0" * 26, "71f4a5" + "0" * 26, "aa0000" + "1" * 26],
+            "name": ["j00 lr=1.2e-3", "j01 lr=1.2e-3", "j00 lr=1.2e-3"],
+            "optimizer.lr": [long, long + "1", long + "2"],
+            "model.layer_defaults.dropout": ["0.123456789"] * 3,
+        }
+    )
+    table.attrs["params"] = ["optimizer.lr", "model.layer_defaults.dropout"]
+    assert _point_labels(table) == ["83ea41", "71f4a5", "aa0000"]
+    table["name"] = ["j00 lr=1.2e-3", "j01 lr=1.2e-3", "j02 lr=1.2e-3"]  # one sweep: its numbers
+    assert _point_labels(table) == ["j00", "j01", "j02"]
+
+
 def _label_boxes(fig):
     """The display-space boxes of a figure's annotations (drawn first)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
