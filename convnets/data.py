@@ -197,10 +197,14 @@ def load_data(
         std=std,
         max_pixel_value=float(cfg.max_pixel_value),
         pixel_dtype=arrays.x_test.dtype.name,
-        digests={
-            "train": content_digest(x_train, y_train),
-            "validation": content_digest(x_val, y_val),
-            "test": content_digest(arrays.x_test, arrays.y_test),
+        digests={  # a split that is empty (dataset.val_fraction=0) has nothing to digest
+            split: content_digest(images, labels)
+            for split, images, labels in (
+                ("train", x_train, y_train),
+                ("validation", x_val, y_val),
+                ("test", arrays.x_test, arrays.y_test),
+            )
+            if len(labels)
         },
     )
 

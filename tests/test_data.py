@@ -112,6 +112,7 @@ def test_val_fraction_zero_gives_no_val():
     bundle = data.load_data(dataset_cfg("digits", val_fraction=0.0), batch_size=64, seed=0)
     assert bundle.val is None and bundle.num_val == 0
     assert bundle.num_train == 1437 and bundle.num_test == 360
+    assert set(bundle.digests) == {"train", "test"}  # no digest of a split that is not there
 
 
 def test_train_reshuffles_each_epoch_and_deterministic_loads_match():
