@@ -73,6 +73,8 @@ def groups_table(table: pd.DataFrame) -> pd.DataFrame:
         first = runs.iloc[0]
         row = {"group": group_label(first, keys), **{c: first[c] for c in keys}}
         row["n"] = len(runs)
+        if SEED in runs:  # in order, whatever order the runs came in; run_ids follow it
+            runs = runs.sort_values(SEED, key=lambda seeds: pd.to_numeric(seeds, errors="coerce"))
         row["seeds"] = " ".join(str(s) for s in runs[SEED]) if SEED in runs else ""
         row["run_ids"] = " ".join(runs["run_id"])
         for metric in MEASURED:

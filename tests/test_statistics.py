@@ -33,11 +33,12 @@ def table(rows: list[tuple[float, int, float]]) -> pd.DataFrame:
 
 
 def test_groups_pool_the_seeds_with_a_t_interval():
-    runs = table([(1, 0, 0.90), (1, 1, 0.92), (1, 2, 0.94), (2, 0, 0.97), (3, 0, 0.5)])
+    runs = table([(1, 2, 0.94), (1, 0, 0.90), (1, 10, 0.92), (2, 0, 0.97), (3, 0, 0.5)])
     groups = statistics.groups_table(runs)
     assert list(groups["group"]) == ["width=2", "width=1", "width=3"]  # best mean first
     one = groups.set_index("group").loc["width=1"]
-    assert one["n"] == 3 and one["seeds"] == "0 1 2"
+    assert one["n"] == 3 and one["seeds"] == "0 2 10"  # in order, as numbers
+    assert one["run_ids"] == "r1 r0 r2"  # in the seeds' order
     values = np.array([0.90, 0.92, 0.94])
     half = scipy_stats.t.ppf(0.975, 2) * values.std(ddof=1) / math.sqrt(3)
     assert one["test_accuracy_mean"] == pytest.approx(0.92)
