@@ -268,6 +268,21 @@ def _short_value(value: str, digits: int = 2) -> str:
     return _rounded(number, digits)
 
 
+def _short_values(key: str, value: str, digits: int) -> str:
+    """A grid's values as its jobs' names show them (``0.00123456,0.0123`` ->
+    ``1.2e-3,1.2e-2``); a range or anything else as given."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if value.strip().startswith("range("):
+        return value
+    try:
+        values = OverridesParser.create().parse_override(f"{key}={value}").sweep_string_iterator()
+        return ",".join(_short_value(v, digits) for v in values)
+    except HydraException:
+        return value
+
+
 def _significant(x: float, digits: int) -> float:
     return float(f"{x:.{digits - 1}e}")
 
@@ -601,7 +616,14 @@ class MlflowSweepCallback(Callback):
         if search:  # its ranges are long: the keys it searches
             words = ["search", *(_short_key(key) for key in varied)]
         else:
-            words = ["sweep", *(f"{_short_key(k)}={overrides[k]}" for k in varied)]
+            digits = dict(name_digits(overrides))
+            words = [
+                "sweep",
+                *(
+                    f"{_short_key(k)}={_short_values(k, overrides[k], digits.get(k, 2))}"
+                    for k in varied
+                ),
+            ]
         run_id = tracker.create_run(
             experiment_id,
             run_name=fit_name([redact(word) for word in words]),

@@ -267,6 +267,10 @@ def test_a_grids_numbers_keep_the_digits_that_tell_them_apart_in_names():
         for n, lr in enumerate(["0.00123", "0.00124"])
     ]  # fmt: skip
     assert names == ["j00 lr=1.23e-3", "j01 lr=1.24e-3"]
+    # The parent's name shows the grid's values as its jobs' names do.
+    assert sweep._short_values("optimizer.lr", "0.00123,0.00124", 3) == "1.23e-3,1.24e-3"
+    assert sweep._short_values("optimizer.lr", "choice(0.0123456, 0.1)", 2) == "1.2e-2,0.1"
+    assert sweep._short_values("trainer.epochs", "range(1,40)", 2) == "range(1,40)"
 
 
 @pytest.mark.parametrize(
@@ -483,6 +487,7 @@ def test_grid_sweep_nests_jobs_under_a_summarised_parent_and_survives_a_bad_poin
 
     parent = s.parent
     assert parent.info.status == "FINISHED"
+    assert parent.info.run_name == "sweep l0.s=1,2 d=1,2"
     assert parent.data.params["sweep.model.layers.0.stride"] == "1,2"
     assert parent.data.params["sweep.model.layer_defaults.dilation"] == "1,2"
     assert parent.data.metrics["jobs"] == 4 and parent.data.metrics["jobs_failed"] == 1
