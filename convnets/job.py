@@ -356,8 +356,6 @@ class _Job:
         measured_erf = erf.effective_receptive_field(model, bundle.test)
         if measured_erf.side >= max(bundle.input_shape[:2]):  # it cannot grow any more
             self.recorder.set_tags({"erf_saturated": "true"})
-        if measured_erf.side == 0:  # no gradient reaches the input: undefined, not 0 px
-            self.recorder.set_tags({"erf_undefined": erf.UNDEFINED})
         metrics = {
             "test_accuracy": test["accuracy"],
             "test_loss": test["loss"],
@@ -370,6 +368,8 @@ class _Job:
         }
         if measured_erf.side:
             metrics["effective_receptive_field"] = measured_erf.side
+        else:  # no gradient reaches the input: undefined, not 0 px
+            self.recorder.set_tags({"erf_undefined": erf.UNDEFINED})
         if result.startup_s is not None:
             metrics["startup_s"] = result.startup_s  # process start -> first train step
         if result.best_epoch is not None:

@@ -133,7 +133,7 @@ def baseline_group(groups: pd.DataFrame, baseline: str, table: pd.DataFrame | No
     the figures and the printed table show it) or its full one (the params that set it apart);
     or, given the runs' ``table``, a run of its configuration left out as a repeated seed."""
     for i, row in groups.iterrows():
-        if baseline in row["run_ids"].split() or baseline in (row["group"], row.get("label")):
+        if baseline in row["run_ids"].split() or baseline in (row["group"], row["label"]):
             return int(i)
     repeated = table[table["run_id"] == baseline] if table is not None else ()
     if len(repeated):

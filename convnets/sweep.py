@@ -200,17 +200,11 @@ def name_digits(definition: dict[str, str]) -> tuple[tuple[str, int], ...]:
     """The significant digits each numeric key of a grid needs in its jobs' names to tell its
     values apart (``lr=0.00123,0.00124``: 3), where 2 do not. A search's ranges are not
     enumerable: its trials keep 2 (their numbers tell them apart)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    parser = OverridesParser.create()
     needed = []
     for key, value in definition.items():
         try:
-            values = {
-                float(v) for v in parser.parse_override(f"{key}={value}").sweep_string_iterator()
-            }
-        except (HydraException, ValueError):  # not a grid of numbers
+            values = {float(v) for v in _grid_values(key, value) or ()}
+        except ValueError:  # not a grid of numbers
             continue
         digits = next(
             (d for d in range(2, 16) if len({_significant(v, d) for v in values}) == len(values)),
@@ -271,16 +265,22 @@ def _short_value(value: str, digits: int = 2) -> str:
 def _short_values(key: str, value: str, digits: int) -> str:
     """A grid's values as its jobs' names show them (``0.00123456,0.0123`` ->
     ``1.2e-3,1.2e-2``); a range or anything else as given."""
+    values = None if value.strip().startswith("range(") else _grid_values(key, value)
+    return value if values is None else ",".join(_short_value(v, digits) for v in values)
+
+
+def _grid_values(key: str, value: str) -> list[str] | None:
+    """The values a grid sweeps ``key`` over (``3,5``, ``choice(...)``, ``range(...)``), as
+    given; None for anything else (a fixed value, a search's ``interval``)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    if value.strip().startswith("range("):
-        return value
     try:
-        values = OverridesParser.create().parse_override(f"{key}={value}").sweep_string_iterator()
-        return ",".join(_short_value(v, digits) for v in values)
+        return list(
+            OverridesParser.create().parse_override(f"{key}={value}").sweep_string_iterator()
+        )
     except HydraException:
-        return value
+        return None
 
 
 def _significant(x: float, digits: int) -> float:
@@ -491,13 +491,16 @@ class MlflowSweepCallback(Callback):
             if key == "reproduce" and is_parent(found.data.tags):  # a whole study again
                 tracker.finished_study_jobs(found)  # none: refused, no parent made
                 original_experiment = found.info.experiment_id
+        digits = () if study is not None else name_digits(definition)
         if study is None:
             experiment_id = (
                 original_experiment
                 if original_experiment is not None and not config.tracking.experiment
                 else tracker.experiment_id(experiment_name(config))
             )
-            run_id = self._create_parent(tracker, config, experiment_id, definition, False)
+            run_id = self._create_parent(
+                tracker, config, experiment_id, definition, False, digits=digits
+            )
         else:
             experiment_id, run_id = self._study_parent(tracker, config, definition, study)
         self._open_parent = (config.tracking.uri, run_id)
@@ -512,7 +515,7 @@ class MlflowSweepCallback(Callback):
             run_id,
             study is not None,
             swept_keys(definition),
-            name_digits=() if study is not None else name_digits(definition),
+            name_digits=digits,
         )
         context.write(Path(config.hydra.sweep.dir).resolve())  # before any job reads it
         log.info("sweep: MLflow parent run %s in experiment %s", run_id, experiment_id)
@@ -606,8 +609,14 @@ class MlflowSweepCallback(Callback):
 
     @staticmethod
     def _create_parent(
-        tracker: Any, config: DictConfig, experiment_id: str, overrides: dict, search: bool
+        tracker: Any,
+        config: DictConfig,
+        experiment_id: str,
+        overrides: dict,
+        search: bool,
+        digits: tuple[tuple[str, int], ...] = (),
     ) -> str:
+        """The sweep's parent run, named by what it varies (``digits``: :func:`name_digits`)."""
         from convnets.tracking import redact, shorten
 
         definition = redact(" ".join(f"{key}={value}" for key, value in overrides.items()))
@@ -616,11 +625,11 @@ class MlflowSweepCallback(Callback):
         if search:  # its ranges are long: the keys it searches
             words = ["search", *(_short_key(key) for key in varied)]
         else:
-            digits = dict(name_digits(overrides))
+            shown = dict(digits)
             words = [
                 "sweep",
                 *(
-                    f"{_short_key(k)}={_short_values(k, overrides[k], digits.get(k, 2))}"
+                    f"{_short_key(k)}={_short_values(k, overrides[k], shown.get(k, 2))}"
                     for k in varied
                 ),
             ]
