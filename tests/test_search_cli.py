@@ -15,7 +15,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import sqlalchemy
 from conftest import CLI_ENV, REPO, heavy_modules_loaded, sqlite_store, train_cli
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -75,29 +74,31 @@ def study(tmp: Path, name: str) -> optuna.Study:
 
 def killed_in_trial(tmp: Path, args: list[str], number: int) -> subprocess.Popen:
     """``train.py -m ARGS`` on the stores in ``tmp`` (sweep folder ``multirun``), killed with
-    SIGKILL (no handler, no atexit) once trial ``number`` has started its MLflow run."""
+    SIGKILL (no handler, no atexit) once trial ``number`` has started its MLflow run.
+
+    Waited for in two steps, so that a fast machine cannot finish the trial between two looks:
+    the job's ``devices:`` line (read as it is printed: trial ``number`` is starting, the study
+    exists), then the trial's run id in the study, looked at every 50 ms through one storage
+    (a new one per look checks the schema each time, which took seconds under load)."""
     command = [sys.executable, "train.py", "-m", f"tracking.uri={sqlite_store(tmp)}"]
     command += [f"hydra.sweep.dir={tmp}/multirun", *args]
-    proc = subprocess.Popen(command, cwd=REPO, env=CLI_ENV, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while not running_trial(tmp, number):
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    jobs_started = 0
+    while jobs_started <= number:
+        line = proc.stdout.readline()
+        assert line, proc.communicate()  # ended before trial ``number`` started
+        jobs_started += line.startswith("devices:")
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp}/optuna.db")
+    study_id = storage.get_study_id_from_name("digits_optuna")
+    deadline = time.monotonic() + 60
+    while "mlflow_run_id" not in storage.get_all_trials(study_id)[number].user_attrs:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.5)
+        time.sleep(0.05)
     proc.kill()
-    proc.wait()
+    proc.communicate()
     return proc
-
-
-def running_trial(tmp: Path, number: int) -> bool:
-    if not (tmp / "optuna.db").exists():
-        return False
-    try:
-        trials = study(tmp, "digits_optuna").trials
-    except KeyError:  # not created yet
-        return False
-    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
-        return False  # this poll and the search created the schema at once
-    return len(trials) > number and "mlflow_run_id" in trials[number].user_attrs
 
 
 def sweeper_config(**sweeper) -> OmegaConf:
