@@ -485,12 +485,13 @@ class MlflowSweepCallback(Callback):
             require_existing_store(config.tracking.uri, f"{key}={run_id}")
         tracker = Tracker(config.tracking.uri, http_timeout_s=config.tracking.http_timeout_s)
         tracker.check_store()  # first contact: sqlite creates its schema here, once
-        original_experiment = None  # a whole study again goes beside the original
+        original_experiment = None  # a reproduction goes beside the original, as one run's
         for key, run_id in run_ids.items():  # every job would fail to find it
             found = tracker.get_run(run_id, key=key)
-            if key == "reproduce" and is_parent(found.data.tags):  # a whole study again
-                tracker.finished_study_jobs(found)  # none: refused, no parent made
+            if key == "reproduce":
                 original_experiment = found.info.experiment_id
+                if is_parent(found.data.tags):  # a whole study again
+                    tracker.finished_study_jobs(found)  # none: refused, no parent made
         digits = () if study is not None else name_digits(definition)
         if study is None:
             experiment_id = (

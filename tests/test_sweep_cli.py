@@ -577,6 +577,21 @@ def test_a_sweep_over_seeds_reads_as_configurations_and_reproduces_as_a_study(tm
         assert copy.data.tags["sweep_overrides"] == original.data.tags["sweep_overrides"]
     assert new_parent.data.tags["best_overrides"] == s.parent.data.tags["best_overrides"]
 
+    # One job again under -m goes beside its original too, as it does without -m.
+    job = s.children[0]
+    one = sweep_process(tmp_path, f"reproduce={job.info.run_id}", folder="one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    everywhere = [e.experiment_id for e in s.client.search_experiments()]
+    [copy] = [
+        r
+        for r in s.client.search_runs(everywhere)
+        if r.data.tags.get("reproduces") == job.info.run_id
+        and r.data.tags["mlflow.parentRunId"] != new_parent.info.run_id
+    ]
+    assert copy.info.experiment_id == s.parent.info.experiment_id
+    parent = s.client.get_run(copy.data.tags["mlflow.parentRunId"])
+    assert parent.info.experiment_id == s.parent.info.experiment_id
+
 
 @pytest.mark.slow
 def test_optuna_trials_are_nested_runs_and_a_failed_trial_does_not_stop_the_study(tmp_path):
