@@ -54,7 +54,8 @@ def mean_interval(values: np.ndarray) -> tuple[float, float, float, float]:
         return mean, math.nan, math.nan, math.nan
     from scipy import stats
 
-    std = float(values.std(ddof=1))
+    # Identical values have no spread; their float std can be 1e-16 (three 0.95s), not 0.
+    std = 0.0 if np.ptp(values) == 0 else float(values.std(ddof=1))
     half = float(stats.t.ppf(1 - ALPHA / 2, len(values) - 1)) * std / math.sqrt(len(values))
     return mean, std, max(0.0, mean - half), min(1.0, mean + half)
 
@@ -172,7 +173,7 @@ def verdicts(groups: pd.DataFrame, table: pd.DataFrame, baseline: int) -> pd.Dat
             reason = "no test: the baseline group has one run (run more seeds: trainer.seed=0,1,2)"
         elif len(values) < 2:
             reason = "no test: this group has one run (run more seeds: trainer.seed=0,1,2)"
-        elif values.std() == 0 and base.std() == 0:
+        elif np.ptp(values) == 0 and np.ptp(base) == 0:  # float std: 1e-16, not 0
             # Welch's statistic divides by the groups' spread: with none it is undefined (SciPy
             # would answer p=0 for any difference, with a cancellation warning).
             reason = "no test: every seed gave the same accuracy in both groups (no spread)"

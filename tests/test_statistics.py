@@ -120,14 +120,20 @@ def test_one_group_without_spread_is_tested_quietly(recwarn):
     assert other["p_value"] == pytest.approx(expected) and other["verdict"] == "indistinguishable"
 
 
-def test_groups_without_spread_get_no_test():
+@pytest.mark.parametrize("accuracies", [(0.975, 0.9805), (1.0, 0.95)])
+def test_groups_without_spread_get_no_test(accuracies):
     """Welch's statistic divides by the spread: identical accuracies for every seed in both
-    groups leave it undefined (SciPy answered p=0, 'better', with a warning)."""
-    runs = table([(1, s, 0.975) for s in range(3)] + [(2, s, 0.9805) for s in range(3)])
+    groups leave it undefined (SciPy answered p=0, 'better', with a warning). Three 0.95s
+    have a float standard deviation of 1e-16, not 0: no spread is told by the values."""
+    first, second = accuracies
+    runs = table([(1, s, first) for s in range(3)] + [(2, s, second) for s in range(3)])
     groups = statistics.groups_table(runs)
     judged = statistics.verdicts(groups, runs, statistics.baseline_group(groups, "r0"))
-    verdict = judged.set_index("group").loc["width=2", "verdict"]
-    assert verdict.startswith("no test: every seed gave the same accuracy in both groups")
+    other = judged.set_index("group").loc["width=2"]
+    assert other["verdict"].startswith("no test: every seed gave the same accuracy in both")
+    assert other["test_accuracy_std"] == 0.0
+    assert other["test_accuracy_ci_low"] == other["test_accuracy_ci_high"]
+    assert other["test_accuracy_ci_low"] == pytest.approx(second)
 
 
 def test_a_seed_measured_twice_counts_once_and_intervals_stay_within_0_and_1():
