@@ -219,7 +219,7 @@ def _finished_runs(tracker: Tracker, target: str) -> tuple[pd.DataFrame, str | N
             parent = tracker.get_run(target, key="compare")
     if parent is not None and not is_parent(parent.data.tags):
         experiment = tracker.client.get_experiment(parent.info.experiment_id).name
-        raise TrackingError(
+        raise ConfigError(
             f"compare={target}: that is a single run, not a sweep's or search's parent run; "
             f"compare the runs of its experiment with {shell_override('compare', experiment)}, "
             f"or evaluate this one with run_id={target}"

@@ -456,11 +456,14 @@ def _folder_root(cfg: DictConfig) -> Path:
     root = Path(os.path.expanduser(cfg.path))
     if root.exists() and not root.is_dir():
         raise DataError(
-            f"image folder {root} is a file, not a folder: point dataset.path at the folder "
+            f"dataset.path={root} is a file, not a folder: point it at the image folder "
             "holding train/ and test/"
         )
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist: check dataset.path")
+        raise DataError(
+            f"dataset.path={root}: no such folder; point it at the image folder holding "
+            "train/ and test/"
+        )
     if not any(root.iterdir()):
         raise DataError(
             f"image folder {root} is empty: lay it out as {root}/{{train,test}}/<label>/<image file>"

@@ -24,7 +24,10 @@ class ConvnetsError(Exception):
 
 
 class ConfigError(ConvnetsError):
-    """A config value is invalid (bad key, bad type, an impossible stack)."""
+    """The command is wrong: a bad key or type, an impossible stack, or a run of the wrong
+    kind for its key (a sweep's parent to resume, a run without a model to start from).
+    Exit status 2; the other errors (1) say the command was right but the store, the data,
+    a checkpoint or the training failed it."""
 
     exit_code = 2
 

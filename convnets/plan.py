@@ -27,6 +27,7 @@ from convnets.errors import ConfigError, TrackingError, command, warn
 from convnets.sweep_files import is_parent
 from convnets.tracking import (
     CONFIG_ARTIFACT,
+    MODEL_URI_TAG,
     git_changes,
     git_state,
     package_versions,
@@ -155,7 +156,7 @@ def make_plan(cfg: DictConfig, context: JobContext, recorder: Recorder) -> Plan:
     source, cfg, runtime = _resolve_source(cfg, context, recorder)  # 1. reproduce=/resume=
     stack, input_shape, num_classes, analysis = _check_architecture_and_data(cfg)  # 2.
     if cfg.get("init_from"):  # 3. the store: a typo in a run id fails here
-        recorder.get_run(str(cfg.init_from), key="init_from")
+        _check_init_source(recorder.get_run(str(cfg.init_from), key="init_from"))
     if source is not None and source.key == "resume":
         experiment_id = source.run.info.experiment_id
     elif source is not None and context.sweep is None and not cfg.tracking.experiment:
@@ -218,12 +219,16 @@ def _resolve_source(
             f"reproduce every job of its study with {command('train')} -m reproduce={run_id}"
         )
     if key == "resume" and run_is_finished(run):
-        raise TrackingError(
+        raise ConfigError(
             f"resume={run_id}: the run already FINISHED; nothing to resume "
             f"({command('train')} reproduce={run_id} trains it again as a new run)"
         )
     if key == "resume" and "checkpoint_dir" not in run.data.tags:
-        raise TrackingError(f"resume={run_id}: the run has no checkpoint_dir tag; cannot resume")
+        raise ConfigError(
+            f"resume={run_id}: the run has no checkpoint_dir tag (it ended before its first "
+            f"epoch, or is no training run); {command('train')} reproduce={run_id} trains it "
+            "again as a new run"
+        )
     fixed = [o for o in runtime if override_key(o) in _KEPT_BY_A_RESUMED_RUN]
     if key == "resume" and fixed:
         raise ConfigError(
@@ -237,6 +242,23 @@ def _resolve_source(
     if key == "resume":
         _check_resumable(run, rerun)
     return Source(key, run), rerun, runtime
+
+
+def _check_init_source(run: MlflowRun) -> None:
+    """Refuse, before TensorFlow loads, an ``init_from=`` run that has no weights to give."""
+    run_id = run.info.run_id
+    if is_parent(run.data.tags):
+        raise ConfigError(
+            f"init_from={run_id} is the parent run of a sweep or search, which trains no "
+            f"model; start from one of its jobs ({command('evaluate')} compare={run_id} "
+            "lists them with their run ids)"
+        )
+    if MODEL_URI_TAG not in run.data.tags:
+        raise ConfigError(
+            f"init_from={run_id}: the run has no logged model (no {MODEL_URI_TAG} tag): it was "
+            "trained with tracking.log_model=false, or did not finish; start from a run that "
+            "logged its model"
+        )
 
 
 _KEPT_BY_A_RESUMED_RUN = ("tracking.experiment", "tracking.run_name")

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 from convnets.config import read_run_config
-from convnets.errors import ConvnetsError, Interrupted, TrackingError
+from convnets.errors import ConfigError, ConvnetsError, Interrupted, TrackingError
 
 CONFIG_ARTIFACT = "config.yaml"
 MODEL_URI_TAG = "model_uri"  # the logged model's runs:/<run_id>/<name> URI, on its run
@@ -718,8 +718,8 @@ class Tracker:
     def download_model(self, run_id: str, dst: str | Path, *, key: str = "run_id") -> Path:
         """The folder of the model a run logged (its ``model_uri`` tag), copied under ``dst``."""
         uri = self.get_run(run_id, key=key).data.tags.get(MODEL_URI_TAG)
-        if uri is None:
-            raise TrackingError(
+        if uri is None:  # a run of the wrong kind for the key: fix the command
+            raise ConfigError(
                 f"{key}={run_id}: the run has no logged model (no {MODEL_URI_TAG} tag): it was "
                 "trained with tracking.log_model=false, or did not finish"
             )

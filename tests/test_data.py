@@ -334,7 +334,10 @@ def test_tfds_manual_archives_are_accepted_and_their_checksums_checked(tmp_path)
 
 def test_image_folder_missing(tmp_path):
     cfg = dataset_cfg("image_folder", path=str(tmp_path / "nope"))
-    message = f"image folder {tmp_path / 'nope'} does not exist: check dataset.path"
+    message = (
+        f"dataset.path={tmp_path / 'nope'}: no such folder; point it at the image folder "
+        "holding train/ and test/"
+    )
     with pytest.raises(DataError) as err:
         data.check_available(cfg)
     assert str(err.value) == message

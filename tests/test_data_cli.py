@@ -59,7 +59,10 @@ def _png(path, value=128):
 
 
 def _missing(root):
-    return root / "nope", f"image folder {root / 'nope'} does not exist: check dataset.path"
+    return root / "nope", (
+        f"dataset.path={root / 'nope'}: no such folder; point it at the image folder holding "
+        "train/ and test/"
+    )
 
 
 def _empty(root):
@@ -88,8 +91,8 @@ def _unreadable(root):
 def _a_file(root):
     (root / "images.zip").write_bytes(b"PK")
     return root / "images.zip", (
-        f"image folder {root / 'images.zip'} is a file, not a folder: point dataset.path at "
-        "the folder holding train/ and test/"
+        f"dataset.path={root / 'images.zip'} is a file, not a folder: point it at the image "
+        "folder holding train/ and test/"
     )
 
 

@@ -192,12 +192,14 @@ def test_bad_input_in_process(store, tmp_path):
     no_model = client.create_run(experiment_id)
     client.log_text(no_model.info.run_id, "dataset: {name: digits}\n", "config.yaml")
     client.set_terminated(no_model.info.run_id, status="FINISHED")
-    with pytest.raises(TrackingError, match="no logged model"):
+    with pytest.raises(ConfigError, match="no logged model"):
         evaluate_job.run(eval_cfg(uri, run_id=no_model.info.run_id), tmp_path)
 
     parent = store[1]
     with pytest.raises(ConfigError, match=rf"run_id={parent} is the parent run of a sweep"):
         evaluate_job.run(eval_cfg(uri, run_id=parent), tmp_path)
+    with pytest.raises(ConfigError, match=rf"init_from={parent} is the parent run of a sweep"):
+        convnets.train([f"init_from={parent}", f"tracking.uri={uri}"], output_dir=tmp_path / "i")
     with pytest.raises(ConfigError, match=r"baseline=g1 names the group .*: add compare="):
         evaluate_job.run(eval_cfg(uri, run_id=parent, baseline="g1"), tmp_path)
 
@@ -275,7 +277,7 @@ def test_compare_of_a_single_run_says_what_to_compare_instead(store, tmp_path):
     """Not "the sweep parent run has no FINISHED child runs": it is no parent at all."""
     uri, _, children, _ = store
     job = children["run_id"].iloc[0]
-    with pytest.raises(TrackingError) as refused:
+    with pytest.raises(ConfigError) as refused:  # the wrong kind of run: exit status 2
         comparison.compare(Tracker(uri), job, tmp_path)
     assert str(refused.value) == (
         f"compare={job}: that is a single run, not a sweep's or search's parent run; compare "
