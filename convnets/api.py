@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -99,9 +99,24 @@ def compare(target: str, overrides: Sequence[str] = (), **keys: Any) -> CompareR
     id), as ``python evaluate.py compare=TARGET``: ``.table`` (a DataFrame, one row a run),
     ``.csv`` and ``.figures`` (paths); e.g. ``compare("digits", tracking_uri=...)``."""
     from convnets import evaluate_job
+    from convnets.config import override_key
 
+    if not isinstance(target, str) or not target.strip():
+        raise ConfigError(
+            f"target={target!r}: give the experiment's name or a sweep's parent run id, "
+            "e.g. compare('digits')"
+        )
+    overrides = _listed(overrides)
+    again = [o for o in overrides if override_key(o) == "compare"] + (
+        ["compare="] if "compare" in keys else []
+    )
+    if again:
+        raise ConfigError(
+            f"{again[0]}: compare() takes what to compare as its first argument "
+            f"({target!r}) only; drop the other"
+        )
     keys = {"compare": target, **keys}
-    cfg, hydra_cfg = _compose("evaluate", [*_listed(overrides), *_as_overrides(keys)])
+    cfg, hydra_cfg = _compose("evaluate", [*overrides, *_as_overrides(keys)])
     with _callers_mlflow():
         return evaluate_job.run(cfg, hydra_cfg.run.dir)
 
@@ -110,12 +125,11 @@ def inspect(overrides: Sequence[str] = (), *, quiet: bool = True) -> Analysis:
     """The analysis of a model config (shapes, params, MACs, receptive field per layer), as
     ``python -m convnets.inspect OVERRIDES``, without TensorFlow; ``quiet=False`` also prints
     the table."""
-    from convnets.architecture import analyze, format_table, resolve_stack
-    from convnets.inspection import input_shape_and_classes
+    from convnets.architecture import format_table
+    from convnets.inspection import analysis_of
 
     cfg, _ = _compose("inspect", overrides)
-    stack = resolve_stack(cfg.model)
-    analysis = analyze(stack, *input_shape_and_classes(cfg))
+    _, analysis = analysis_of(cfg)
     if not quiet:
         print(format_table(analysis))
     return analysis
@@ -249,7 +263,19 @@ def _listed(overrides: Sequence[str] | None) -> list[str]:
         raise ConfigError(
             f"overrides={overrides!r}: give a list of overrides, e.g. [{str(overrides)!r}]"
         )
-    return [str(o) for o in overrides or ()]
+    if overrides is not None and not isinstance(overrides, Iterable):
+        raise ConfigError(
+            f"overrides={overrides!r}: give a list of overrides (key=value strings), "
+            "e.g. ['trainer.epochs=2']"
+        )
+    listed = list(overrides or ())
+    for index, override in enumerate(listed):
+        if not isinstance(override, str | Path):
+            raise ConfigError(
+                f"overrides[{index}]={override!r}: each override is a key=value string, "
+                f"e.g. 'trainer.epochs=2'"
+            )
+    return [str(o) for o in listed]
 
 
 def _as_overrides(keys: dict[str, Any]) -> list[str]:

@@ -333,9 +333,19 @@ def config_error_line(err: BaseException, overrides: Sequence[str] | None = None
     ambiguous = re.match(r"Ambiguous value for argument '([^=]+)=(.*)'$", first)
     if ambiguous:  # Hydra's fixes follow on lines of their own, cut with the rest
         key, value = ambiguous.groups()
+        from convnets.config import value_kind
+
+        instead = {  # what the key holds says which other reading to offer
+            "list": f"write {key}=[{value}] for a list",
+            "text": f"quote it for one value holding a comma ('{key}=\"{value}\"')",
+            "value": "give one value",
+            None: f"write {key}=[{value}] for a list, or quote it for a string",
+        }[value_kind(key.lstrip("+~"))]
+        if value.startswith("["):  # already lists, one per value swept
+            instead = "give one value"
         return (
             f"{key}={value}: a comma sweeps, and this is not a sweep (-m); add -m to sweep "
-            f"over the values, write {key}=[{value}] for a list, or quote it for a string"
+            f"over the values, or {instead}"
         )
     past_end = _index_past_end(cause)
     if past_end is not None:
@@ -358,6 +368,8 @@ def config_error_line(err: BaseException, overrides: Sequence[str] | None = None
         return f"{key}: unknown key ({first}); check the spelling (--cfg job prints every key)"
     if "is not a ListConfig, list or tuple" in first and key:
         return f"{_dotted(key)}: a single value where a list belongs; give {_dotted(key)}=[...]"
+    if re.match(r"Cannot convert '(list|ListConfig)' to string", first) and key:
+        return f"{_dotted(key)}: a list where one value belongs; give one value"
     wanted = re.search(r"converted to (Integer|Float)$|(not a valid bool)", first)
     if wanted and key:
         what = {"Integer": "a whole number", "Float": "a number", None: "true or false"}

@@ -341,6 +341,44 @@ class InspectConfig:
     format: str = "table"  # table | json
 
 
+def value_kind(key: str) -> str | None:
+    """What ``key`` (dotted, ``model.layers.0.filters``) holds in the schema of a command:
+    ``"list"``, ``"text"`` (a string), ``"value"`` (a number, a bool, a choice), or None
+    where it may hold either or is no key of a schema. What a refused ``key=a,b`` is told
+    to write instead."""
+    import dataclasses
+    import types
+    import typing
+
+    def options(node: Any) -> tuple:  # the types an Optional or a union allows
+        if typing.get_origin(node) in (typing.Union, types.UnionType):
+            return tuple(t for t in typing.get_args(node) if t is not type(None))
+        return (node,)
+
+    def field_type(node: Any, parts: list[str]) -> Any:
+        for part in parts:
+            [node] = options(node) if len(options(node)) == 1 else [None]
+            if typing.get_origin(node) is list and part.isdigit():
+                node = typing.get_args(node)[0]
+            elif dataclasses.is_dataclass(node) and part in (hints := typing.get_type_hints(node)):
+                node = hints[part]
+            else:
+                return None
+        return node
+
+    for schema in (TrainConfig, EvaluateConfig, InspectConfig):
+        node = field_type(schema, key.split("."))
+        if node is None:
+            continue
+        kinds = {
+            "list" if typing.get_origin(t) is list else "text" if t is str else "value"
+            for t in options(node)
+            if t is not Any
+        }
+        return kinds.pop() if len(kinds) == 1 and Any not in options(node) else None
+    return None
+
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()

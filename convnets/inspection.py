@@ -14,7 +14,14 @@ import json
 
 from omegaconf import DictConfig, OmegaConf
 
-from convnets.architecture import analysis_to_dict, analyze, format_table, resolve_stack
+from convnets.architecture import (
+    Analysis,
+    Stack,
+    analysis_to_dict,
+    analyze,
+    format_table,
+    resolve_stack,
+)
 from convnets.checks import check_interpolations
 from convnets.errors import ConfigError, warn
 
@@ -40,13 +47,18 @@ def input_shape_and_classes(cfg: DictConfig) -> tuple:
     return _from_dataset(cfg, "input_shape"), _from_dataset(cfg, "num_classes")
 
 
-def run(cfg: DictConfig) -> dict:
-    """Analyse ``cfg.model`` and print the table or the JSON object; return the JSON dict."""
+def analysis_of(cfg: DictConfig) -> tuple[Stack, Analysis]:
+    """``(stack, analysis)`` of ``cfg.model`` on its input, every key checked first."""
     check_interpolations(cfg)
     if cfg.format not in FORMATS:
         raise ConfigError(f"format must be table or json, got {cfg.format!r}")
     stack = resolve_stack(cfg.model)
-    analysis = analyze(stack, *input_shape_and_classes(cfg))
+    return stack, analyze(stack, *input_shape_and_classes(cfg))
+
+
+def run(cfg: DictConfig) -> dict:
+    """Analyse ``cfg.model`` and print the table or the JSON object; return the JSON dict."""
+    stack, analysis = analysis_of(cfg)
     result = analysis_to_dict(analysis)
     if cfg.format == "json":
         print(json.dumps(result), flush=True)

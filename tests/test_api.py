@@ -91,6 +91,29 @@ def test_a_refused_config_raises_and_records_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
 
 
+def test_arguments_python_gets_wrong_are_refused_as_the_command_line_would_be(tmp_path):
+    """What only a Python caller can get wrong (types, a target given twice) and what the
+    command line refuses (a format outside its set, a list for one value) raise ConfigError
+    naming the argument, before anything is read or recorded."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(convnets.ConfigError, match=r"overrides=5: give a list of overrides"):
+        convnets.train(5)
+    with pytest.raises(convnets.ConfigError, match=r"overrides\[1\]=None: each override is a"):
+        convnets.train(["trainer.epochs=1", None])
+    with pytest.raises(convnets.ConfigError, match=r"target=None: give the experiment's name"):
+        convnets.compare(None, tracking_uri=uri)
+    with pytest.raises(convnets.ConfigError, match=r"target='': give the experiment's name"):
+        convnets.compare("", tracking_uri=uri)
+    for twice in ({"overrides": ["compare=edge"]}, {"compare": "edge"}):
+        with pytest.raises(convnets.ConfigError, match=r"compare=.*: compare\(\) takes what"):
+            convnets.compare("seeds", tracking_uri=uri, **twice)
+    with pytest.raises(convnets.ConfigError, match=r"baseline: a list where one value belongs"):
+        convnets.compare("seeds", ["baseline=[g1]"], tracking_uri=uri)
+    with pytest.raises(convnets.ConfigError, match=r"format must be table or json, got 'xml'"):
+        convnets.inspect(["format=xml"])
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_a_mixed_precision_run_leaves_the_callers_dtype_policy_as_it_was(tmp_path):
     import keras
 

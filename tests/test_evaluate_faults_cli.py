@@ -133,7 +133,7 @@ def runs(tmp_path_factory):
 @pytest.mark.slow
 def test_run_id_takes_where_its_data_lives_and_refuses_another_dataset(runs, tmp_path, capsys):
     uri, digits, folder, images = runs
-    with pytest.raises(ConvnetsError, match=rf"image folder {tmp_path / 'gone'} does not exist"):
+    with pytest.raises(ConvnetsError, match=rf"dataset.path={tmp_path / 'gone'}: no such folder"):
         convnets.evaluate([f"dataset.path={tmp_path / 'gone'}"], run_id=folder.run_id,
                           tracking_uri=uri, output_dir=tmp_path / "out")  # fmt: skip
     moved = tmp_path / "moved"

@@ -84,8 +84,19 @@ CASES = {
     "a sweep without -m": (
         ["model.layer_defaults.kernel_size=3,5"],
         "error: model.layer_defaults.kernel_size=3,5: a comma sweeps, and this is not a sweep "
-        "(-m); add -m to sweep over the values, write model.layer_defaults.kernel_size=[3,5] "
+        "(-m); add -m to sweep over the values, or write model.layer_defaults.kernel_size=[3,5] "
         "for a list, or quote it for a string",
+    ),
+    "a sweep without -m of a number": (
+        ["trainer.seed=1,2"],
+        "error: trainer.seed=1,2: a comma sweeps, and this is not a sweep (-m); add -m to sweep "
+        "over the values, or give one value",
+    ),
+    "a sweep without -m of a name": (
+        ["tracking.experiment=a,b"],
+        "error: tracking.experiment=a,b: a comma sweeps, and this is not a sweep (-m); add -m to "
+        "sweep over the values, or quote it for one value holding a comma "
+        "('tracking.experiment=\"a,b\"')",
     ),
     "a fraction for a whole number": (
         ["trainer.epochs=1.5"],
