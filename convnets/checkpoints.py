@@ -30,12 +30,24 @@ import re
 from pathlib import Path
 
 from convnets import folder_lock
-from convnets.errors import CheckpointError, DiskFull, out_of_space
+from convnets.errors import CheckpointError, ConfigError, DiskFull, out_of_space
 
 STATE_FILE = "state.json"
 LOCK_FILE = "training.lock"  # host, pid and start of the process training into the folder
 FINAL_MODEL = "model.keras"
 FINAL_CONFIG = "config.yaml"  # the name evaluate.py looks for beside a .keras file
+
+
+def check_model_file(path: Path) -> None:
+    """Refuse ``checkpoint=<path>`` that names no file, before TensorFlow loads."""
+    if path.is_dir():
+        hint = " (it holds one)" if (path / FINAL_MODEL).is_file() else ""
+        raise ConfigError(
+            f"checkpoint={path} is a folder{hint}; pass the path of a .keras model, e.g. "
+            f"checkpoint={path / FINAL_MODEL}"
+        )
+    if not path.is_file():
+        raise ConfigError(f"checkpoint={path}: no such file; pass the path of a .keras model")
 
 
 def read_state(checkpoint_dir: str | Path) -> dict | None:

@@ -327,8 +327,18 @@ def config_error_line(err: BaseException, overrides: Sequence[str] | None = None
         line = f"Could not find '{err.missing_cfg_file}'"
         return f"{line}; available: {', '.join(err.options)}" if err.options else line
     if isinstance(err, OverrideParseException):
-        return _unquoted_value(err.override, overrides) or (
-            f"{err.override}: {err.message.strip().splitlines()[0]}"
+        unquoted = _unquoted_value(err.override, overrides)
+        if unquoted is not None:
+            return unquoted
+        if "=" not in err.override:
+            return (
+                f"{err.override}: not an override; write key=value (group=option, +key=value "
+                "to add a key, ~key to remove one)"
+            )
+        reason = err.message.strip().splitlines()[0].removesuffix(f" '{err.override}'")
+        return (
+            f"{err.override}: {reason}; check that its brackets, braces and quotes pair up "
+            "(quote the whole override for the shell: 'key=[...]')"
         )
     ambiguous = re.match(r"Ambiguous value for argument '([^=]+)=(.*)'$", first)
     if ambiguous:  # Hydra's fixes follow on lines of their own, cut with the rest

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from convnets import comparison
+from convnets import checkpoints, comparison
 from convnets.checks import check_dataset, check_interpolations, check_known_keys
 from convnets.config import RUNTIME_KEYS, DatasetConfig, is_runtime_key, override_key
 from convnets.errors import ConfigError
@@ -42,7 +42,17 @@ def run(
     line's, as typed (a ``dataset.*`` key given there counts even at its default value).
     """
     check_interpolations(cfg)
+    empty = [k for k in ("run_id", "checkpoint", "compare", "baseline") if cfg.get(k) == ""]
+    if empty:  # an unset shell variable: $RUN gave nothing
+        raise ConfigError(
+            f"{empty[0]}= is empty (an unset shell variable?); give it a value or leave it out"
+        )
     chosen = [key for key in ("run_id", "checkpoint", "compare") if cfg.get(key)]
+    if not chosen and cfg.get("baseline"):
+        raise ConfigError(
+            f"baseline={cfg.baseline} names the group the others are tested against in a "
+            "comparison: add compare=<experiment name or sweep parent run id>"
+        )
     if len(chosen) != 1:
         given = ", ".join(chosen) if chosen else "none"
         raise ConfigError(
@@ -60,6 +70,7 @@ def run(
         check_dataset(cfg)
     out_dir = Path(cfg.output_dir or default_out_dir)
     if cfg.checkpoint:
+        checkpoints.check_model_file(Path(cfg.checkpoint))  # before TensorFlow loads
         evaluation = _evaluation(libraries_loaded)
         report = evaluation.evaluate_checkpoint(
             cfg.checkpoint,

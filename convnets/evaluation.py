@@ -20,7 +20,7 @@ import keras
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from convnets import plots
+from convnets import checkpoints, plots
 from convnets.architecture import analyze, resolve_stack
 from convnets.checks import check_dataset
 from convnets.config import read_run_config
@@ -393,8 +393,7 @@ def checkpoint_config(
     (``dataset.<key>`` values given without a ``dataset=<name>``) apply over the recorded one.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint={path}: no such file; pass the path of a .keras model")
+    checkpoints.check_model_file(path)
     beside = path.parent / CONFIG_ARTIFACT
     if beside.is_file():
         cfg = read_run_config(beside, f"checkpoint={path}", ("dataset",))

@@ -51,7 +51,9 @@ def composition_error(*overrides: str, config_name: str = "inspect") -> Exceptio
         (["model.width=wide"], "model.width: Value 'wide' of type 'str' could not be converted to Float; give a number"),
         (["dataset=nope"],
          "Could not find 'dataset/nope'; available: cifar10, cifar100, digits, fashion_mnist, image_folder, mnist"),
-        (["input_shape=[8,8"], "input_shape=[8,8: no viable alternative at input '[8,8'"),
+        (["input_shape=[8,8"], "input_shape=[8,8: no viable alternative at input '[8,8'; check that its brackets, braces and quotes pair up (quote the whole override for the shell: 'key=[...]')"),
+        (["foo"], "foo: not an override; write key=value (group=option, +key=value to add a key, ~key to remove one)"),
+        (["model.width=(1"], "model.width=(1: Error parsing override; check that its brackets, braces and quotes pair up (quote the whole override for the shell: 'key=[...]')"),
     ],
 )  # fmt: skip
 def test_composition_errors_are_one_line(overrides, line):

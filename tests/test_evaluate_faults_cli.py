@@ -62,6 +62,24 @@ def test_a_file_that_is_not_a_keras_archive_says_so(tmp_path, monkeypatch):
     )
 
 
+def test_what_names_no_model_or_nothing_is_refused_for_what_it_is(tmp_path, monkeypatch):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.keras").write_text("")
+    assert refusal(tmp_path, monkeypatch, f"checkpoint={tmp_path / 'run'}") == (
+        f"checkpoint={tmp_path / 'run'} is a folder (it holds one); pass the path of a .keras "
+        f"model, e.g. checkpoint={tmp_path / 'run' / 'model.keras'}"
+    )
+    for empty in ("run_id", "baseline"):  # what an unset shell variable gives
+        with pytest.raises(ConvnetsError) as refused:
+            convnets.compare("x", [f"{empty}="])
+        assert str(refused.value) == (
+            f"{empty}= is empty (an unset shell variable?); give it a value or leave it out"
+        )
+    assert refusal(tmp_path, monkeypatch, "baseline=g1").startswith(
+        "baseline=g1 names the group the others are tested against in a comparison: add compare="
+    )
+
+
 @pytest.mark.slow
 def test_images_of_another_size_are_refused_before_predicting(tmp_path, monkeypatch):
     from PIL import Image

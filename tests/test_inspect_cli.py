@@ -102,7 +102,7 @@ def test_invalid_models_are_one_line_naming_the_layer_and_the_fix(overrides, mes
          "model.layers[0].filtres: unknown key (Key 'filtres' not in 'LayerConfig'); check the spelling (--cfg job prints every key)"),
         ("model.width=wide", "model.width: Value 'wide' of type 'str' could not be converted to Float; give a number"),
         ("model=resnet", "Could not find 'model/resnet'; available: allconv, dilated, lenet5, simple_cnn, vgg_small"),
-        ("input_shape=[8,8", "input_shape=[8,8: no viable alternative at input '[8,8'"),
+        ("input_shape=[8,8", "input_shape=[8,8: no viable alternative at input '[8,8'; check that its brackets, braces and quotes pair up (quote the whole override for the shell: 'key=[...]')"),
         ("input_shape=[8.5,8,1]",
          "input_shape[0]: Value '8.5' of type 'float' could not be converted to Integer; give a whole number"),
         ("input_shape=8", "input_shape: a single value where a list belongs; give input_shape=[...]"),
