@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from convnets.errors import ConfigError, TrackingError, hydra_override
+from convnets.errors import ConfigError, ConvnetsError, TrackingError, hydra_override
 
 if TYPE_CHECKING:
     from convnets.architecture import Analysis
@@ -69,14 +70,18 @@ def train(
         if "keras" in sys.modules:  # a previous run in this process: its graphs and names
             sys.modules["keras"].utils.clear_session(free_memory=True)
         try:
-            _save_config(folder, cfg, overrides)
+            made = _save_config(folder, cfg, overrides)
         except OSError as err:
             raise ConfigError(
                 f"output_dir={folder}: {err.strerror or type(err).__name__} ({err.filename}); "
                 "the run's folder cannot be created there: pass a writable folder as output_dir"
             ) from err
         context = job.JobContext(overrides=tuple(overrides), output_dir=folder)
-        return job.train(cfg, context, recorder)
+        try:
+            return job.train(cfg, context, recorder)
+        except ConvnetsError:
+            _unsave_config(folder, made)
+            raise
 
 
 def evaluate(overrides: Sequence[str] = (), **keys: Any) -> EvalReport:
@@ -290,9 +295,23 @@ def _as_overrides(keys: dict[str, Any]) -> list[str]:
     ]
 
 
-def _save_config(folder: Path, cfg: DictConfig, overrides: Sequence[str]) -> None:
-    """The composed config and the overrides beside the run's files, as Hydra's ``.hydra/``."""
+def _save_config(folder: Path, cfg: DictConfig, overrides: Sequence[str]) -> list[Path]:
+    """The composed config and the overrides beside the run's files, as Hydra's ``.hydra/``;
+    returns the folders this made, deepest first."""
     hydra_dir = folder / ".hydra"
+    made = [p for p in (hydra_dir, *hydra_dir.parents) if not p.exists()]
     hydra_dir.mkdir(parents=True, exist_ok=True)
     (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(list(overrides)))
+    return made
+
+
+def _unsave_config(folder: Path, made: list[Path]) -> None:
+    """A refused run leaves no folder behind: what :func:`_save_config` made goes again when
+    nothing else was written beside it (a run that started keeps its folder and checkpoints)."""
+    if not made or any(path.name != ".hydra" for path in folder.iterdir()):
+        return
+    shutil.rmtree(made[0], ignore_errors=True)  # .hydra/
+    for path in made[1:]:  # the output folder and parents this made, when empty
+        with contextlib.suppress(OSError):
+            path.rmdir()

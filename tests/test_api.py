@@ -88,6 +88,12 @@ def test_a_refused_config_raises_and_records_nothing(tmp_path, monkeypatch):
     (tmp_path / "a_file").touch()
     with pytest.raises(convnets.ConfigError, match=r"output_dir=.*a_file: Not a directory"):
         convnets.train([f"tracking.uri={uri}"], output_dir=tmp_path / "a_file")
+    # Refused once the data is looked at: its output folder, made for it, goes again.
+    with pytest.raises(convnets.DataError, match="dataset.val_fraction"):
+        convnets.train(
+            ["dataset.val_fraction=0.999", f"tracking.uri={uri}"], output_dir=tmp_path / "r/run"
+        )
+    assert not (tmp_path / "r").exists()
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
 
 
