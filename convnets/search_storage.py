@@ -10,7 +10,7 @@ import functools
 import inspect
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -251,7 +251,7 @@ def study_ref(config: DictConfig) -> StudyRef | None:
         space_overrides(settings.params, override_texts(config.hydra.overrides.task))
     )
     check_it_continues(
-        study, objectives, experiment_name(config), trained_settings(config, space, fixed)
+        study, objectives, experiment_name(config), trained_settings(config, space, fixed), space
     )
     study_id = storage.get_study_id_from_name(name)
     parent = study_parent.claimed(url, study_id, name) or study.user_attrs.get(PARENT_ATTR)
@@ -290,14 +290,17 @@ def check_it_continues(
     objectives: Sequence[Objective],
     experiment: str,
     settings: dict[str, str],
+    space: Mapping[str, Any],
 ) -> None:
     """Refuse, before any run is made or reopened, a rerun that would add to a study trials
     that do not compare with its own: other objectives, another ``tracking.experiment`` (its
-    trials would land in two experiments under one parent) or another fixed setting
-    (``trainer.epochs=2`` after 1). The first process to run the study records all three;
-    runtime keys (data folders, devices, the store's URI) may differ between the machines
-    sharing it, and a key only one side has (the config schema grew) is not compared."""
+    trials would land in two experiments under one parent), another fixed setting
+    (``trainer.epochs=2`` after 1) or other searched keys (see :func:`check_same_space`).
+    The first process to run the study records the first three; runtime keys (data folders,
+    devices, the store's URI) may differ between the machines sharing it, and a key only one
+    side has (the config schema grew) is not compared."""
     new_study = "start a new study: hydra.sweeper.study_name=<name>"
+    check_same_space(study, space, new_study)
     wanted = [f"{o.name}:{o.direction[:3]}" for o in objectives]
     recorded = study.user_attrs.get(OBJECTIVES_ATTR)
     if recorded is None:
@@ -325,6 +328,60 @@ def check_it_continues(
             f"{key}={settings[key]}: the trials of study {study.study_name!r} trained with "
             f"{key}={trained[key]}{also}; rerun with its settings to add trials, or {new_study}"
         )
+
+
+def check_same_space(study: optuna.Study, space: Mapping[str, Any], new_study: str) -> None:
+    """The keys a study's trials searched, searched again from distributions Optuna can
+    continue: a float or int range may move (a narrowed ``interval``), a ``choice`` may not
+    (Optuna refuses a categorical whose choices changed only when the trial asks for it,
+    after the runs exist), and a key searched before cannot be fixed now, nor one fixed before
+    searched now (the study's trials would not compare)."""
+    from optuna.distributions import check_distribution_compatibility
+
+    searched: dict[str, Any] = {}
+    for trial in study.get_trials(deepcopy=False):
+        searched.update(trial.distributions)  # the latest trial's, where ranges moved
+    if not searched:
+        return  # a new study, or one no trial has asked anything of yet
+    name = study.study_name
+    for key, before in searched.items():
+        if key not in space:
+            raise ConfigError(
+                f"{key}: study {name!r} searches it ({shown_distribution(before)}); search it "
+                f"again (no fixed {key}= on the command line) to add trials, or {new_study}"
+            )
+        try:
+            check_distribution_compatibility(before, space[key])
+        except ValueError as err:
+            raise ConfigError(
+                f"{key}={shown_distribution(space[key])}: study {name!r} draws it from "
+                f"{shown_distribution(before)}, and Optuna cannot change that within a study "
+                f"({str(err).rstrip('.')}); keep it, or {new_study}"
+            ) from None
+    added = sorted(space.keys() - searched.keys())
+    if added:
+        raise ConfigError(
+            f"{added[0]}: study {name!r} does not search it (it searches "
+            f"{', '.join(sorted(searched))}); fix it as its trials had it to add trials, "
+            f"or {new_study}"
+        )
+
+
+def shown_distribution(distribution: Any) -> str:
+    """An Optuna distribution in the sweep syntax it came from (:func:`~convnets.search_space
+    .parse_space`): ``choice(0.5, 1.0)``, ``tag(log, interval(0.0001, 0.01))``,
+    ``range(1, 4)``, ``tag(int, interval(1, 9))``."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    if isinstance(distribution, CategoricalDistribution):
+        return f"choice({', '.join(str(c) for c in distribution.choices)})"
+    low, high, step = distribution.low, distribution.high, distribution.step
+    if step is not None and not distribution.log:  # range(start, stop[, step]), stop excluded
+        by = "" if step == 1 and isinstance(distribution, IntDistribution) else f", {step:g}"
+        return f"range({low:g}, {high + step:g}{by})"
+    tags = ["log"] * distribution.log + ["int"] * isinstance(distribution, IntDistribution)
+    interval = f"interval({low:g}, {high:g})"
+    return f"tag({', '.join(tags)}, {interval})" if tags else interval
 
 
 def redact_url(url: str) -> str:

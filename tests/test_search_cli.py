@@ -613,10 +613,13 @@ def test_a_search_killed_mid_trial_resumes_and_redoes_that_trial(tmp_path):
     assert by_run[killed.user_attrs["mlflow_run_id"]].info.status == "KILLED"
 
 
-def a_search_config(epochs=1, experiment="e", lr="interval(1e-4, 1e-2)", **sweeper):
+def a_search_config(
+    epochs=1, experiment="e", lr="interval(1e-4, 1e-2)", more: tuple[str, ...] = (), **sweeper
+):
     config = sweeper_config(**sweeper)
-    config.hydra.sweeper.params = {"optimizer.lr": lr}
-    config.hydra.overrides = {"task": [f"trainer.epochs={epochs}", "tracking.uri=sqlite:///a.db"]}
+    config.hydra.sweeper.params = {"optimizer.lr": lr, "model.width": "choice(0.5, 1.0)"}
+    task = [f"trainer.epochs={epochs}", "tracking.uri=sqlite:///a.db", *more]
+    config.hydra.overrides = {"task": task}
     config.trainer = {"epochs": epochs, "batch_size": 64}
     config.tracking.experiment = experiment
     return config
@@ -629,7 +632,8 @@ def continues(study, config) -> None:
     task = list(config.hydra.overrides.task)
     space, fixed = search_space.parse_space(search_space.space_overrides(settings.params, task))
     check_it_continues(study, objectives, config.tracking.experiment,
-                       trained_settings(config, space, fixed))  # fmt: skip
+                       trained_settings(config, space, fixed), space)  # fmt: skip
+    study.ask(space)  # a trial of it: what the study searches from now on
 
 
 def test_a_study_continues_only_with_its_objectives_experiment_and_settings():
@@ -643,6 +647,14 @@ def test_a_study_continues_only_with_its_objectives_experiment_and_settings():
         "trainer.epochs=2: the trials of study": a_search_config(epochs=2),
         "tracking.experiment=other: study": a_search_config(experiment="other"),
         "hydra.sweeper.objectives: study": a_search_config(objectives=["test_accuracy"]),
+        # Optuna refuses a changed choice only when a trial asks for it, once runs exist
+        "model.width=choice(1.0, 2.0): study 'no-name-": a_search_config(
+            more=("model.width=choice(1.0,2.0)",)
+        ),
+        "model.width: study 'no-name-": a_search_config(more=("model.width=1.0",)),  # fixed
+        "model.layer_defaults.dilation: study 'no-name-": a_search_config(
+            more=("model.layer_defaults.dilation=1,2",)  # searched only from now on
+        ),
     }
     for line, config in refused.items():
         with pytest.raises(ConfigError, match="start a new study: hydra.sweeper.study_name") as e:
