@@ -13,6 +13,7 @@ process, elsewhere, has missed two heartbeats.
 
 from __future__ import annotations
 
+import datetime
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -53,7 +54,12 @@ class Stalled:
                 f"warning: trial {self.number} is RUNNING but {who} has sent no heartbeat for "
                 f"{int(self.age_s)} s; it is retried if none comes {when}"
             )
-        where = f"warning: trial {self.number} is RUNNING without a live process here ({who} ended)"
+        where = (
+            f"warning: trial {self.number} is RUNNING without a live process here ({who} ended)"
+            if self.process
+            else f"warning: trial {self.number} is RUNNING, and no process says it runs it "
+            "(its search stopped while asking it)"
+        )
         if self.age_s is None:
             return f"{where}; it had no heartbeat, one is recorded now: it is retried {when}"
         return f"{where}; its last heartbeat was {int(self.age_s)} s ago, it is retried {when}"
@@ -67,7 +73,9 @@ def stalled(
 ) -> list[Stalled]:
     """Of the ``running`` trials (``trial_ids``: number -> storage id; ``ages``: id -> seconds
     since its last heartbeat, missing when it has none), those no live process runs: its
-    process was on this host and is gone, or it has missed two heartbeats."""
+    process was on this host and is gone, or it has missed two heartbeats, or it has neither
+    a process nor a heartbeat two heartbeats after it was asked (its search stopped while
+    asking it, before saying who runs it)."""
     found = []
     for trial in running:
         trial_id = trial_ids[trial.number]
@@ -75,12 +83,22 @@ def stalled(
         record = record if isinstance(record, dict) else None
         alive = folder_lock.is_alive(record) if record else None
         age = ages.get(trial_id)
+        if alive is None and age is None and _asked_s_ago(trial) > MISSED_BEATS_S:
+            alive = False  # nobody said they run it, and nobody has beaten for it
         if alive is False or (alive is None and age is not None and age > MISSED_BEATS_S):
             left = stale_after_s - (age or 0.0)
             found.append(
                 Stalled(trial.number, trial_id, record, alive is False, age, max(left, 0.0))
             )
     return found
+
+
+def _asked_s_ago(trial: optuna.trial.FrozenTrial) -> float:
+    """Seconds since the trial was asked, by this machine's clock (Optuna stamps
+    ``datetime_start`` with the asking machine's local time)."""
+    if trial.datetime_start is None:
+        return math.inf
+    return (datetime.datetime.now() - trial.datetime_start).total_seconds()
 
 
 def heartbeat_ages(storage_url: str, trial_ids: Sequence[int]) -> dict[int, float]:

@@ -53,6 +53,23 @@ def test_a_trial_whose_search_died_before_its_first_heartbeat_is_named_too():
     )
 
 
+def test_a_trial_nobody_said_they_run_is_named_once_two_heartbeats_have_passed():
+    """A search stopped inside Optuna's ask (a trial RUNNING before its process and first
+    heartbeat were recorded) left it RUNNING for good: never retried, the parent kept open."""
+    import datetime
+
+    running, ids = asked(None, None)
+    running[0].datetime_start -= datetime.timedelta(seconds=trial_liveness.MISSED_BEATS_S + 5)
+    [orphan] = trial_liveness.stalled(running, ids, {}, stale_after_s=60)
+    assert orphan.number == 0  # trial 1 was asked just now: its process may say so yet
+    assert orphan.age_s is None and orphan.retry_in_s == 60
+    assert orphan.line(60) == (
+        "warning: trial 0 is RUNNING, and no process says it runs it (its search stopped "
+        "while asking it); it had no heartbeat, one is recorded now: it is retried once "
+        "hydra.sweeper.stale_after_s=60 has passed (in 60 s): rerun then"
+    )
+
+
 def test_a_trial_run_elsewhere_is_named_once_it_has_missed_two_heartbeats():
     elsewhere = {"host": "elsewhere", "pid": 7, "started": 0.0}
     running, ids = asked(elsewhere, elsewhere, None)
