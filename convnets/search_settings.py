@@ -107,6 +107,12 @@ def check(config: DictConfig) -> tuple[Settings, tuple[Objective, ...]]:
         raise ConfigError(f"hydra.sweeper.n_trials={settings.n_trials}: give 1 or more")
     if settings.n_jobs < 1:
         raise ConfigError(f"hydra.sweeper.n_jobs={settings.n_jobs}: give 1 or more")
+    if settings.n_startup_trials < 0:
+        raise ConfigError(
+            f"hydra.sweeper.n_startup_trials={settings.n_startup_trials}: give 0 or more"
+        )
+    if not 0 <= settings.seed < 2**32:  # what NumPy seeds Optuna's samplers with
+        raise ConfigError(f"hydra.sweeper.seed={settings.seed}: give 0 to 4294967295 (2**32 - 1)")
     if settings.stale_after_s < STALE_AFTER_FLOOR_S:
         raise ConfigError(
             f"hydra.sweeper.stale_after_s={settings.stale_after_s}: give {STALE_AFTER_FLOOR_S} "

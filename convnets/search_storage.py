@@ -53,7 +53,15 @@ def storage_url(settings: Settings, config: DictConfig) -> str:
     from convnets.tracking import sqlite_path
 
     db = sqlite_path(settings.storage)  # a relative SQLite path, made absolute for the jobs
-    return f"sqlite:///{db}" if db is not None else settings.storage
+    url = f"sqlite:///{db}" if db is not None else settings.storage
+    if url == config.tracking.uri or (db is not None and db == sqlite_path(config.tracking.uri)):
+        # Optuna would add its tables to MLflow's database, then refuse its schema version.
+        ours = (db or Path("optuna.db")).with_name("optuna.db")
+        raise ConfigError(
+            f"hydra.sweeper.storage={settings.storage} is the MLflow store (tracking.uri); "
+            f"give the study a database of its own, e.g. hydra.sweeper.storage=sqlite:///{ours}"
+        )
+    return url
 
 
 def study_name(settings: Settings, config: DictConfig) -> str:

@@ -207,6 +207,9 @@ def test_bad_objectives_are_one_line_naming_the_key(specs, message):
         ({"pruner": "asha"}, 0.1, "hydra.sweeper.pruner=asha: unknown; use none, median"),
         ({"sampler": "cmaes"}, 0.1, "hydra.sweeper.sampler=cmaes: unknown; use tpe, nsga2"),
         ({"n_trials": 0}, 0.1, "hydra.sweeper.n_trials=0: give 1 or more"),
+        ({"seed": -1}, 0.1, r"hydra.sweeper.seed=-1: give 0 to 4294967295 \(2\*\*32 - 1\)"),
+        ({"seed": 2**32}, 0.1, "hydra.sweeper.seed=4294967296: give 0 to"),
+        ({"n_startup_trials": -2}, 0.1, "hydra.sweeper.n_startup_trials=-2: give 0 or more"),
         ({"stale_after_s": 5}, 0.1, "hydra.sweeper.stale_after_s=5: give 20 or more"),
         ({"params": {"model.width": "tag(log, interval(0, 2))"}}, 0.1,
          r"model.width=tag\(log, interval\(0, 2\)\): a log scale needs a lower bound above 0"),
@@ -230,6 +233,20 @@ def test_searches_that_cannot_run_are_refused(sweeper, val_fraction, message):
     config.dataset.val_fraction = val_fraction
     with pytest.raises(ConfigError, match=message):
         search_settings.check(config)
+
+
+@pytest.mark.parametrize("storage", ["sqlite:///mlflow.db", "sqlite:///./mlflow.db"])
+def test_a_study_is_not_stored_in_the_mlflow_store(storage, tmp_path, monkeypatch):
+    """Optuna would add its tables to MLflow's database, then refuse their schema version."""
+    from convnets.search_storage import storage_url
+
+    monkeypatch.chdir(tmp_path)
+    config = sweeper_config(storage=storage)
+    config.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings, _ = search_settings.check(config)
+    with pytest.raises(ConfigError, match=rf"^hydra.sweeper.storage={storage} is the MLflow"):
+        storage_url(settings, config)
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 @pytest.mark.parametrize("objective", ["selected_val_accuracy", "val_accuracy"])
