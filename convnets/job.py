@@ -128,7 +128,11 @@ def train(
             print(f"interrupted{by} before the run was recorded: nothing recorded", file=sys.stderr)
             raise
         where = f"; checkpoint kept in {job.checkpoint_dir}" if job.checkpoint_dir else ""
-        hint = f"; continue with: {job.resume_command()}"
+        hint = (
+            "; rerun the search's command to continue its study (it asks this trial again)"
+            if context.sweep is not None and context.sweep.search
+            else f"; continue with: {job.resume_command()}"
+        )
         print(f"interrupted{by}: run {job.run_id} recorded KILLED{where}{hint}", file=sys.stderr)
         raise
     except Exception as err:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from convnets import architecture, checkpoints, checks, sweep
 from convnets.config import RUNTIME_KEYS, TrainConfig, flatten, is_runtime_key, override_key
 from convnets.errors import ConfigError, TrackingError, command, warn
-from convnets.sweep_files import is_parent
+from convnets.sweep_files import is_parent, is_search_parent
 from convnets.tracking import (
     CONFIG_ARTIFACT,
     MODEL_URI_TAG,
@@ -217,6 +217,13 @@ def _resolve_source(
         raise ConfigError(
             f"{key}={run_id} is the parent run of a sweep or search, not a training run; "
             f"reproduce every job of its study with {command('train')} -m reproduce={run_id}"
+        )
+    parent_id = run.data.tags.get("mlflow.parentRunId")
+    if key == "resume" and parent_id and is_search_parent(recorder.get_run(parent_id).data.tags):
+        raise ConfigError(
+            f"resume={run_id} is a trial of the search whose parent run is {parent_id}: its "
+            "search continues it, asking a stopped trial's parameters again; rerun the "
+            "search's command (the same -m ... hparams_search=... line)"
         )
     if key == "resume" and run_is_finished(run):
         raise ConfigError(

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from convnets import liveness
 from convnets.errors import ConvnetsError, TrackingError, command, shell_override, warn
 from convnets.outbox import Epoch, Outbox, keep_unsent, upload_command
-from convnets.sweep_files import is_parent
+from convnets.sweep_files import is_parent, is_search_parent
 from convnets.tracking import (
     CONFIG_ARTIFACT,
     EPOCH_METRICS,
@@ -79,9 +79,9 @@ def end_dead_runs(tracker: Tracker, experiment_id: str, uri: str, keep: str | No
         what, hint = "run", ""
         if is_parent(tags):
             what = "sweep parent run"
-            if _is_search(tags):
+            if is_search_parent(tags):
                 hint = "; rerun the search's command to continue its study under this parent run"
-        elif parent and _is_search(tracker.client.get_run(parent).data.tags):
+        elif parent and is_search_parent(tracker.client.get_run(parent).data.tags):
             hint = (
                 "; its search asks the trial again once it is stale "
                 "(hydra.sweeper.stale_after_s): rerun the search's command then"
@@ -89,11 +89,6 @@ def end_dead_runs(tracker: Tracker, experiment_id: str, uri: str, keep: str | No
         elif "checkpoint_dir" in tags:
             hint = f"; continue it with: {resume_command(run.info.run_id, uri)}"
         warn(f"{what} {run.info.run_id} was left RUNNING: {reason}; recorded KILLED{hint}")
-
-
-def _is_search(parent_tags: Mapping[str, str]) -> bool:
-    """Whether a sweep's parent run (its tags) is a search's (our Optuna sweeper)."""
-    return parent_tags.get("sweeper", "").startswith("ConvnetsOptuna")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from omegaconf import DictConfig
 
 from convnets.errors import TrackingError
-from convnets.sweep_files import is_parent
+from convnets.sweep_files import is_parent, is_search_parent
 
 
 def study_parent(cfg: DictConfig):
@@ -55,9 +55,7 @@ def reproduce(cfg: DictConfig, context, parent):
         )
         child_context = dataclasses.replace(context, sweep=sweep)
         reproduced[number] = job.train(child_cfg, child_context)  # its own MLflow recorder
-    from hydra_plugins.convnets_optuna.convnets_optuna_sweeper import ConvnetsOptunaSweeper
-
-    searched = parent.data.tags.get("sweeper") == ConvnetsOptunaSweeper.__name__  # trials: t03
+    searched = is_search_parent(parent.data.tags)  # its jobs are trials: t03
     line, record = summary(
         [(n, run.data.metrics) for n, run in originals],
         {n: run.metrics for n, run in reproduced.items() if run is not None},

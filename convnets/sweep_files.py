@@ -53,6 +53,12 @@ def is_parent(tags: Mapping[str, str]) -> bool:
     return tags.get(ROLE_TAG) == PARENT_ROLE
 
 
+def is_search_parent(tags: Mapping[str, str]) -> bool:
+    """A sweep's parent run (its tags) is a search's (our Optuna sweeper), whose jobs are
+    trials: the search, not ``resume=``, continues a stopped one."""
+    return is_parent(tags) and tags.get("sweeper", "").startswith("ConvnetsOptuna")
+
+
 def experiment_name(cfg: Any) -> str:
     """The MLflow experiment a run or sweep records into, and the default name of a search's
     Optuna study: ``tracking.experiment`` (experiment configs set it), else the dataset's."""

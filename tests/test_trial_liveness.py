@@ -8,10 +8,11 @@ import time
 
 import optuna
 import pytest
-from conftest import ended_process
+from conftest import ended_process, sqlite_store
 from optuna.trial import TrialState
 from test_search_cli import TINY, killed_in_trial, ok, runs, search_cli, study
 
+import convnets
 from convnets import folder_lock, search, trial_liveness
 from convnets.sweep_files import SearchResults
 
@@ -163,3 +164,8 @@ def test_a_rerun_before_a_killed_trial_is_stale_names_it_and_does_not_count_it_d
     assert [p.info.status for p in parents] == ["FINISHED"]
     by_run = {r.info.run_id: r for r in children}
     assert by_run[killed.user_attrs["mlflow_run_id"]].info.status == "KILLED"
+    # The search continues a stopped trial (it asks its parameters again), not resume=: a
+    # resumed trial run would sit under the parent beside its retry.
+    killed_run = killed.user_attrs["mlflow_run_id"]
+    with pytest.raises(convnets.ConfigError, match=rf"resume={killed_run} is a trial of the"):
+        convnets.train([f"resume={killed_run}", f"tracking.uri={sqlite_store(tmp_path)}"])
