@@ -252,9 +252,12 @@ class _Job:
             if self.trial is not None and self.trial.pruned:
                 self._record_pruned(result)
                 return self._recorded(result, None, pruned=True)
+            self._stop_if_requested()  # a stop after the last step: the run ends KILLED
             test = self._log_results(model, bundle, result)
+            self._stop_if_requested()
             if cfg.tracking.log_model:  # after the results: MLflow links them to the model
                 self._log_model(model, bundle)
+                self._stop_if_requested()
             final = trainer.save_final_model(
                 model, self.checkpoint_dir, OmegaConf.to_yaml(recordable(cfg))
             )
@@ -262,6 +265,15 @@ class _Job:
         print(f"model: {final} ({evaluate})", flush=True)
         self._print_summary(test, result)
         return self._recorded(result, final)
+
+    def _stop_if_requested(self) -> None:
+        """Between the steps after training, the stop signal whose exception Python dropped
+        (raised inside a finalizer: see :func:`convnets.cli.stop_requested`), raised now;
+        training itself checks after every batch."""
+        if self.context.stop_requested is not None:
+            from convnets.trainer import raise_stop
+
+            raise_stop(self.context.stop_requested())
 
     def _recorded(self, result, final: Path | None, pruned=False) -> Run:
         """The finished run as its record has it now (metrics, params and tags read back)."""

@@ -459,9 +459,14 @@ class _StopWhenRequested(keras.callbacks.Callback):
         self.stop_requested = stop_requested
 
     def on_train_batch_end(self, batch, logs=None):
-        signum = self.stop_requested()
-        if signum is not None:
-            raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
+        raise_stop(self.stop_requested())
+
+
+def raise_stop(signum: int | None) -> None:
+    """Raise the stop signal ``signum`` (from ``stop_requested()``) as its handler would
+    have: ``KeyboardInterrupt`` for Ctrl-C, :class:`Interrupted` for the others."""
+    if signum is not None:
+        raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
 
 
 class _Throughput(keras.callbacks.Callback):

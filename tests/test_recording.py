@@ -116,3 +116,30 @@ def test_a_store_whose_disk_is_full_is_named_so():
     assert "once its disk has room, finish the run with: " in line
     assert "stopped answering" not in str(recorder._lost(full))
     assert "stopped answering" in str(recorder._lost(MlflowException("connection refused")))
+
+
+def test_a_stop_signal_dropped_after_the_last_step_still_ends_the_run_killed(tmp_path):
+    """A SIGTERM whose exception Python dropped (raised inside a finalizer) while the test
+    split was evaluated or the results logged: training no longer asks after steps, and the
+    run went on to FINISHED as if nothing had been sent."""
+    import inspect
+    import signal
+
+    from omegaconf import OmegaConf
+
+    from convnets import api, job
+    from convnets.errors import Interrupted
+
+    def stop_requested():  # what convnets.cli keeps; the trainer asks after every batch
+        after_training = inspect.stack()[1].function == "_stop_if_requested"
+        return signal.SIGTERM if after_training else None
+
+    cfg, _ = api._compose("train", [*TINY, "trainer.epochs=1"])
+    OmegaConf.resolve(cfg)
+    recorder = MemoryRecorder()
+    context = job.JobContext(overrides=(), output_dir=tmp_path, stop_requested=stop_requested)
+    with pytest.raises(Interrupted):
+        job.train(cfg, context, recorder)
+    [record] = recorder.runs.values()
+    assert record.status == "KILLED" and record.tags["failure_reason"] == "interrupted (SIGTERM)"
+    assert (tmp_path / "checkpoints" / record.run_id / "state.json").is_file()  # kept
