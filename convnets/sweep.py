@@ -881,6 +881,7 @@ def summarize(
     finished = table[(table["status"] == "FINISHED") & ~pruned]
     metrics = {"jobs": len(table), "jobs_finished": len(finished)}
     metrics["jobs_failed"] = int((table["status"] == "FAILED").sum())
+    metrics["jobs_killed"] = int((table["status"] == "KILLED").sum())  # stopped, or died
     metrics["jobs_pruned"] = int(pruned.sum())
     choosable = finished[finished[BEST_BY].notna()]  # none trained with validation data: no best
     if len(choosable):

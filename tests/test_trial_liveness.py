@@ -162,6 +162,9 @@ def test_a_rerun_before_a_killed_trial_is_stale_names_it_and_does_not_count_it_d
     assert results.trials_running == 0 and results.trials_complete == 1
     parents, children, _ = runs(tmp_path)
     assert [p.info.status for p in parents] == ["FINISHED"]
+    counts = {k: v for k, v in parents[0].data.metrics.items() if k.startswith("jobs")}
+    assert counts == {"jobs": 2, "jobs_finished": 1, "jobs_failed": 0, "jobs_killed": 1,
+                      "jobs_pruned": 0}  # fmt: skip
     by_run = {r.info.run_id: r for r in children}
     assert by_run[killed.user_attrs["mlflow_run_id"]].info.status == "KILLED"
     # The search continues a stopped trial (it asks its parameters again), not resume=: a
