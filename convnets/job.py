@@ -603,10 +603,14 @@ def reproduce_verdict(
         noise = 2 * math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / max(num_test, 1))
         verdict = "within noise" if abs(delta_accuracy) <= noise else "differs"
     notes = []
+    # "identical (bit-identity not expected ...)" read as a contradiction: it was, by luck.
+    expected = (
+        "so, though not guaranteed" if verdict == "identical" else "bit-identity not expected"
+    )
     if not deterministic:
-        notes.append("bit-identity not expected: the original ran with trainer.deterministic=false")
+        notes.append(f"{expected}: the original ran with trainer.deterministic=false")
     elif resumed:  # its epochs after the resume shuffled from a fresh seed, not where it stopped
-        notes.append("bit-identity not expected: the original was interrupted and resumed")
+        notes.append(f"{expected}: the original was interrupted and resumed")
     if data_changed:
         notes.append(f"the data differs: {', '.join(data_changed)} digest changed")
     return f"{verdict} ({'; '.join(notes)})" if notes else verdict

@@ -44,6 +44,9 @@ def test_a_resumed_original_was_not_expected_to_be_bit_identical():
         "within noise (bit-identity not expected: the original was interrupted and resumed)"
     )
     assert reproduce_verdict(0.0, 0.0, accuracy=0.97, num_test=360) == "identical"
+    assert reproduce_verdict(0.0, 0.0, accuracy=0.97, num_test=360, resumed=True) == (
+        "identical (so, though not guaranteed: the original was interrupted and resumed)"
+    )
 
 
 def test_a_perfect_original_still_has_a_verdict():
