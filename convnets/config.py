@@ -357,7 +357,8 @@ def value_kind(key: str) -> str | None:
 
     def field_type(node: Any, parts: list[str]) -> Any:
         for part in parts:
-            [node] = options(node) if len(options(node)) == 1 else [None]
+            allowed = options(node)
+            node = allowed[0] if len(allowed) == 1 else None  # a union: no single field
             if typing.get_origin(node) is list and part.isdigit():
                 node = typing.get_args(node)[0]
             elif dataclasses.is_dataclass(node) and part in (hints := typing.get_type_hints(node)):
