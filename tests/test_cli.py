@@ -22,6 +22,7 @@ from packaging.requirements import Requirement
 
 import convnets.config  # noqa: F401  (registers the schemas)
 from convnets import cli
+from convnets.config import value_kind
 from convnets.errors import ConfigError, shell_override
 
 CONFIGS = str(REPO / "configs")
@@ -343,3 +344,18 @@ def test_a_ctrl_c_dropped_inside_a_finalizer_is_kept_for_the_training():
         assert stop_requested() == signal.SIGINT
         assert stop_requested() is None  # handed on once
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize(
+    "key, kind",
+    [
+        ("model.layers", "list"), ("input_shape", "list"), ("model.head.dense", "list"),
+        ("compare", "text"), ("tracking.experiment", "text"), ("model.layer_defaults.pool", "text"),
+        ("trainer.seed", "value"), ("model.layers.0.filters", "value"), ("optimizer.name", "value"),
+        ("model.layers.0.kernel_size", None),  # an int or [kh, kw]
+        ("trainer.nosuch", None), ("model.layers.x", None),
+    ],
+)  # fmt: skip
+def test_a_keys_kind_comes_from_the_schema(key, kind):
+    """What a refused ``key=a,b`` is told to write: a list, one quoted string, or one value."""
+    assert value_kind(key) == kind
