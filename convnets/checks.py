@@ -123,6 +123,7 @@ def check_config(cfg: DictConfig) -> None:
                 "a new run"
             )
     _check_rules(cfg, RULES)
+    _check_resize(cfg.dataset)
     if cfg.optimizer.warmup_epochs >= cfg.trainer.epochs:
         raise ConfigError(
             f"optimizer.warmup_epochs={cfg.optimizer.warmup_epochs} must be shorter than "
@@ -219,6 +220,18 @@ def check_dataset(cfg: DictConfig) -> None:
     """The ``dataset.*`` rules alone, for a command that reads data without training
     (``evaluate.py checkpoint=... dataset=...``)."""
     _check_rules(cfg, [rule for rule in RULES if rule[0].startswith("dataset.")])
+    _check_resize(cfg.dataset)
+
+
+def _check_resize(dataset: DictConfig) -> None:
+    """``dataset.image_size`` resizes an image folder's images; another dataset has its own
+    size, and the key was ignored there."""
+    if dataset.get("image_size") is not None and dataset.get("source") != "image_folder":
+        raise ConfigError(
+            f"dataset.image_size={_show(list(dataset.image_size))} resizes the images of an "
+            f"image folder (dataset=image_folder); dataset={dataset.name} has a size of its "
+            "own: drop it"
+        )
 
 
 def _check_rules(cfg: DictConfig, rules) -> None:

@@ -521,6 +521,7 @@ def _check_image_folder(cfg: DictConfig) -> int:
     root = _folder_root(cfg)
     train_labels = None
     first: tuple[Path, tuple[int, int]] | None = None  # without image_size, all share its size
+    first_grey: bool | None = None  # and all are grayscale, or all colour, as it is
     labels_of: dict[str, np.ndarray] = {}
     for split in SPLITS:
         folder = _split_dir(root, split)
@@ -529,8 +530,9 @@ def _check_image_folder(cfg: DictConfig) -> int:
             train_labels = labels
         elif labels != train_labels:
             raise DataError(
-                f"image folder {folder} has labels {labels} but {root / 'train'} has "
-                f"{train_labels}: both splits need the same label folders (an empty one is fine)"
+                f"dataset.path={root}: {folder.name}/ has the label folders {labels} but "
+                f"train/ has {train_labels}; give both splits the same label folders (an "
+                "empty one is fine)"
             )
         per_label = [_image_files(folder / label) for label in labels]
         files = [f for label_files in per_label for f in label_files]
@@ -540,13 +542,21 @@ def _check_image_folder(cfg: DictConfig) -> int:
         for path in files:
             try:
                 with Image.open(path) as image:
-                    size = image.size
+                    size, grey = image.size, image.mode in GRAYSCALE_MODES
                     image.verify()  # header and integrity, without a full decode
             except Exception as err:
                 raise DataError(
                     f"cannot read image {path}: {err}; remove or replace the file"
                 ) from None
             first = first or (path, size)
+            first_grey = grey if first_grey is None else first_grey
+            if grey != first_grey:  # the channels come from the first: colour would be lost
+                kinds = ("grayscale", "colour") if grey else ("colour", "grayscale")
+                raise DataError(
+                    f"image {path} is {kinds[0]} but {first[0]} is {kinds[1]}: every image of "
+                    "dataset.path needs the same kind (the first sets the model's channels); "
+                    "convert the grayscale ones to RGB, or replace the file"
+                )
             if cfg.image_size is None and size != first[1]:
                 raise DataError(
                     f"image {path} is {size[0]}x{size[1]} (WxH) but {first[0]} is "

@@ -210,10 +210,23 @@ def check_input_shape(model: keras.Model, bundle: Any, dataset: str, what: str) 
     expected = tuple(model.inputs[0].shape[1:])
     given = tuple(bundle.input_shape)
     if expected != given:
+        height, width, channels = expected
+        if channels != given[2]:  # no resize changes it
+            fix = f"give it {'grayscale' if channels == 1 else 'colour'} images"
+        elif what.startswith("run_id="):  # the run's own dataset settings apply: no resize
+            fix = (
+                f"give it {height}x{width} images, or resize others by evaluating its model "
+                f"file: checkpoint=<its model.keras> dataset=image_folder dataset.path=... "
+                f"dataset.image_size=[{height},{width}]"
+            )
+        else:
+            fix = (
+                "pick the dataset it was trained on (dataset=...), or resize with "
+                f"dataset.image_size=[{height},{width}] (image folders)"
+            )
         raise ConfigError(
             f"{what}: the model takes {'x'.join(map(str, expected))} images but dataset="
-            f"{dataset} gives {'x'.join(map(str, given))}; pick the dataset it was trained "
-            "on (dataset=...), or resize with dataset.image_size=[H,W] (image folders)"
+            f"{dataset} gives {'x'.join(map(str, given))}; {fix}"
         )
     classes = int(model.outputs[0].shape[-1])
     if classes != bundle.num_classes:  # its accuracy would be counted against other labels

@@ -24,6 +24,10 @@ CASES = [
     ("~dataset", r"dataset: has no value \(did an override remove it with ~dataset\?\)"),
     ("dataset.max_pixel_value=0", "dataset.max_pixel_value=0.0 must be > 0"),
     ("dataset.image_size=[0,8]", r"dataset.image_size=\[0,8\] must be \[H, W\]"),
+    (
+        "dataset.image_size=[12,12]",  # digits has its size: the key was ignored there
+        r"dataset.image_size=\[12,12\] resizes the images of an image folder .*: drop it",
+    ),
     ("distribute.cpu_replicas=-1", "distribute.cpu_replicas=-1 must be >= 0"),
     ("tracking.outage_wait_s=-1", "tracking.outage_wait_s=-1.0 must be >= 0"),
     ("distribute.strategy=horovod", "distribute.strategy"),

@@ -380,8 +380,27 @@ def test_image_folder_missing_split(tmp_path):
 def test_image_folder_label_mismatch(tmp_path):
     write_folder(tmp_path, mode="L", size=(4, 4), counts={"a": 2, "b": 2}, splits=("train",))
     write_folder(tmp_path, mode="L", size=(4, 4), counts={"a": 2}, splits=("test",))
-    with pytest.raises(DataError, match=r"test has labels \['a'\] but .*train has \['a', 'b'\]"):
+    with pytest.raises(
+        DataError,
+        match=r"^dataset.path=.*: test/ has the label folders \['a'\] but "
+        r"train/ has \['a', 'b'\]; give both splits",
+    ):
         data.check_available(dataset_cfg("image_folder", path=str(tmp_path)))
+
+
+def test_image_folder_mixing_grayscale_and_colour_is_refused(tmp_path):
+    """The first image sets the model's channels: a grayscale one first trained a folder of
+    colour images as grayscale, without a word."""
+    write_folder(tmp_path, mode="RGB", size=(4, 4), counts={"a": 2, "b": 2})
+    grey = tmp_path / "train" / "a" / "000.png"
+    Image.open(grey).convert("L").save(grey)
+    with pytest.raises(DataError) as err:
+        data.check_available(dataset_cfg("image_folder", path=str(tmp_path)))
+    assert str(err.value) == (
+        f"image {tmp_path / 'train' / 'a' / '001.png'} is colour but {grey} is grayscale: every "
+        "image of dataset.path needs the same kind (the first sets the model's channels); "
+        "convert the grayscale ones to RGB, or replace the file"
+    )
 
 
 def test_image_folder_unreadable_image(tmp_path):

@@ -91,9 +91,9 @@ def test_images_of_another_size_are_refused_before_predicting(tmp_path, monkeypa
     )  # fmt: skip
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
-        for label in ("a", "b"):
+        for label in DIGITS:  # the model's ten classes, at another size
             (tmp_path / "images" / split / label).mkdir(parents=True)
-            for n in range(3):
+            for n in range(2):
                 pixels = rng.integers(0, 256, (12, 12), dtype=np.uint8)
                 Image.fromarray(pixels, "L").save(tmp_path / "images" / split / label / f"{n}.png")
     refused = refusal(
@@ -106,8 +106,14 @@ def test_images_of_another_size_are_refused_before_predicting(tmp_path, monkeypa
     assert refused == (
         f"checkpoint={run.model_path}: the model takes 8x8x1 images but "
         "dataset=image_folder gives 12x12x1; pick the dataset it was trained on (dataset=...), "
-        "or resize with dataset.image_size=[H,W] (image folders)"
+        "or resize with dataset.image_size=[8,8] (image folders)"
     )
+    resized = convnets.evaluate(  # as the line says
+        [f"checkpoint={run.model_path}", "dataset=image_folder",
+         f"dataset.path={tmp_path / 'images'}", "dataset.image_size=[8,8]"],
+        output_dir=tmp_path / "resized",
+    )  # fmt: skip
+    assert 0 <= resized.metrics["eval_accuracy"] <= 1
 
 
 # ---------------------------------------------------------------- a run's model, evaluated again
