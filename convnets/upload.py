@@ -18,7 +18,7 @@ from pathlib import Path
 
 from convnets.cli import quiet_library_logs
 from convnets.credentials import credentials_in
-from convnets.errors import ConfigError, ConvnetsError, TrackingError
+from convnets.errors import ConfigError, ConvnetsError, TrackingError, warn
 from convnets.outbox import UNSENT_FILE, read_unsent
 
 
@@ -28,6 +28,7 @@ class Uploaded:
     tracking_uri: str  # as shown (no credentials)
     sent: int  # metric values sent
     had: int  # values of the file the run had already
+    status: str  # the run's, after: RUNNING when its end was never recorded
 
 
 def upload(path: str | Path, uri: str | None = None) -> Uploaded:
@@ -72,7 +73,8 @@ def upload(path: str | Path, uri: str | None = None) -> Uploaded:
             f"tracking.uri={redact(uri)}: the MLflow store did not take the epochs "
             f"({describe_error(err)}); nothing is lost, try again once it answers"
         ) from err
-    return Uploaded(run_id, redact(uri), sum(len(m) for _, _, m in missing), had)
+    sent = sum(len(m) for _, _, m in missing)
+    return Uploaded(run_id, redact(uri), sent, had, run.info.status)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,6 +107,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" ({done.had} of the file's it had already)",
         flush=True,
     )
+    if done.status == "RUNNING":  # the store was gone when the run ended: nobody ended it
+        from convnets.recording import resume_command
+
+        warn(
+            f"run {done.run_id} is still RUNNING: its epochs are in, but its test metrics and "
+            "model were never recorded (the store was gone when it ended); finish it with: "
+            f"{resume_command(done.run_id, uri or done.tracking_uri)}"
+        )
     return 0
 
 

@@ -396,6 +396,12 @@ def test_a_server_still_down_at_the_end_is_one_line_and_the_run_is_finished_late
         )  # fmt: skip
         assert sent.returncode == 0, sent.stderr[-3000:]
         assert sent.stdout.startswith(f"uploaded: {5 * len(kept)} metric values to run {run_id}")
+        # Its end was never recorded: said, with the command that records it, not left silent.
+        assert sent.stderr.strip().splitlines()[-1] == (
+            f"warning: run {run_id} is still RUNNING: its epochs are in, but its test metrics "
+            "and model were never recorded (the store was gone when it ended); finish it with: "
+            f"{resume}"
+        )
         assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(
             range(1, 9)
         )
