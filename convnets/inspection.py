@@ -33,6 +33,11 @@ def _from_dataset(cfg: DictConfig, key: str):
     value = cfg.get(key)
     if value is None and not OmegaConf.is_missing(cfg, "dataset"):
         value = cfg.dataset.get(key)
+        if value is None and cfg.dataset.get("source") == "image_folder" and cfg.dataset.path:
+            from convnets.data import dataset_shape  # no TensorFlow: a header and folder names
+
+            shape, classes = dataset_shape(cfg.dataset)  # as training reads them
+            value = list(shape) if key == "input_shape" else classes
     if value is None:
         example = "input_shape=[28,28,1]" if key == "input_shape" else "num_classes=10"
         raise ConfigError(

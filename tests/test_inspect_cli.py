@@ -64,6 +64,21 @@ def test_input_shape_and_classes_come_from_the_dataset():
     assert cifar["param_count"] > digits["param_count"]  # 3 input channels
 
 
+def test_an_image_folder_gives_its_shape_and_classes_as_training_reads_them(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label in ("a", "b", "c"):
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.new("RGB", (12, 10)).save(tmp_path / split / label / "0.png")
+    folder = ["dataset=image_folder", f"dataset.path={tmp_path}"]
+    analysis = convnets.inspect(folder)
+    assert analysis.input_shape == (10, 12, 3) and analysis.num_classes == 3
+    assert convnets.inspect([*folder, "dataset.image_size=[16,16]"]).input_shape == (16, 16, 3)
+    with pytest.raises(ConfigError, match=r"^input_shape: the dataset config does not fix it"):
+        convnets.inspect(["dataset=image_folder"])  # no folder: nothing to read it from
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
