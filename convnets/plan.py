@@ -27,9 +27,9 @@ from convnets.errors import ConfigError, TrackingError, command, warn
 from convnets.sweep_files import is_parent, is_search_parent
 from convnets.tracking import (
     CONFIG_ARTIFACT,
-    MODEL_URI_TAG,
     git_changes,
     git_state,
+    logged_model_uri,
     package_versions,
     redact,
     run_is_finished,
@@ -260,12 +260,7 @@ def _check_init_source(run: MlflowRun) -> None:
             f"model; start from one of its jobs ({command('evaluate')} compare={run_id} "
             "lists them with their run ids)"
         )
-    if MODEL_URI_TAG not in run.data.tags:
-        raise ConfigError(
-            f"init_from={run_id}: the run has no logged model (no {MODEL_URI_TAG} tag): it was "
-            "trained with tracking.log_model=false, or did not finish; start from a run that "
-            "logged its model"
-        )
+    logged_model_uri(run, "init_from")
 
 
 _KEPT_BY_A_RESUMED_RUN = ("tracking.experiment", "tracking.run_name")

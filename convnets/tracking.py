@@ -86,6 +86,19 @@ def redact(text: str) -> str:
     return _CREDENTIALS.sub(r"\g<scheme>", text)
 
 
+def logged_model_uri(run: Run, key: str) -> str:
+    """The URI of the model ``run`` (given as ``key=``) logged, its ``model_uri`` tag; a run
+    without one is of the wrong kind for the key: the command is to be fixed."""
+    uri = run.data.tags.get(MODEL_URI_TAG)
+    if uri is None:
+        raise ConfigError(
+            f"{key}={run.info.run_id}: the run has no logged model (no {MODEL_URI_TAG} tag): it "
+            "was trained with tracking.log_model=false, or did not finish; give a run that "
+            "logged its model"
+        )
+    return uri
+
+
 def shorten(text: str, limit: int, marker: str = SHORTENED) -> str:
     """``text`` cut to ``limit`` characters, ending in ``marker`` when cut."""
     return text if len(text) <= limit else text[: limit - len(marker)] + marker
@@ -717,12 +730,7 @@ class Tracker:
 
     def download_model(self, run_id: str, dst: str | Path, *, key: str = "run_id") -> Path:
         """The folder of the model a run logged (its ``model_uri`` tag), copied under ``dst``."""
-        uri = self.get_run(run_id, key=key).data.tags.get(MODEL_URI_TAG)
-        if uri is None:  # a run of the wrong kind for the key: fix the command
-            raise ConfigError(
-                f"{key}={run_id}: the run has no logged model (no {MODEL_URI_TAG} tag): it was "
-                "trained with tracking.log_model=false, or did not finish"
-            )
+        uri = logged_model_uri(self.get_run(run_id, key=key), key)
         MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.set(False)
         try:
             return Path(
