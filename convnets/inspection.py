@@ -10,7 +10,9 @@ imports TensorFlow, so it answers in about a second.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,15 +30,14 @@ from convnets.errors import ConfigError, warn
 FORMATS = ("table", "json")
 
 
-def _from_dataset(cfg: DictConfig, key: str):
-    """``cfg.<key>`` if given, else the dataset config's, else a ConfigError saying what to pass."""
+def _from_dataset(cfg: DictConfig, key: str, folder: Callable[[], tuple]):
+    """``cfg.<key>`` if given, else the dataset config's, else an image folder's (``folder()``:
+    its shape and classes), else a ConfigError saying what to pass."""
     value = cfg.get(key)
     if value is None and not OmegaConf.is_missing(cfg, "dataset"):
         value = cfg.dataset.get(key)
         if value is None and cfg.dataset.get("source") == "image_folder" and cfg.dataset.path:
-            from convnets.data import dataset_shape  # no TensorFlow: a header and folder names
-
-            shape, classes = dataset_shape(cfg.dataset)  # as training reads them
+            shape, classes = folder()
             value = list(shape) if key == "input_shape" else classes
     if value is None:
         example = "input_shape=[28,28,1]" if key == "input_shape" else "num_classes=10"
@@ -48,8 +49,16 @@ def _from_dataset(cfg: DictConfig, key: str):
 
 
 def input_shape_and_classes(cfg: DictConfig) -> tuple:
-    """The input shape and class count to analyse with: given, else the dataset config's."""
-    return _from_dataset(cfg, "input_shape"), _from_dataset(cfg, "num_classes")
+    """The input shape and class count to analyse with: given, else the dataset config's,
+    else an image folder's as training reads them (read once for both)."""
+
+    @functools.cache
+    def folder() -> tuple:
+        from convnets.data import dataset_shape  # no TensorFlow: a header and folder names
+
+        return dataset_shape(cfg.dataset)
+
+    return _from_dataset(cfg, "input_shape", folder), _from_dataset(cfg, "num_classes", folder)
 
 
 def analysis_of(cfg: DictConfig) -> tuple[Stack, Analysis]:
