@@ -520,8 +520,9 @@ def _check_image_folder(cfg: DictConfig) -> int:
 
     root = _folder_root(cfg)
     train_labels = None
-    first: tuple[Path, tuple[int, int]] | None = None  # without image_size, all share its size
-    first_grey: bool | None = None  # and all are grayscale, or all colour, as it is
+    # The first image: without image_size all share its size, and all are grayscale or all
+    # colour, as it is (it sets the model's channels).
+    first: tuple[Path, tuple[int, int], bool] | None = None
     labels_of: dict[str, np.ndarray] = {}
     for split in SPLITS:
         folder = _split_dir(root, split)
@@ -548,9 +549,8 @@ def _check_image_folder(cfg: DictConfig) -> int:
                 raise DataError(
                     f"cannot read image {path}: {err}; remove or replace the file"
                 ) from None
-            first = first or (path, size)
-            first_grey = grey if first_grey is None else first_grey
-            if grey != first_grey:  # the channels come from the first: colour would be lost
+            first = first or (path, size, grey)
+            if grey != first[2]:  # the channels come from the first: colour would be lost
                 kinds = ("grayscale", "colour") if grey else ("colour", "grayscale")
                 raise DataError(
                     f"image {path} is {kinds[0]} but {first[0]} is {kinds[1]}: every image of "
